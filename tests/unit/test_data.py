@@ -1,0 +1,95 @@
+"""Task data: formats, loss only on completion tokens, truncation, malformed rows."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from pipeline.data import IGNORE_INDEX, encode, encode_all, load_examples, render_prompt
+from pipeline.errors import DataError
+from pipeline.models import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir: Path):
+    return load_tokenizer(tiny_model_dir)
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_three_formats_and_csv(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": "2+2?", "completion": "4"},
+        {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                      {"role": "assistant", "content": "hello"}]},
+        {"text": "plain text"},
+    ]
+    ex = load_examples(write_jsonl(tmp_path / "d.jsonl", rows))
+    assert [e.reference for e in ex] == ["4", "hello", None]
+    assert ex[1].prompt_messages[0] == {"role": "system", "content": "be brief"}
+    (tmp_path / "d.csv").write_text('prompt,completion\n"a, b",c\n')
+    (csv_row,) = load_examples(tmp_path / "d.csv")
+    assert csv_row.prompt_messages[0]["content"] == "a, b" and csv_row.reference == "c"
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "x"', "not valid JSON"),
+    ('["x"]', "expected a JSON object"),
+    ('{"input": "x", "output": "y"}', "unrecognised row"),
+    ('{"prompt": "x", "completion": ""}', "non-empty"),
+    ('{"messages": [{"role": "user", "content": "x"}]}', "no assistant turn"),
+    ('{"messages": [{"role": "bot", "content": "x"}]}', "messages[0]"),
+])
+def test_malformed_row_names_file_and_line(tmp_path: Path, line: str, message: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "ok", "completion": "fine"}\n\n' + line + "\n")
+    with pytest.raises(DataError) as info:
+        load_examples(path)
+    assert f"{path}:3" in str(info.value) and message in str(info.value)
+
+
+def test_missing_and_unsupported_files(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not found"):
+        load_examples(tmp_path / "nope.jsonl")
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(DataError, match="unsupported file type"):
+        load_examples(tmp_path / "x.txt")
+    (tmp_path / "e.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="no rows"):
+        load_examples(tmp_path / "e.jsonl")
+
+
+def test_loss_only_on_completion_and_stop_token(tmp_path: Path, tokenizer) -> None:
+    (ex,) = load_examples(write_jsonl(tmp_path / "d.jsonl", [{"prompt": "What is it?", "completion": "a cat"}]))
+    enc, truncated = encode(tokenizer, ex, 256)
+    assert not truncated
+    target = [t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab != IGNORE_INDEX]
+    assert tokenizer.decode(target) == "a cat<|im_end|>"
+    # The unlabeled prefix is exactly the chat-templated generation prompt used at evaluation time.
+    prompt_ids = [t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab == IGNORE_INDEX]
+    assert tokenizer.decode(prompt_ids) == render_prompt(tokenizer, ex)
+    assert render_prompt(tokenizer, ex).startswith("<|im_start|>system")
+
+
+def test_every_assistant_turn_is_a_target(tmp_path: Path, tokenizer) -> None:
+    row = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                        {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}
+    (ex,) = load_examples(write_jsonl(tmp_path / "d.jsonl", [row]))
+    enc, _ = encode(tokenizer, ex, 256)
+    target = [t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab != IGNORE_INDEX]
+    assert tokenizer.decode(target) == "b<|im_end|>d<|im_end|>"
+
+
+def test_truncation_is_counted_in_a_warning(tmp_path: Path, tokenizer, caplog) -> None:
+    rows = [{"prompt": "word " * 50, "completion": "x"}, {"prompt": "short", "completion": "y"}]
+    examples = load_examples(write_jsonl(tmp_path / "d.jsonl", rows))
+    with caplog.at_level(logging.WARNING):
+        encoded = encode_all(tokenizer, examples, 40, "d.jsonl")
+    assert max(len(e["input_ids"]) for e in encoded) == 40
+    assert "1 of 2 examples are longer than max_seq_len=40" in caplog.text
