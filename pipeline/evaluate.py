@@ -75,16 +75,28 @@ def load_artifact(cfg: Config, task: TaskConfig, artifact: str):
         return load_model(path, "cpu"), load_tokenizer(path)
     if artifact in ("int8", "nf4"):
         from exporters.bnb import load_quantized
+        from pipeline.quantize import quantized_base_of
 
-        return load_quantized(Path(path)), load_tokenizer(path)
+        base_q = quantized_base_of(Path(path))
+        if base_q is None:
+            return load_quantized(Path(path)), load_tokenizer(path)
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(load_quantized(base_q), path).eval(), load_tokenizer(path)
     from exporters.onnx import load_onnx_model
 
-    return load_onnx_model(Path(path), cfg.num_threads or None), load_tokenizer(path)
+    return load_onnx_model(Path(path), set_threads(cfg.num_threads)), load_tokenizer(path)
 
 
 def _size(cfg: Config, task: TaskConfig, artifact: str) -> int:
-    path = artifact_path(cfg, task, artifact)
-    return dir_size(Path(path)) if Path(path).exists() else 0
+    """Bytes on disk needed to run ``artifact`` (an unmerged quantized artifact counts its base too)."""
+    from pipeline.quantize import quantized_base_of
+
+    path = Path(artifact_path(cfg, task, artifact))
+    if not path.exists():
+        return 0
+    base_q = quantized_base_of(path) if artifact in ("int8", "nf4") else None
+    return dir_size(path) + (dir_size(base_q) if base_q else 0)
 
 
 def exact_match(model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int,

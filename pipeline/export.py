@@ -63,7 +63,7 @@ def _export_onnx(cfg: Config, task: TaskConfig, src: Path, out: Path) -> dict:
     export_onnx_fp32(src, out)
     tokenizer = load_tokenizer(src)
     batch = prompt_batch(tokenizer, task, FIDELITY_PROMPTS)
-    parity = logit_parity(load_model(src, "cpu"), load_onnx_model(out, cfg.num_threads or None),
+    parity = logit_parity(load_model(src, "cpu"), load_onnx_model(out, set_threads(cfg.num_threads)),
                           batch["input_ids"], batch["attention_mask"])
     limit = cfg.export.onnx_max_abs_logit_diff
     if parity["max_abs_logit_diff"] > limit:

@@ -1,44 +1,105 @@
-"""Stage 3, quantize: bitsandbytes int8 and NF4 checkpoints of each merged model.
+"""Stage 3, quantize: bitsandbytes int8 and NF4 artifacts of each task.
 
-Output: ``runs/<run>/quantized/<task>-<fmt>/``, serialized bitsandbytes checkpoints that
-``AutoModelForCausalLM.from_pretrained`` loads (the quantization config travels in config.json).
+Two shapes, chosen per format by ``quantize.unmerged``:
+  - merged (default for int8): ``runs/<run>/quantized/<task>-<fmt>/`` is a serialized
+    bitsandbytes checkpoint of the merged model; ``AutoModelForCausalLM.from_pretrained`` loads
+    it (the quantization config travels in config.json).
+  - unmerged (default for NF4): the base is quantized once per run into
+    ``runs/<run>/quantized/base-<fmt>/`` and ``<task>-<fmt>/`` holds the task's adapter, applied
+    in full precision on top (QLoRA-style inference). Rounding merged weights to 4 bits erases
+    much of a small LoRA delta; keeping the delta separate preserves it, and one quantized base
+    serves every task.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
-from pipeline.artifacts import atomic_dir, fingerprint, is_fresh, write_manifest
+from pipeline.artifacts import atomic_dir, fingerprint, is_fresh, read_manifest, write_manifest
 from pipeline.config import Config, TaskConfig
 from pipeline.merge import merged_dir, require_stage_output
-from pipeline.models import set_threads
+from pipeline.models import resolve_base, set_threads
+from pipeline.tune import adapter_dir
 
 log = logging.getLogger(__name__)
+
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                  "special_tokens_map.json", "chat_template.jinja")
 
 
 def quantized_dir(cfg: Config, task: TaskConfig, fmt: str) -> Path:
     return cfg.run_dir / "quantized" / f"{task.name}-{fmt}"
 
 
+def quantized_base_dir(cfg: Config, fmt: str) -> Path:
+    return cfg.run_dir / "quantized" / f"base-{fmt}"
+
+
 def run(cfg: Config, task: TaskConfig, *, force: bool = False) -> list[Path]:
-    """Write every configured quantized format of ``task``'s merged model; return their folders."""
+    """Write every configured quantized format of ``task``; return their folders."""
+    set_threads(cfg.num_threads)
+    return [(_unmerged if fmt in cfg.quantize.unmerged else _merged)(cfg, task, fmt, force)
+            for fmt in cfg.quantize.formats]
+
+
+def _quantize(src: Path, out: Path, fmt: str, stage_input: str, what: str, force: bool, **extra) -> Path:
+    """Quantize the HF model folder ``src`` into ``out`` unless an identical result exists."""
     from exporters.bnb import quantize_to_dir
 
+    fp, inputs = fingerprint("quantize", {stage_input: src}, fmt)
+    if not force and is_fresh(out, fp):
+        log.info("quantize %s %s: up to date (%s), nothing to do; --force redoes it", what, fmt, out)
+        return out
+    log.info("quantize %s: %s with bitsandbytes", what, fmt)
+    with atomic_dir(out) as tmp:
+        quantize_to_dir(src, tmp, fmt)
+        write_manifest(tmp, stage="quantize", fp=fp, inputs=inputs, config_hash=fmt,
+                       extra={"format": fmt, "kind": "merged", **extra})
+    return out
+
+
+def _merged(cfg: Config, task: TaskConfig, fmt: str, force: bool) -> Path:
     src = merged_dir(cfg, task)
     require_stage_output(src, "merge", task)
-    set_threads(cfg.num_threads)
-    outs = []
-    for fmt in cfg.quantize.formats:
-        out = quantized_dir(cfg, task, fmt)
-        fp, inputs = fingerprint("quantize", {"merged": src}, fmt)
-        outs.append(out)
-        if not force and is_fresh(out, fp):
-            log.info("quantize %s %s: up to date (%s), nothing to do; --force redoes it", task.name, fmt, out)
-            continue
-        log.info("quantize %s: %s with bitsandbytes", task.name, fmt)
-        with atomic_dir(out) as tmp:
-            quantize_to_dir(src, tmp, fmt)
-            write_manifest(tmp, stage="quantize", fp=fp, inputs=inputs, config_hash=fmt,
-                           extra={"task": task.name, "format": fmt})
-    return outs
+    return _quantize(src, quantized_dir(cfg, task, fmt), fmt, "merged", task.name, force, task=task.name)
+
+
+def _unmerged(cfg: Config, task: TaskConfig, fmt: str, force: bool) -> Path:
+    adapter = adapter_dir(cfg, task)
+    require_stage_output(adapter, "tune", task)
+    base = resolve_base(cfg.base)
+    base_q = _quantize(Path(base) if not isinstance(base, str) else base, quantized_base_dir(cfg, fmt), fmt,
+                       "base", "base", force and not _done_this_run(cfg, fmt))
+    out = quantized_dir(cfg, task, fmt)
+    fp, inputs = fingerprint("quantize", {"quantized_base": base_q, "adapter": adapter}, f"{fmt}:unmerged")
+    if not force and is_fresh(out, fp):
+        log.info("quantize %s %s: up to date (%s), nothing to do; --force redoes it", task.name, fmt, out)
+        return out
+    with atomic_dir(out) as tmp:
+        for name in _ADAPTER_FILES:
+            if (adapter / name).is_file():
+                shutil.copy2(adapter / name, tmp / name)
+        write_manifest(tmp, stage="quantize", fp=fp, inputs=inputs, config_hash=f"{fmt}:unmerged",
+                       extra={"task": task.name, "format": fmt, "kind": "unmerged",
+                              "quantized_base": str(base_q)})
+    log.info("quantize %s %s: adapter on the %s base in %s", task.name, fmt, fmt, base_q)
+    return out
+
+
+_FORCED: set[tuple[str, str]] = set()
+
+
+def _done_this_run(cfg: Config, fmt: str) -> bool:
+    """With --force, the shared quantized base is redone once per process, not once per task."""
+    key = (str(cfg.run_dir), fmt)
+    done = key in _FORCED
+    _FORCED.add(key)
+    return done
+
+
+def quantized_base_of(folder: Path) -> Path | None:
+    """For an unmerged quantized artifact, the quantized base folder it runs on (else None)."""
+    manifest = read_manifest(folder) or {}
+    return Path(manifest["quantized_base"]) if manifest.get("kind") == "unmerged" else None

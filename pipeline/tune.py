@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pipeline.artifacts import atomic_dir, fingerprint, is_fresh, write_manifest
 from pipeline.config import Config, TaskConfig
-from pipeline.data import collate, encode_all, load_examples
+from pipeline.data import collate_for_training, encode_all, load_examples
 from pipeline.methods import get_method
 from pipeline.models import load_model, load_tokenizer, resolve_base, resolve_device, set_threads
 
@@ -32,7 +32,7 @@ def adapter_dir(cfg: Config, task: TaskConfig) -> Path:
 
 def _plan(cfg: Config, task: TaskConfig) -> tuple[Path | str, str, dict, str]:
     base = resolve_base(cfg.base)
-    config_hash = cfg.section_hash("method", "seed", "lora", "tune") + ":" + task.name
+    config_hash = cfg.section_hash("method", "seed", "lora", "tune") + f":{task.name}:{task.max_steps}"
     fp, inputs = fingerprint("tune", {"base": base, "train": Path(task.train)}, config_hash)
     return base, fp, inputs, config_hash
 
@@ -73,7 +73,7 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
     t = cfg.tune
     args = TrainingArguments(
         output_dir=str(checkpoints),
-        max_steps=t.max_steps,
+        max_steps=task.max_steps or t.max_steps,
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.learning_rate,
@@ -96,7 +96,7 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=partial(collate, pad_id=tokenizer.pad_token_id),
+        data_collator=partial(collate_for_training, pad_id=tokenizer.pad_token_id),
     )
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

@@ -127,3 +127,27 @@ def test_unknown_format_rejected(tiny_model_dir: Path, tmp_path: Path):
 def test_load_rejects_unquantized_checkpoint(tiny_model_dir: Path):
     with pytest.raises(ValueError, match="not a bitsandbytes-quantized checkpoint"):
         load_quantized(tiny_model_dir)
+
+
+def test_nf4_layers_the_cpu_kernel_cannot_pack_still_run(tmp_path: Path):
+    # bitsandbytes' AVX512-BF16 CPU path repacks NF4 layers on the first no-grad forward and fails
+    # on out_features % 32 != 0 (here k/v_proj: 1 kv head x 16) and in_features % 64 != 0 (here
+    # down_proj: 96). load_quantized routes such layers to the generic path instead.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "src")
+    model = load_quantized(quantize_to_dir(tmp_path / "src", tmp_path / "nf4", "nf4"))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, pad_token_id=0)
+    assert out.shape == (1, 7)

@@ -61,9 +61,13 @@ def test_every_stage_writes_its_artifact_with_a_manifest(tiny_run) -> None:
         assert manifest["versions"]["torch"] and manifest["config_hash"]
         merged = json.loads((run / "merged" / task / "manifest.json").read_text())
         assert merged["metrics"]["max_abs_logit_diff_vs_adapter"] < 1e-4
-        for fmt in ("int8", "nf4"):
-            config = json.loads((run / "quantized" / f"{task}-{fmt}" / "config.json").read_text())
-            assert config["quantization_config"]["quant_method"] == "bitsandbytes"
+        int8 = json.loads((run / "quantized" / f"{task}-int8" / "config.json").read_text())
+        assert int8["quantization_config"]["load_in_8bit"]  # merged, then quantized
+        nf4 = json.loads((run / "quantized" / f"{task}-nf4" / "manifest.json").read_text())
+        assert nf4["kind"] == "unmerged" and (run / "quantized" / f"{task}-nf4" / "adapter_model.safetensors").is_file()
+    base_nf4 = json.loads((run / "quantized" / "base-nf4" / "config.json").read_text())
+    assert base_nf4["quantization_config"]["load_in_4bit"]  # one quantized base shared by every task
+    for task in ("sentiment", "echo"):
         assert (run / "export" / "onnx" / task / "model.onnx").is_file()
         onnx_manifest = json.loads((run / "export" / "onnx" / task / "manifest.json").read_text())
         assert onnx_manifest["metrics"]["max_abs_logit_diff"] < 1e-3

@@ -64,3 +64,10 @@ def test_section_hash_tracks_only_named_sections(tmp_path: Path) -> None:
     b = load_config(write(tmp_path, MINIMAL), ["evaluate.batch_size=3"])
     c = load_config(write(tmp_path, MINIMAL), ["tune.max_steps=3"])
     assert a.section_hash("tune") == b.section_hash("tune") != c.section_hash("tune")
+
+
+def test_task_max_steps_overrides_tune_max_steps(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "tasks:\n  - {name: t, train: a.jsonl, test: b.jsonl, max_steps: 9}\n"))
+    assert cfg.tasks[0].max_steps == 9 and cfg.tune.max_steps == 60
+    with pytest.raises(ConfigError, match=r"tasks\[0\].max_steps: 0 is out of range"):
+        load_config(write(tmp_path, "tasks:\n  - {name: t, train: a.jsonl, test: b.jsonl, max_steps: 0}\n"))

@@ -93,3 +93,22 @@ def test_truncation_is_counted_in_a_warning(tmp_path: Path, tokenizer, caplog) -
         encoded = encode_all(tokenizer, examples, 40, "d.jsonl")
     assert max(len(e["input_ids"]) for e in encoded) == 40
     assert "1 of 2 examples are longer than max_seq_len=40" in caplog.text
+
+
+def test_training_batch_loss_equals_full_logits_loss(tmp_path: Path, tokenizer, tiny_model_dir: Path) -> None:
+    """Keeping only the target positions' logits gives the same loss as computing all of them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.data import collate, collate_for_training
+
+    rows = [{"prompt": "a longer prompt here " * 3, "completion": "yes"}, {"prompt": "hi", "completion": "a long answer"}]
+    encoded = encode_all(tokenizer, load_examples(write_jsonl(tmp_path / "d.jsonl", rows)), 256, "d")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    train_batch = collate_for_training(encoded, tokenizer.pad_token_id)
+    assert train_batch["logits_to_keep"] < train_batch["input_ids"].shape[1]
+    full = collate(encoded, tokenizer.pad_token_id)
+    with torch.no_grad():
+        kept = model(**train_batch).loss
+        reference = model(**full).loss
+    assert kept.item() == pytest.approx(reference.item(), rel=1e-5)

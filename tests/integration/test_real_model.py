@@ -1,0 +1,53 @@
+"""A short run of the whole pipeline on the real embedded model (SmolLM2-135M-Instruct).
+
+Converts the GGUF once (cached in $EDGETUNE_CACHE), trains a few steps, and checks that the
+training loss falls and that every artifact loads and generates. A few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.evaluate import load_artifact
+
+pytestmark = pytest.mark.slow
+
+SETS = ["tune.max_steps=12", "tune.batch_size=4", "tune.logging_steps=1", "tune.learning_rate=1e-3",
+        "evaluate.max_rows=4", "evaluate.batch_size=4", "evaluate.speed_new_tokens=4", "evaluate.speed_repeats=1"]
+
+
+def test_real_model_pipeline(tmp_path: Path) -> None:
+    sets = [*SETS, f"out_dir={tmp_path}", "run=real"]
+    argv = ["pipeline", "--config", "configs/default.yaml", "--task", "sentiment"]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    run = tmp_path / "real"
+
+    tune = json.loads((run / "adapters" / "sentiment" / "manifest.json").read_text())["metrics"]
+    first = [loss for _, loss in tune["loss_curve"][:3]]
+    last = [loss for _, loss in tune["loss_curve"][-3:]]
+    assert sum(last) / 3 < 0.5 * sum(first) / 3, tune["loss_curve"]
+
+    report = json.loads((run / "report.json").read_text())
+    artifacts = report["tasks"]["sentiment"]["artifacts"]
+    assert list(artifacts) == ["base", "adapter", "merged", "int8", "nf4", "onnx"]
+    for name, r in artifacts.items():
+        assert r["decode_tokens_per_s"] > 0 and r["size_bytes"] > 0, name
+    # Quantized artifacts are smaller on disk than the fp32 merged model.
+    assert artifacts["nf4"]["size_bytes"] < artifacts["int8"]["size_bytes"] < artifacts["merged"]["size_bytes"]
+
+    cfg = load_config("configs/default.yaml", sets)
+    task = cfg.task("sentiment")
+    for name in artifacts:
+        model, tokenizer = load_artifact(cfg, task, name)
+        batch = tokenizer(["<|im_start|>user\nReview: Great kettle, works well.\nLabel the sentiment.<|im_end|>\n"
+                           "<|im_start|>assistant\n"], return_tensors="pt", add_special_tokens=False)
+        out = model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        assert out.shape[1] > batch["input_ids"].shape[1], name
+        assert tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip(), name
