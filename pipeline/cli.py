@@ -63,8 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for stage in STAGES:
         _add_common(sub.add_parser(stage, help=helps[stage]), resume=stage == "tune")
-    m = sub.add_parser("methods", help="list the fine-tuning methods")
-    m.add_argument("--config", default=None, help="unused; accepted for symmetry")
+    sub.add_parser("methods", help="list the fine-tuning methods")
     return parser
 
 
