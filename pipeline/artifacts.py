@@ -47,15 +47,17 @@ def sha256_file(path: Path, _cache: dict[tuple[str, int, int], str] = {}) -> str
 def digest(path: Path) -> str:
     """Content digest of a file or folder.
 
-    A folder with a manifest is identified by the manifest's ``outputs`` digest (the stage that
-    wrote it already hashed its files: read, never re-derive); other folders hash every file.
+    A folder with a manifest is identified by its manifest's fingerprint and outputs digest (the
+    stage that wrote it already hashed its files: read, never re-derive; the fingerprint covers what
+    the folder refers to but does not contain, such as a shared quantized base). Other folders hash
+    every file.
     """
     path = Path(path)
     if path.is_file():
         return sha256_file(path)
     manifest = read_manifest(path)
     if manifest and "outputs_sha256" in manifest:
-        return manifest["outputs_sha256"]
+        return hashlib.sha256(f"{manifest.get('fingerprint')}:{manifest['outputs_sha256']}".encode()).hexdigest()
     return _hash_tree(path)
 
 

@@ -167,13 +167,15 @@ def evaluate_artifact(cfg: Config, task: TaskConfig, artifact: str, examples: li
     model, tokenizer = load_artifact(cfg, task, artifact)
     ev = cfg.evaluate
     scored = [e for e in examples if e.reference is not None]
-    em, outputs = exact_match(model, tokenizer, scored, task.max_new_tokens, ev.batch_size,
-                              desc=f"{task.name}/{artifact}")
+    em, outputs = None, []  # text-only test sets have no reference answer: perplexity only
+    if scored:
+        em, outputs = exact_match(model, tokenizer, scored, task.max_new_tokens, ev.batch_size,
+                                  desc=f"{task.name}/{artifact}")
     ppl = perplexity(model, tokenizer, scored or examples, cfg.tune.max_seq_len, ev.batch_size)
     prompt = render_prompt(tokenizer, scored[0]) if scored else examples[0].text or ""
     speed = decode_speed(model, tokenizer, prompt, ev.speed_new_tokens, ev.speed_repeats)
     result = {
-        "exact_match": round(em, 4),
+        "exact_match": None if em is None else round(em, 4),
         "perplexity": round(ppl, 4),
         "size_bytes": _size(cfg, task, artifact),
         "decode_tokens_per_s": round(speed, 2),
@@ -182,8 +184,8 @@ def evaluate_artifact(cfg: Config, task: TaskConfig, artifact: str, examples: li
         "eval_seconds": round(time.perf_counter() - started, 1),
         "mistakes": [o for o in outputs if o["got"] != (o["expected"] or "").strip()][:5],
     }
-    log.info("evaluate %s/%s: exact match %.3f, perplexity %.3f, %.1f MB, %.1f tok/s", task.name, artifact,
-             em, ppl, result["size_bytes"] / 1e6, speed)
+    log.info("evaluate %s/%s: exact match %s, perplexity %.3f, %.1f MB, %.1f tok/s", task.name, artifact,
+             "n/a" if em is None else f"{em:.3f}", ppl, result["size_bytes"] / 1e6, speed)
     return result
 
 

@@ -66,7 +66,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                   "| artifact | exact match | perplexity | size on disk | decode tok/s (batch 1) |",
                   "|---|---:|---:|---:|---:|"]
         for artifact, r in task["artifacts"].items():
-            lines.append(f"| {artifact} | {r['exact_match']:.3f} | {r['perplexity']:.3f} | "
+            em = "n/a" if r["exact_match"] is None else f"{r['exact_match']:.3f}"
+            lines.append(f"| {artifact} | {em} | {r['perplexity']:.3f} | "
                          f"{r['size_bytes'] / 1e6:.1f} MB | {r['decode_tokens_per_s']:.1f} |")
         lines.append("")
     lines.append("Size of `adapter` is the adapter alone (it runs on the shared base); `base` is the base snapshot.")

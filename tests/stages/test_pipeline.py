@@ -178,3 +178,16 @@ def test_malformed_row_and_unwritable_output(tmp_path: Path, tiny_model_dir: Pat
     blocker.write_text("")
     assert cli("tune", "--config", "configs/tiny.yaml", sets=[f"base={tiny_model_dir}", f"out_dir={blocker}"]) == 2
     assert "not writable" in capsys.readouterr().err
+
+
+def test_text_only_test_set_reports_perplexity_without_exact_match(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from pipeline.data import load_examples
+    from pipeline.evaluate import evaluate_artifact
+
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text('{"text": "the review was great"}\n{"text": "ship to Oslo"}\n')
+    cfg = load_config("configs/tiny.yaml", [f"base={tiny_model_dir}", f"out_dir={tmp_path}",
+                                            f"tasks=[{{name: notes, train: '{notes}', test: '{notes}'}}]"])
+    result = evaluate_artifact(cfg, cfg.task("notes"), "base", load_examples(notes))
+    assert result["exact_match"] is None and result["mistakes"] == []
+    assert math.isfinite(result["perplexity"]) and result["perplexity"] > 1.0
