@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 _PRODUCER = {"adapter": "tune", "merged": "merge", "int8": "quantize", "nf4": "quantize", "onnx": "export"}
 
 
-def artifact_path(cfg: Config, task: TaskConfig, artifact: str) -> Path | str:
+def artifact_path(cfg: Config, task: TaskConfig, artifact: str) -> Path:
     """Where ``artifact`` of ``task`` lives (for ``base``: the base model itself)."""
     from pipeline.export import export_dir
     from pipeline.quantize import quantized_dir
@@ -63,7 +63,7 @@ def load_artifact(cfg: Config, task: TaskConfig, artifact: str):
     """(model, tokenizer) for ``artifact``; every model has ``__call__`` → logits and ``generate``."""
     path = artifact_path(cfg, task, artifact)
     if artifact != "base":
-        require_stage_output(Path(path), _PRODUCER[artifact], task)
+        require_stage_output(path, _PRODUCER[artifact], task)
     if artifact == "base":
         return load_model(path, "cpu"), load_tokenizer(path)
     if artifact == "adapter":
@@ -77,24 +77,22 @@ def load_artifact(cfg: Config, task: TaskConfig, artifact: str):
         from exporters.bnb import load_quantized
         from pipeline.quantize import quantized_base_of
 
-        base_q = quantized_base_of(Path(path))
+        base_q = quantized_base_of(path)
         if base_q is None:
-            return load_quantized(Path(path)), load_tokenizer(path)
+            return load_quantized(path), load_tokenizer(path)
         from peft import PeftModel
 
         return PeftModel.from_pretrained(load_quantized(base_q), path).eval(), load_tokenizer(path)
     from exporters.onnx import load_onnx_model
 
-    return load_onnx_model(Path(path), set_threads(cfg.num_threads)), load_tokenizer(path)
+    return load_onnx_model(path, set_threads(cfg.num_threads)), load_tokenizer(path)
 
 
 def _size(cfg: Config, task: TaskConfig, artifact: str) -> int:
     """Bytes on disk needed to run ``artifact`` (an unmerged quantized artifact counts its base too)."""
     from pipeline.quantize import quantized_base_of
 
-    path = Path(artifact_path(cfg, task, artifact))
-    if not path.exists():
-        return 0
+    path = artifact_path(cfg, task, artifact)
     base_q = quantized_base_of(path) if artifact in ("int8", "nf4") else None
     return dir_size(path) + (dir_size(base_q) if base_q else 0)
 
@@ -192,8 +190,7 @@ def evaluate_artifact(cfg: Config, task: TaskConfig, artifact: str, examples: li
 def evaluate_cached(cfg: Config, task: TaskConfig, artifact: str, examples: list[Example],
                     force: bool) -> dict[str, Any]:
     """:func:`evaluate_artifact`, reusing the stored result while artifact, test file and settings are unchanged."""
-    path = artifact_path(cfg, task, artifact)
-    inputs = {"artifact": Path(path) if not isinstance(path, str) else path, "test": Path(task.test)}
+    inputs = {"artifact": artifact_path(cfg, task, artifact), "test": Path(task.test)}
     fp, _ = fingerprint("evaluate", inputs, cfg.section_hash("evaluate", "num_threads") + json.dumps(
         [task.name, task.max_new_tokens, cfg.tune.max_seq_len]))
     file = cfg.run_dir / "eval" / task.name / f"{artifact}.json"

@@ -30,11 +30,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EDGETUNE_CACHE", Path.home() / ".cache" / "edgetune"))
 
 
-def resolve_base(name: str) -> Path | str:
-    """Turn the config's ``base`` into something ``from_pretrained`` accepts.
+def resolve_base(name: str) -> Path:
+    """Turn the config's ``base`` into a local model folder every stage can read and hash.
 
-    Returns a local folder (embedded snapshot or the user's directory) or, for ``owner/name``
-    strings that are not local folders, the hub id itself. Anything else raises ModelError.
+    The embedded name gives its cached snapshot; a directory is used as it is; an ``owner/name``
+    hub id is fetched into the Hugging Face cache (users who are online). Anything else, or a hub
+    id that cannot be fetched, raises ModelError.
     """
     if name in EMBEDDED:
         return embedded_snapshot(name)
@@ -44,11 +45,24 @@ def resolve_base(name: str) -> Path | str:
             raise ModelError(f"base model folder {path} has no config.json; point base at a Hugging Face model folder")
         return path.resolve()
     if name.count("/") == 1 and not name.startswith((".", "/")) and not path.exists():
-        return name  # a hub id: transformers downloads it (users who are online)
+        return _hub_snapshot(name)
     raise ModelError(
         f"unknown base model {name!r}: not an embedded model ({', '.join(EMBEDDED)}), not a local folder "
         "with config.json, and not a hub id (owner/name). Set base: smollm2-135m-instruct to use the embedded default."
     )
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt",
+                                                               "tokenizer*"]))
+    except Exception as exc:  # offline, unknown repo, gated repo: all mean "cannot get it"
+        raise ModelError(
+            f"cannot fetch base model {repo_id!r} from the Hugging Face hub ({type(exc).__name__}: {exc}). "
+            "Hub ids need network access; offline, use base: smollm2-135m-instruct or a local model folder."
+        ) from exc
 
 
 def _gguf_location(name: str) -> Path:

@@ -70,8 +70,7 @@ def _unmerged(cfg: Config, task: TaskConfig, fmt: str, force: bool) -> Path:
     adapter = adapter_dir(cfg, task)
     require_stage_output(adapter, "tune", task)
     base = resolve_base(cfg.base)
-    base_q = _quantize(Path(base) if not isinstance(base, str) else base, quantized_base_dir(cfg, fmt), fmt,
-                       "base", "base", force and not _done_this_run(cfg, fmt))
+    base_q = _quantize(base, quantized_base_dir(cfg, fmt), fmt, "base", "base", force and not _done_this_run(cfg, fmt))
     out = quantized_dir(cfg, task, fmt)
     fp, inputs = fingerprint("quantize", {"quantized_base": base_q, "adapter": adapter}, f"{fmt}:unmerged")
     if not force and is_fresh(out, fp):

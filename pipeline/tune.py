@@ -30,7 +30,7 @@ def adapter_dir(cfg: Config, task: TaskConfig) -> Path:
     return cfg.run_dir / "adapters" / task.name
 
 
-def _plan(cfg: Config, task: TaskConfig) -> tuple[Path | str, str, dict, str]:
+def _plan(cfg: Config, task: TaskConfig) -> tuple[Path, str, dict, str]:
     base = resolve_base(cfg.base)
     config_hash = cfg.section_hash("method", "seed", "lora", "tune") + f":{task.name}:{task.max_steps}"
     fp, inputs = fingerprint("tune", {"base": base, "train": Path(task.train)}, config_hash)

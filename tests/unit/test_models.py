@@ -12,7 +12,6 @@ from pipeline.errors import ModelError
 
 def test_local_folder_and_hub_id(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert models.resolve_base(str(tiny_model_dir)) == tiny_model_dir.resolve()
-    assert models.resolve_base("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     with pytest.raises(ModelError, match="has no config.json"):
         models.resolve_base(str(tmp_path))
     with pytest.raises(ModelError, match="unknown base model 'smollm3'"):
@@ -46,3 +45,18 @@ def test_forced_cuda_without_gpu_is_refused(monkeypatch) -> None:
     assert models.resolve_device("auto") == "cpu"
     with pytest.raises(ModelError, match="no CUDA GPU"):
         models.resolve_device("cuda")
+
+
+def test_hub_id_is_fetched_into_a_local_folder_or_fails_clearly(tiny_model_dir: Path, monkeypatch) -> None:
+    import huggingface_hub
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: asked.append(repo) or str(tiny_model_dir))
+    assert models.resolve_base("org/model") == tiny_model_dir and asked == ["org/model"]
+
+    def offline(repo, **kw):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(ModelError, match="Hub ids need network access"):
+        models.resolve_base("org/model")
