@@ -52,4 +52,5 @@ def get_method(name: str) -> Method:
 
 
 # Each import registers one method.
-from pipeline.methods import lora  # noqa: E402,F401
+from pipeline.methods import lora  # noqa: E402,F401,I001  (lora first: the listing's order)
+from pipeline.methods import dora, ia3  # noqa: E402,F401
