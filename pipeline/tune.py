@@ -20,7 +20,7 @@ from pathlib import Path
 from pipeline.artifacts import atomic_dir, fingerprint, is_fresh, write_manifest
 from pipeline.config import Config, TaskConfig
 from pipeline.data import collate_for_training, encode_all, load_examples
-from pipeline.methods import get_method
+from pipeline.methods import Method, get_method
 from pipeline.models import load_model, load_tokenizer, resolve_base, resolve_device, set_threads
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,10 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
     set_threads(cfg.num_threads)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(base)
-    model = method.apply(load_model(base, device), cfg)
+    model = method.apply(load_base_for_training(method, base, device), cfg)
+    optimizer, optimizer_note = choose_optimizer(method, device)
+    if optimizer_note:
+        log.warning("tune %s: %s", task.name, optimizer_note)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log.info("tune %s: method=%s, %d examples, %d trainable of %d parameters (%.3f%%), device=%s",
@@ -80,6 +83,7 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,
+        optim=optimizer,
         logging_steps=t.logging_steps,
         logging_first_step=True,
         save_strategy="steps",
@@ -122,12 +126,34 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
                     "trainable_params": trainable,
                     "total_params": total,
                 },
-                extra={"task": task.name, "method": method.name, "mergeable": method.mergeable, "base": cfg.base},
+                extra={"task": task.name, "method": method.name, "mergeable": method.mergeable, "base": cfg.base,
+                       "base_quantization": method.base_quantization, "optimizer": optimizer,
+                       "optimizer_note": optimizer_note},
             )
         shutil.rmtree(checkpoints, ignore_errors=True)
         log.info("tune %s: done in %.0f s, loss %.3f -> %.3f, adapter in %s", task.name, seconds,
                  losses[0][1] if losses else float("nan"), losses[-1][1] if losses else float("nan"), out)
     return out
+
+
+def load_base_for_training(method: Method, base: Path, device: str):
+    """The frozen base the method trains on: fp32, or bitsandbytes-quantized (QLoRA's NF4)."""
+    if method.base_quantization is None:
+        return load_model(base, device)
+    from exporters.bnb import DENSE_DTYPE, bnb_config
+
+    return load_model(base, device, quantization_config=bnb_config(method.base_quantization),
+                      device_map={"": device}, dtype=DENSE_DTYPE)
+
+
+def choose_optimizer(method: Method, device: str) -> tuple[str, str | None]:
+    """Trainer ``optim`` name for ``method`` on ``device``, and a note when a fallback was taken."""
+    if not method.paged_optimizer:
+        return "adamw_torch", None
+    if device == "cuda":
+        return "paged_adamw_32bit", None
+    return "adamw_torch", (f"{method.name}: no paged optimizer on {device} (bitsandbytes pages optimizer state "
+                           "through CUDA unified memory); using plain AdamW")
 
 
 def _last_checkpoint(folder: Path) -> Path | None:

@@ -29,6 +29,10 @@ class Method:
     """Whether merge can fold the trained delta into the base weights."""
     apply: Callable[[PreTrainedModel, Config], PreTrainedModel]
     """Wrap/prepare ``model`` for training; returns the model whose trainable parameters are the method's."""
+    base_quantization: str | None = None
+    """Load the frozen base for training in this bitsandbytes format (``nf4`` for QLoRA), else fp32."""
+    paged_optimizer: bool = False
+    """Use a paged AdamW where the backend has one (bitsandbytes on CUDA); elsewhere plain AdamW, logged."""
 
 
 METHODS: dict[str, Method] = {}
@@ -53,4 +57,4 @@ def get_method(name: str) -> Method:
 
 # Each import registers one method.
 from pipeline.methods import lora  # noqa: E402,F401,I001  (lora first: the listing's order)
-from pipeline.methods import dora, ia3  # noqa: E402,F401
+from pipeline.methods import dora, ia3, qlora  # noqa: E402,F401

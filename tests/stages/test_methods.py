@@ -13,6 +13,7 @@ from pipeline.config import load_config
 from pipeline.data import collate_for_training, encode_all, load_examples
 from pipeline.methods import METHODS, get_method
 from pipeline.models import load_model, load_tokenizer
+from pipeline.tune import load_base_for_training
 
 
 def _train_two_steps(model, tokenizer, out: Path) -> None:
@@ -33,7 +34,8 @@ def test_method_trains_only_its_parameters_reloads_and_merges(name: str, tiny_mo
     cfg = load_config("configs/tiny.yaml", [f"base={tiny_model_dir}", f"method={name}"])
     tokenizer = load_tokenizer(tiny_model_dir)
     torch.manual_seed(0)
-    model = get_method(name).apply(load_model(tiny_model_dir), cfg)
+    method = get_method(name)
+    model = method.apply(load_base_for_training(method, tiny_model_dir, "cpu"), cfg)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and len(trainable) < len(before)
@@ -49,9 +51,23 @@ def test_method_trains_only_its_parameters_reloads_and_merges(name: str, tiny_mo
     with torch.no_grad():
         expected = model(**batch).logits
     model.save_pretrained(tmp_path / "adapter")
-    reloaded = PeftModel.from_pretrained(load_model(tiny_model_dir), tmp_path / "adapter").eval()
+    reloaded = PeftModel.from_pretrained(load_base_for_training(method, tiny_model_dir, "cpu"),
+                                         tmp_path / "adapter").eval()
     with torch.no_grad():
         assert torch.equal(reloaded(**batch).logits, expected)
-        if METHODS[name].mergeable:
-            merged = copy.deepcopy(reloaded).merge_and_unload()
-            assert (merged(**batch).logits - expected).abs().max().item() < 1e-4
+        if method.mergeable:  # the merge stage folds the adapter into the full-precision base
+            unmerged = PeftModel.from_pretrained(load_model(tiny_model_dir), tmp_path / "adapter").eval()
+            reference = unmerged(**batch).logits
+            merged = copy.deepcopy(unmerged).merge_and_unload()
+            assert (merged(**batch).logits - reference).abs().max().item() < 1e-4
+
+
+def test_qlora_uses_paged_adamw_on_cuda_and_says_when_it_falls_back() -> None:
+    from pipeline.tune import choose_optimizer
+
+    qlora = get_method("qlora")
+    assert qlora.base_quantization == "nf4"
+    assert choose_optimizer(qlora, "cuda") == ("paged_adamw_32bit", None)
+    optim, note = choose_optimizer(qlora, "cpu")
+    assert optim == "adamw_torch" and "no paged optimizer on cpu" in note
+    assert choose_optimizer(get_method("lora"), "cpu") == ("adamw_torch", None)

@@ -1,0 +1,37 @@
+"""QLoRA (Dettmers et al., 2023): LoRA on every linear layer of a frozen 4-bit NF4 base.
+
+The base is loaded with NF4 + double quantization (bitsandbytes, which runs on the CPU too), the
+adapters train in full precision, and a paged AdamW absorbs memory spikes where bitsandbytes
+provides one (CUDA). On the CPU there is no paged optimizer: plain AdamW is used and the tune
+stage says so in its log and manifest. The adapter merges into the full-precision base.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pipeline.methods import Method, register
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from pipeline.config import Config
+
+
+def apply_qlora(model: PreTrainedModel, cfg: Config) -> PreTrainedModel:
+    """Add LoRA (``cfg.lora`` rank/alpha/dropout) to every linear layer of the NF4-loaded ``model``."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = cfg.lora
+    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                            target_modules="all-linear", task_type="CAUSAL_LM", bias="none"))
+
+
+register(Method(
+    name="qlora",
+    description="LoRA on all linear layers of an NF4 (double-quantized) frozen base; paged AdamW on CUDA.",
+    mergeable=True,
+    apply=apply_qlora,
+    base_quantization="nf4",
+    paged_optimizer=True,
+))
