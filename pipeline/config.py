@@ -66,8 +66,8 @@ class TuneConfig:
     """Examples per device per step."""
     grad_accum: int = 1
     """Gradient accumulation steps (effective batch = batch_size * grad_accum * devices)."""
-    learning_rate: float = 1e-3
-    """Peak learning rate."""
+    learning_rate: float | None = None
+    """Peak learning rate (null: the method's own default, e.g. 1e-3 for adapters, 5e-5 for full)."""
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
     """Learning-rate schedule after warm-up."""
     warmup_steps: int = 10
@@ -176,7 +176,7 @@ _RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("tune.max_steps", lambda v: v >= 1, ">= 1"),
     ("tune.batch_size", lambda v: v >= 1, ">= 1"),
     ("tune.grad_accum", lambda v: v >= 1, ">= 1"),
-    ("tune.learning_rate", lambda v: 0 < v <= 1, "0 < lr <= 1"),
+    ("tune.learning_rate", lambda v: v is None or 0 < v <= 1, "0 < lr <= 1, or null"),
     ("tune.warmup_steps", lambda v: v >= 0, ">= 0"),
     ("tune.weight_decay", lambda v: v >= 0, ">= 0"),
     ("tune.max_seq_len", lambda v: 8 <= v <= 131072, "8..131072"),
@@ -262,7 +262,7 @@ def _build(cls: type, data: Any, where: str, errors: list[str]) -> Any:
             tasks = [_build(TaskConfig, t, f"tasks[{i}].", errors) for i, t in enumerate(value)]
             if all(t is not None for t in tasks):
                 kwargs[name] = tasks
-        elif isinstance(hint, type) and hint is float and isinstance(value, str):
+        elif float in typing.get_args(hint) + (hint,) and isinstance(value, str):
             try:  # YAML 1.1 reads 1e-3 as a string; accept it as the number it looks like.
                 kwargs[name] = float(value)
             except ValueError:

@@ -67,10 +67,9 @@ def load_artifact(cfg: Config, task: TaskConfig, artifact: str):
     if artifact == "base":
         return load_model(path, "cpu"), load_tokenizer(path)
     if artifact == "adapter":
-        from peft import PeftModel
+        from pipeline.tune import load_tuned
 
-        base = resolve_base(cfg.base)
-        return PeftModel.from_pretrained(load_model(base, "cpu"), path).eval(), load_tokenizer(path)
+        return load_tuned(path, resolve_base(cfg.base)), load_tokenizer(path)
     if artifact == "merged":
         return load_model(path, "cpu"), load_tokenizer(path)
     if artifact in ("int8", "nf4"):

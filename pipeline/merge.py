@@ -15,7 +15,7 @@ from pipeline.artifacts import atomic_dir, fingerprint, is_fresh, read_manifest,
 from pipeline.config import Config, TaskConfig
 from pipeline.data import load_examples, render_prompt
 from pipeline.errors import EdgetuneError
-from pipeline.models import load_model, load_tokenizer, resolve_base, set_threads
+from pipeline.models import load_tokenizer, resolve_base, set_threads
 from pipeline.tune import adapter_dir
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False) -> Path:
     import torch
     from peft import PeftModel
 
+    from pipeline.tune import load_tuned
+
     src = adapter_dir(cfg, task)
     manifest = require_stage_output(src, "tune", task)
     if not manifest.get("mergeable", False):
@@ -63,13 +65,13 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False) -> Path:
 
     set_threads(cfg.num_threads)
     tokenizer = load_tokenizer(src)
-    model = PeftModel.from_pretrained(load_model(base, "cpu"), src).eval()
+    model = load_tuned(src, base)
     batch = prompt_batch(tokenizer, task, FIDELITY_PROMPTS)
     with torch.no_grad():
         before = model(**batch).logits
-        try:
-            merged = model.merge_and_unload(safe_merge=True)  # safe_merge refuses NaN deltas
-        except ValueError as exc:
+        try:  # a fully fine-tuned model has nothing to merge: it passes through, checked the same way
+            merged = model.merge_and_unload(safe_merge=True) if isinstance(model, PeftModel) else model
+        except ValueError as exc:  # safe_merge refuses NaN deltas
             raise EdgetuneError(f"merge {task.name}: the adapter produces non-finite weights ({exc}); retrain it "
                                 "with a lower learning rate") from exc
         bad = [n for n, p in merged.named_parameters() if not torch.isfinite(p).all()]

@@ -40,7 +40,9 @@ def quantized_base_dir(cfg: Config, fmt: str) -> Path:
 def run(cfg: Config, task: TaskConfig, *, force: bool = False) -> list[Path]:
     """Write every configured quantized format of ``task``; return their folders."""
     set_threads(cfg.num_threads)
-    return [(_unmerged if fmt in cfg.quantize.unmerged else _merged)(cfg, task, fmt, force)
+    # A fully fine-tuned model has no adapter to keep apart: it is quantized like a merged one.
+    has_adapter = (adapter_dir(cfg, task) / "adapter_config.json").is_file()
+    return [(_unmerged if fmt in cfg.quantize.unmerged and has_adapter else _merged)(cfg, task, fmt, force)
             for fmt in cfg.quantize.formats]
 
 

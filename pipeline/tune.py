@@ -79,7 +79,7 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
         max_steps=task.max_steps or t.max_steps,
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.learning_rate,
+        learning_rate=t.learning_rate or method.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,
@@ -127,6 +127,7 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
                     "total_params": total,
                 },
                 extra={"task": task.name, "method": method.name, "mergeable": method.mergeable, "base": cfg.base,
+                       "full_model": method.full_model, "learning_rate": args.learning_rate,
                        "base_quantization": method.base_quantization, "optimizer": optimizer,
                        "optimizer_note": optimizer_note},
             )
@@ -144,6 +145,15 @@ def load_base_for_training(method: Method, base: Path, device: str):
 
     return load_model(base, device, quantization_config=bnb_config(method.base_quantization),
                       device_map={"": device}, dtype=DENSE_DTYPE)
+
+
+def load_tuned(tuned: Path, base: Path):
+    """The trained model in ``tuned`` (a PEFT adapter on ``base``, or a whole model), in eval mode."""
+    if (tuned / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(load_model(base, "cpu"), tuned).eval()
+    return load_model(tuned, "cpu")
 
 
 def choose_optimizer(method: Method, device: str) -> tuple[str, str | None]:

@@ -33,6 +33,10 @@ class Method:
     """Load the frozen base for training in this bitsandbytes format (``nf4`` for QLoRA), else fp32."""
     paged_optimizer: bool = False
     """Use a paged AdamW where the backend has one (bitsandbytes on CUDA); elsewhere plain AdamW, logged."""
+    learning_rate: float = 1e-3
+    """Default peak learning rate when the config leaves ``tune.learning_rate`` null."""
+    full_model: bool = False
+    """The result is a whole model (saved as an HF model folder), not a PEFT adapter."""
 
 
 METHODS: dict[str, Method] = {}
@@ -57,4 +61,4 @@ def get_method(name: str) -> Method:
 
 # Each import registers one method.
 from pipeline.methods import lora  # noqa: E402,F401,I001  (lora first: the listing's order)
-from pipeline.methods import dora, ia3, qlora  # noqa: E402,F401
+from pipeline.methods import dora, full, ia3, qlora  # noqa: E402,F401
