@@ -63,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for stage in STAGES:
         _add_common(sub.add_parser(stage, help=helps[stage]), resume=stage == "tune")
-    sub.add_parser("methods", help="list the fine-tuning methods")
+    m = sub.add_parser("methods", help="list the fine-tuning methods (with --config: trainable parameters on its base)")
+    m.add_argument("--config", default=None, help="count each method's trainable parameters on this config's base")
+    m.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable)")
     return parser
 
 
@@ -93,13 +96,39 @@ def run_stages(cfg, stages: Sequence[str], tasks: Sequence[str], *, force: bool,
         log.info("stage %s finished in %.0f s", stage, time.perf_counter() - started)
 
 
-def _print_methods() -> None:
+def _print_methods(cfg=None) -> None:
+    """One line per method; with a config, its trainable parameters (count and share) on cfg.base."""
     from pipeline.methods import METHODS
 
+    counts = _trainable_counts(cfg) if cfg is not None else {}
     width = max(len(n) for n in METHODS)
     for name, method in METHODS.items():
         merge = "mergeable" if method.mergeable else "adapter-only"
-        print(f"{name:<{width}}  {merge:<12}  {method.description}")
+        count = f"{counts[name][0]:>12,} ({100 * counts[name][0] / counts[name][1]:6.3f}%)  " if counts else ""
+        print(f"{name:<{width}}  {merge:<12}  {count}{method.description}")
+    if counts:
+        print(f"\ntrainable parameters on base {cfg.base!r} with this config's settings")
+
+
+def _logical_numel(p) -> int:
+    """Weights a parameter stands for: a packed 4-bit tensor holds two per stored byte."""
+    state = getattr(p, "quant_state", None)
+    return state.shape.numel() if state is not None else p.numel()
+
+
+def _trainable_counts(cfg) -> dict[str, tuple[int, int]]:
+    """(trainable, total) parameters of every method applied to a fresh copy of cfg.base."""
+    from pipeline.methods import METHODS
+    from pipeline.models import resolve_base
+    from pipeline.tune import load_base_for_training
+
+    base = resolve_base(cfg.base)
+    counts = {}
+    for name, method in METHODS.items():
+        model = method.apply(load_base_for_training(method, base, "cpu"), cfg)
+        params = list(model.parameters())
+        counts[name] = (sum(p.numel() for p in params if p.requires_grad), sum(_logical_numel(p) for p in params))
+    return counts
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -108,10 +137,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        if args.command == "methods":
-            _print_methods()
-            return 0
         from pipeline.config import load_config
+
+        if args.command == "methods":
+            _print_methods(load_config(args.config, args.overrides) if args.config else None)
+            return 0
 
         cfg = load_config(args.config, args.overrides)
         if args.command == "pipeline":

@@ -74,3 +74,14 @@ def test_qlora_uses_paged_adamw_on_cuda_and_says_when_it_falls_back() -> None:
     optim, note = choose_optimizer(qlora, "cpu")
     assert optim == "adamw_torch" and "no paged optimizer on cpu" in note
     assert choose_optimizer(get_method("lora"), "cpu") == ("adamw_torch", None)
+
+
+def test_methods_listing_counts_trainable_parameters(tiny_model_dir: Path, capsys) -> None:
+    from pipeline.cli import main
+
+    assert main(["methods", "--config", "configs/tiny.yaml", "--set", f"base={tiny_model_dir}"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert set(METHODS) <= set(lines)
+    assert "(100.000%)" in lines["full"]
+    share = {name: float(lines[name].split("(")[1].split("%")[0]) for name in METHODS}
+    assert share["ia3"] < share["lora"] < share["full"] and share["qlora"] == share["lora"]  # all-linear either way
