@@ -191,3 +191,18 @@ def test_text_only_test_set_reports_perplexity_without_exact_match(tmp_path: Pat
     result = evaluate_artifact(cfg, cfg.task("notes"), "base", load_examples(notes))
     assert result["exact_match"] is None and result["mistakes"] == []
     assert math.isfinite(result["perplexity"]) and result["perplexity"] > 1.0
+
+
+def test_merge_rejects_non_finite_adapter_weights(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:
+    from safetensors.torch import load_file, save_file
+
+    sets = [f"base={tiny_model_dir}", f"out_dir={tmp_path}", "tune.max_steps=1"]
+    assert cli("tune", "--config", "configs/tiny.yaml", "--task", "sentiment", sets=sets) == 0
+    weights = tmp_path / "tiny" / "adapters" / "sentiment" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, weights)
+    assert cli("merge", "--config", "configs/tiny.yaml", "--task", "sentiment", sets=sets) == 2
+    assert "non-finite" in capsys.readouterr().err
+    assert not (tmp_path / "tiny" / "merged" / "sentiment").exists()
