@@ -57,6 +57,20 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class UlmfitConfig:
+    """ULMFiT (Howard & Ruder, 2018) applied to a decoder LLM."""
+
+    phases: int = 4
+    """Layer groups, unfrozen top first, one more per phase; training steps are split evenly over phases."""
+    lr_decay: float = 2.6
+    """Discriminative learning rates: each lower group's rate is the one above divided by this."""
+    cut_frac: float = 0.1
+    """Slanted triangular schedule: share of steps spent warming up linearly."""
+    ratio: float = 32.0
+    """Slanted triangular schedule: peak rate / lowest rate."""
+
+
+@dataclass(frozen=True)
 class TuneConfig:
     """Training loop settings (transformers ``Trainer``)."""
 
@@ -143,6 +157,7 @@ class Config:
     num_threads: int = 0
     """CPU threads for torch and ONNX Runtime (0: all cores)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
+    ulmfit: UlmfitConfig = field(default_factory=UlmfitConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -171,6 +186,10 @@ class Config:
 # Range checks: (dotted key suffix, predicate, allowed range in words).
 _RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("lora.r", lambda v: 1 <= v <= 1024, "1..1024"),
+    ("ulmfit.phases", lambda v: v >= 1, ">= 1"),
+    ("ulmfit.lr_decay", lambda v: v >= 1, ">= 1"),
+    ("ulmfit.cut_frac", lambda v: 0 < v < 1, "0 < cut_frac < 1"),
+    ("ulmfit.ratio", lambda v: v >= 1, ">= 1"),
     ("lora.alpha", lambda v: v > 0, "> 0"),
     ("lora.dropout", lambda v: 0 <= v < 1, "0 <= dropout < 1"),
     ("tune.max_steps", lambda v: v >= 1, ">= 1"),
@@ -286,7 +305,7 @@ def _check_values(cfg: Config, errors: list[str]) -> None:
     from pipeline.methods import METHODS
 
     flat: dict[str, Any] = {}
-    for section in ("lora", "tune", "quantize", "export", "evaluate"):
+    for section in ("lora", "ulmfit", "tune", "quantize", "export", "evaluate"):
         for k, v in dataclasses.asdict(getattr(cfg, section)).items():
             flat[f"{section}.{k}"] = v
     flat["num_threads"] = cfg.num_threads

@@ -32,7 +32,7 @@ def adapter_dir(cfg: Config, task: TaskConfig) -> Path:
 
 def _plan(cfg: Config, task: TaskConfig) -> tuple[Path, str, dict, str]:
     base = resolve_base(cfg.base)
-    config_hash = cfg.section_hash("method", "seed", "lora", "tune") + f":{task.name}:{task.max_steps}"
+    config_hash = cfg.section_hash("method", "seed", "lora", "ulmfit", "tune") + f":{task.name}:{task.max_steps}"
     fp, inputs = fingerprint("tune", {"base": base, "train": Path(task.train)}, config_hash)
     return base, fp, inputs, config_hash
 
@@ -96,11 +96,14 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
+    plan = method.training_plan(model, cfg, args.learning_rate, args.max_steps) if method.training_plan else None
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=dataset,
         data_collator=partial(collate_for_training, pad_id=tokenizer.pad_token_id),
+        optimizers=(plan.optimizer, plan.scheduler) if plan else (None, None),
+        callbacks=plan.callbacks if plan else None,
     )
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

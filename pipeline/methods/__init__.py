@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -37,6 +37,18 @@ class Method:
     """Default peak learning rate when the config leaves ``tune.learning_rate`` null."""
     full_model: bool = False
     """The result is a whole model (saved as an HF model folder), not a PEFT adapter."""
+    training_plan: Callable[[PreTrainedModel, Config, float, int], TrainingPlan] | None = None
+    """Optional (model, cfg, learning rate, steps) -> optimizer, scheduler and callbacks for the Trainer,
+    for methods whose behaviour lives in parameter groups and schedules (ULMFiT)."""
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What a method hands the Trainer beyond the model: its optimizer, schedule and callbacks."""
+
+    optimizer: Any
+    scheduler: Any
+    callbacks: list[Any]
 
 
 METHODS: dict[str, Method] = {}
@@ -61,4 +73,4 @@ def get_method(name: str) -> Method:
 
 # Each import registers one method.
 from pipeline.methods import lora  # noqa: E402,F401,I001  (lora first: the listing's order)
-from pipeline.methods import dora, full, ia3, qlora  # noqa: E402,F401
+from pipeline.methods import dora, full, ia3, qlora, ulmfit  # noqa: E402,F401
