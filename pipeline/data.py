@@ -233,7 +233,7 @@ def collate_for_training(batch: list[dict[str, list[int]]], pad_id: int) -> dict
 
 
 def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
-    """Right-pad a batch for training: pad ids, IGNORE_INDEX labels, attention mask."""
+    """Right-pad a batch with full-width labels (perplexity scoring): pad ids, IGNORE_INDEX labels, mask."""
     import torch
 
     width = max(len(e["input_ids"]) for e in batch)

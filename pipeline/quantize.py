@@ -21,7 +21,7 @@ from pipeline.artifacts import atomic_dir, fingerprint, is_fresh, read_manifest,
 from pipeline.config import Config, TaskConfig
 from pipeline.merge import merged_dir, require_stage_output
 from pipeline.models import resolve_base, set_threads
-from pipeline.tune import adapter_dir
+from pipeline.tune import adapter_dir, is_peft_adapter
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False) -> list[Path]:
     """Write every configured quantized format of ``task``; return their folders."""
     set_threads(cfg.num_threads)
     # A fully fine-tuned model has no adapter to keep apart: it is quantized like a merged one.
-    has_adapter = (adapter_dir(cfg, task) / "adapter_config.json").is_file()
+    has_adapter = is_peft_adapter(adapter_dir(cfg, task))
     return [(_unmerged if fmt in cfg.quantize.unmerged and has_adapter else _merged)(cfg, task, fmt, force)
             for fmt in cfg.quantize.formats]
 
@@ -72,7 +72,9 @@ def _unmerged(cfg: Config, task: TaskConfig, fmt: str, force: bool) -> Path:
     adapter = adapter_dir(cfg, task)
     require_stage_output(adapter, "tune", task)
     base = resolve_base(cfg.base)
-    base_q = _quantize(base, quantized_base_dir(cfg, fmt), fmt, "base", "base", force and not _done_this_run(cfg, fmt))
+    # The shared base depends only on the base model and the format (its fingerprint): a task's
+    # --force redoes the task's artifact, not the base every task shares.
+    base_q = _quantize(base, quantized_base_dir(cfg, fmt), fmt, "base", "base", force=False)
     out = quantized_dir(cfg, task, fmt)
     fp, inputs = fingerprint("quantize", {"quantized_base": base_q, "adapter": adapter}, f"{fmt}:unmerged")
     if not force and is_fresh(out, fp):
@@ -87,17 +89,6 @@ def _unmerged(cfg: Config, task: TaskConfig, fmt: str, force: bool) -> Path:
                               "quantized_base": str(base_q)})
     log.info("quantize %s %s: adapter on the %s base in %s", task.name, fmt, fmt, base_q)
     return out
-
-
-_FORCED: set[tuple[str, str]] = set()
-
-
-def _done_this_run(cfg: Config, fmt: str) -> bool:
-    """With --force, the shared quantized base is redone once per process, not once per task."""
-    key = (str(cfg.run_dir), fmt)
-    done = key in _FORCED
-    _FORCED.add(key)
-    return done
 
 
 def quantized_base_of(folder: Path) -> Path | None:

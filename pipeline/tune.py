@@ -150,9 +150,14 @@ def load_base_for_training(method: Method, base: Path, device: str):
                       device_map={"": device}, dtype=DENSE_DTYPE)
 
 
+def is_peft_adapter(tuned: Path) -> bool:
+    """Whether a tune output is a PEFT adapter (else a whole model, e.g. full fine-tuning)."""
+    return (tuned / "adapter_config.json").is_file()
+
+
 def load_tuned(tuned: Path, base: Path):
     """The trained model in ``tuned`` (a PEFT adapter on ``base``, or a whole model), in eval mode."""
-    if (tuned / "adapter_config.json").is_file():
+    if is_peft_adapter(tuned):
         from peft import PeftModel
 
         return PeftModel.from_pretrained(load_model(base, "cpu"), tuned).eval()

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pipeline.methods import Method, register
+from pipeline.methods.lora import apply_lora
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -17,12 +18,7 @@ if TYPE_CHECKING:
 
 def apply_dora(model: PreTrainedModel, cfg: Config) -> PreTrainedModel:
     """Freeze ``model`` and add DoRA adapters (LoRA with weight decomposition) per ``cfg.lora``."""
-    from peft import LoraConfig, get_peft_model
-
-    lora = cfg.lora
-    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                            target_modules=lora.target_modules, use_dora=True,
-                                            task_type="CAUSAL_LM", bias="none"))
+    return apply_lora(model, cfg, use_dora=True)
 
 
 register(Method(

@@ -12,20 +12,18 @@ if TYPE_CHECKING:
     from pipeline.config import Config
 
 
-def apply_lora(model: PreTrainedModel, cfg: Config) -> PreTrainedModel:
-    """Freeze ``model`` and add LoRA adapters named by ``cfg.lora`` (PEFT format, mergeable)."""
+def apply_lora(model: PreTrainedModel, cfg: Config, **overrides) -> PreTrainedModel:
+    """Freeze ``model`` and add LoRA adapters per ``cfg.lora`` (PEFT format, mergeable).
+
+    ``overrides`` replace PEFT ``LoraConfig`` fields: the LoRA-family methods (DoRA, QLoRA) are
+    this with one or two settings changed.
+    """
     from peft import LoraConfig, get_peft_model
 
     lora = cfg.lora
-    peft_config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        task_type="CAUSAL_LM",
-        bias="none",
-    )
-    return get_peft_model(model, peft_config)
+    settings = dict(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+                    task_type="CAUSAL_LM", bias="none")
+    return get_peft_model(model, LoraConfig(**{**settings, **overrides}))
 
 
 register(

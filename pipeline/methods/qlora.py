@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pipeline.methods import Method, register
+from pipeline.methods.lora import apply_lora
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -20,11 +21,7 @@ if TYPE_CHECKING:
 
 def apply_qlora(model: PreTrainedModel, cfg: Config) -> PreTrainedModel:
     """Add LoRA (``cfg.lora`` rank/alpha/dropout) to every linear layer of the NF4-loaded ``model``."""
-    from peft import LoraConfig, get_peft_model
-
-    lora = cfg.lora
-    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                            target_modules="all-linear", task_type="CAUSAL_LM", bias="none"))
+    return apply_lora(model, cfg, target_modules="all-linear")
 
 
 register(Method(
