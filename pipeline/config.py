@@ -71,6 +71,40 @@ class UlmfitConfig:
 
 
 @dataclass(frozen=True)
+class PromptConfig:
+    """Prompt-learning methods (PEFT): ``prompt`` tuning, ``ptuning`` (P-tuning) and ``prefix`` tuning."""
+
+    num_virtual_tokens: int = 20
+    """Learned virtual tokens prepended to every input (``prefix``: per layer, as key/value pairs)."""
+    init_text: str | None = None
+    """``prompt`` only: initialise the soft prompt from this text's token embeddings (null: random)."""
+    encoder_hidden_size: int = 128
+    """``ptuning`` only: hidden size of the MLP prompt encoder."""
+    prefix_projection: bool = False
+    """``prefix`` only: reparameterise the prefix through an MLP (P-tuning v2 trains it directly)."""
+
+
+@dataclass(frozen=True)
+class PirConfig:
+    """Parameter-importance ranking: train only the top-k most important individual weights."""
+
+    k: float = 0.01
+    """Share of the chosen modules' weights to train, selected globally across layers (0.01 = 1%)."""
+    scorer: Literal["taylor", "fisher", "forest"] = "taylor"
+    """Importance: ``taylor`` |g·w| (first-order Taylor), ``fisher`` g² (diagonal Fisher), or ``forest``
+    (a random forest ranks modules from probes; top-k Taylor inside the modules it keeps)."""
+    target_modules: str | list[str] = "all-linear"
+    """Modules whose weights may be chosen: ``all-linear`` (every linear layer of the transformer
+    blocks) or a list of module name suffixes such as ``[q_proj, v_proj]``."""
+    calibration_batches: int = 8
+    """Training batches (``tune.batch_size`` each) whose gradients are accumulated into the scores."""
+    forest_keep: float = 0.5
+    """``forest`` only: share of modules whose weights stay eligible for the top-k selection."""
+    forest_probes: float = 0.3
+    """``forest`` only: share of modules probed (one-module gradient step, loss drop measured) to fit the forest."""
+
+
+@dataclass(frozen=True)
 class TuneConfig:
     """Training loop settings (transformers ``Trainer``)."""
 
@@ -158,6 +192,8 @@ class Config:
     """CPU threads for torch and ONNX Runtime (0: all cores)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     ulmfit: UlmfitConfig = field(default_factory=UlmfitConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    pir: PirConfig = field(default_factory=PirConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -191,6 +227,12 @@ _RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("ulmfit.cut_frac", lambda v: 0 < v < 1, "0 < cut_frac < 1"),
     ("ulmfit.ratio", lambda v: v >= 1, ">= 1"),
     ("lora.alpha", lambda v: v > 0, "> 0"),
+    ("prompt.num_virtual_tokens", lambda v: 1 <= v <= 512, "1..512"),
+    ("prompt.encoder_hidden_size", lambda v: v >= 1, ">= 1"),
+    ("pir.k", lambda v: 0 < v <= 1, "0 < k <= 1"),
+    ("pir.calibration_batches", lambda v: v >= 1, ">= 1"),
+    ("pir.forest_keep", lambda v: 0 < v <= 1, "0 < forest_keep <= 1"),
+    ("pir.forest_probes", lambda v: 0 < v <= 1, "0 < forest_probes <= 1"),
     ("lora.dropout", lambda v: 0 <= v < 1, "0 <= dropout < 1"),
     ("tune.max_steps", lambda v: v >= 1, ">= 1"),
     ("tune.batch_size", lambda v: v >= 1, ">= 1"),
@@ -305,7 +347,7 @@ def _check_values(cfg: Config, errors: list[str]) -> None:
     from pipeline.methods import METHODS
 
     flat: dict[str, Any] = {}
-    for section in ("lora", "ulmfit", "tune", "quantize", "export", "evaluate"):
+    for section in ("lora", "ulmfit", "prompt", "pir", "tune", "quantize", "export", "evaluate"):
         for k, v in dataclasses.asdict(getattr(cfg, section)).items():
             flat[f"{section}.{k}"] = v
     flat["num_threads"] = cfg.num_threads

@@ -205,12 +205,15 @@ def encode_all(tokenizer, examples: list[Example], max_len: int, what: str) -> l
     return encoded
 
 
-def collate_for_training(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
+def collate_for_training(batch: list[dict[str, list[int]]], pad_id: int, slice_logits: bool = True) -> dict[str, Any]:
     """Left-pad a training batch so every target token sits in the last ``logits_to_keep`` positions.
 
     The output head (vocab x hidden, a fifth of a small model's compute) then runs only where a
     loss is taken, not over the prompt: same loss, about a quarter less work per step. Position
     ids count from each row's first real token, as at generation time.
+
+    ``slice_logits=False`` returns full-width labels and leaves logits and positions to the model:
+    PEFT's prompt-learning models prepend virtual tokens (and their ignored labels) themselves.
     """
     import torch
 
@@ -227,6 +230,8 @@ def collate_for_training(batch: list[dict[str, list[int]]], pad_id: int) -> dict
         first = next((i for i, label in enumerate(e["labels"]) if label != IGNORE_INDEX), n)
         keep = max(keep, n - first + 1)  # the logit before the first target predicts it
     keep = min(keep, width)
+    if not slice_logits:
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
             "labels": labels[:, width - keep:], "logits_to_keep": keep}

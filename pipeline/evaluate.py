@@ -50,13 +50,18 @@ def artifact_path(cfg: Config, task: TaskConfig, artifact: str) -> Path:
     raise EdgetuneError(f"unknown artifact {artifact!r}")
 
 
-def _produced(cfg: Config, artifact: str) -> bool:
-    """Whether the configured stages produce ``artifact`` at all."""
-    if artifact in ("int8", "nf4"):
-        return artifact in cfg.quantize.formats
-    if artifact == "onnx":
-        return "onnx" in cfg.export.targets
-    return True
+def skip_reason(cfg: Config, task: TaskConfig, artifact: str) -> str | None:
+    """Why the configured stages produce no ``artifact`` for ``task`` (None: they do)."""
+    from pipeline.export import ONNX_SKIP_REASON
+    from pipeline.merge import is_mergeable
+
+    if artifact in ("int8", "nf4") and artifact not in cfg.quantize.formats:
+        return "not in quantize.formats"
+    if artifact == "onnx" and "onnx" not in cfg.export.targets:
+        return "not in export.targets"
+    if artifact in ("merged", "onnx") and not is_mergeable(cfg, task):
+        return ONNX_SKIP_REASON if artifact == "onnx" else "the method's adapter cannot be merged; it is the artifact"
+    return None
 
 
 def load_artifact(cfg: Config, task: TaskConfig, artifact: str):
@@ -214,11 +219,14 @@ def run(cfg: Config, tasks: list[TaskConfig], *, force: bool = False) -> Path:
         examples = load_examples(task.test)
         if cfg.evaluate.max_rows:
             examples = examples[: cfg.evaluate.max_rows]
-        artifacts = {}
+        artifacts, skipped = {}, {}
         for artifact in cfg.evaluate.artifacts:
-            if not _produced(cfg, artifact):
-                log.info("evaluate %s/%s: skipped (not produced by this config)", task.name, artifact)
+            reason = None if artifact == "base" else skip_reason(cfg, task, artifact)
+            if reason:
+                log.info("evaluate %s/%s: skipped (%s)", task.name, artifact, reason)
+                skipped[artifact] = reason
                 continue
             artifacts[artifact] = evaluate_cached(cfg, task, artifact, examples, force)
-        results[task.name] = {"test_file": task.test, "test_rows": len(examples), "artifacts": artifacts}
+        results[task.name] = {"test_file": task.test, "test_rows": len(examples), "artifacts": artifacts,
+                              "skipped": skipped}
     return write_report(cfg, results)

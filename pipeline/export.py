@@ -15,10 +15,22 @@ from pathlib import Path
 from pipeline.artifacts import atomic_dir, fingerprint, is_fresh, write_manifest
 from pipeline.config import Config, TaskConfig
 from pipeline.errors import EdgetuneError
-from pipeline.merge import FIDELITY_PROMPTS, merged_dir, prompt_batch, require_stage_output
-from pipeline.models import load_model, load_tokenizer, set_threads
+from pipeline.merge import (
+    FIDELITY_PROMPTS,
+    is_mergeable,
+    merged_dir,
+    prompt_batch,
+    remove_stale,
+    require_stage_output,
+)
+from pipeline.models import load_model, load_tokenizer, resolve_base, set_threads
+from pipeline.tune import adapter_dir, copy_adapter
 
 log = logging.getLogger(__name__)
+
+ONNX_SKIP_REASON = ("the method learns virtual tokens (soft prompt or key/value prefix), which cannot be merged into "
+                    "the weights, and the exported ONNX decoder does not take them yet; use the safetensors bundle "
+                    "(base + adapter) or the int8/NF4 artifacts")
 
 
 def export_dir(cfg: Config, task: TaskConfig, target: str) -> Path:
@@ -27,14 +39,19 @@ def export_dir(cfg: Config, task: TaskConfig, target: str) -> Path:
 
 def run(cfg: Config, task: TaskConfig, *, force: bool = False) -> list[Path]:
     """Write every configured export target for ``task``; return their folders."""
-    src = merged_dir(cfg, task)
-    require_stage_output(src, "merge", task)
+    mergeable = is_mergeable(cfg, task)
+    src = merged_dir(cfg, task) if mergeable else adapter_dir(cfg, task)
+    require_stage_output(src, "merge" if mergeable else "tune", task)
     set_threads(cfg.num_threads)
     outs = []
     for target in cfg.export.targets:
         out = export_dir(cfg, task, target)
+        if not mergeable and target == "onnx":
+            log.warning("export %s: onnx skipped: %s", task.name, ONNX_SKIP_REASON)
+            remove_stale(out, f"export {task.name}")
+            continue
         settings = cfg.export.safetensors_dtype if target == "safetensors" else str(cfg.export.onnx_max_abs_logit_diff)
-        fp, inputs = fingerprint("export", {"merged": src}, f"{target}:{settings}")
+        fp, inputs = fingerprint("export", {"merged" if mergeable else "adapter": src}, f"{target}:{settings}")
         outs.append(out)
         if not force and is_fresh(out, fp):
             log.info("export %s %s: up to date (%s), nothing to do; --force redoes it", task.name, target, out)
@@ -48,13 +65,17 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False) -> list[Path]:
 
 
 def _export_safetensors(cfg: Config, task: TaskConfig, src: Path, out: Path) -> dict:
+    """The merged model in the configured dtype; for an unmergeable adapter, the base plus ``adapter/``."""
     import torch
 
     dtype = getattr(torch, cfg.export.safetensors_dtype)
-    model = load_model(src, "cpu", dtype=dtype)
+    adapter = not is_mergeable(cfg, task)
+    model = load_model(resolve_base(cfg.base) if adapter else src, "cpu", dtype=dtype)
     model.save_pretrained(out, safe_serialization=True)
     load_tokenizer(src).save_pretrained(out)
-    return {"dtype": cfg.export.safetensors_dtype}
+    if adapter:
+        copy_adapter(src, out / "adapter")
+    return {"dtype": cfg.export.safetensors_dtype, "kind": "base+adapter" if adapter else "merged"}
 
 
 def _export_onnx(cfg: Config, task: TaskConfig, src: Path, out: Path) -> dict:

@@ -4,6 +4,10 @@ The merged model must behave like base + adapter: logits on the task's first tes
 compared before and after merging (fp32, ``max |Δlogit|`` must stay below ``MAX_LOGIT_DIFF``), and
 any NaN/Inf weight rejects the merge. Output: ``runs/<run>/merged/<task>/``, a plain HF model
 folder (safetensors) with tokenizer and generation config.
+
+LoRA-family adapters merge through PEFT, PIR sparse deltas by adding their values into the
+weights; whole models (full, ULMFiT) pass through, checked the same way. Prompt-learning adapters
+(prompt, ptuning, prefix) cannot be merged: the stage says so and keeps the adapter as the artifact.
 """
 
 from __future__ import annotations
@@ -38,6 +42,21 @@ def require_stage_output(folder: Path, stage: str, task: TaskConfig) -> dict:
     return manifest
 
 
+def is_mergeable(cfg: Config, task: TaskConfig) -> bool:
+    """Whether ``task``'s tune result can be merged into the weights (its manifest says so)."""
+    return bool(require_stage_output(adapter_dir(cfg, task), "tune", task).get("mergeable", False))
+
+
+def remove_stale(folder: Path, what: str) -> None:
+    """Delete an artifact an earlier run with another method left where this method publishes none,
+    so nothing later picks up a result that does not belong to the current adapter."""
+    import shutil
+
+    if folder.exists():
+        log.info("%s: removing %s, left by an earlier run with another method", what, folder)
+        shutil.rmtree(folder)
+
+
 def prompt_batch(tokenizer, task: TaskConfig, n: int):
     """A left-padded batch of the first ``n`` test prompts of ``task`` (fixed evaluation prompts)."""
     examples = [e for e in load_examples(task.test) if e.messages][:n]
@@ -48,15 +67,20 @@ def prompt_batch(tokenizer, task: TaskConfig, n: int):
 def run(cfg: Config, task: TaskConfig, *, force: bool = False) -> Path:
     """Merge ``task``'s adapter into the base; return the merged model folder."""
     import torch
-    from peft import PeftModel
 
-    from pipeline.tune import load_tuned
+    from pipeline.tune import load_tuned, merge_tuned
 
     src = adapter_dir(cfg, task)
     manifest = require_stage_output(src, "tune", task)
-    if not manifest.get("mergeable", False):
-        raise EdgetuneError(f"method {manifest.get('method')!r} produces adapters that cannot be merged")
     out = merged_dir(cfg, task)
+    if not manifest.get("mergeable", False):
+        # Soft prompts and prefixes live in the input/attention, not in a weight: there is nothing
+        # to fold. The adapter stays the artifact; quantize and export carry base + adapter.
+        log.info("merge %s: method %r learns virtual tokens, which cannot be merged into weights; keeping the "
+                 "adapter (%s) as the artifact: quantize and export use the base plus the adapter",
+                 task.name, manifest.get("method"), src)
+        remove_stale(out, f"merge {task.name}")
+        return src
     base = resolve_base(cfg.base)
     fp, inputs = fingerprint("merge", {"base": base, "adapter": src}, "")
     if not force and is_fresh(out, fp):
@@ -70,7 +94,7 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False) -> Path:
     with torch.no_grad():
         before = model(**batch).logits
         try:  # a fully fine-tuned model has nothing to merge: it passes through, checked the same way
-            merged = model.merge_and_unload(safe_merge=True) if isinstance(model, PeftModel) else model
+            merged = merge_tuned(model)
         except ValueError as exc:  # safe_merge refuses NaN deltas
             raise EdgetuneError(f"merge {task.name}: the adapter produces non-finite weights ({exc}); retrain it "
                                 "with a lower learning rate") from exc

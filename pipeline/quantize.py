@@ -8,25 +8,22 @@ Two shapes, chosen per format by ``quantize.unmerged``:
     ``runs/<run>/quantized/base-<fmt>/`` and ``<task>-<fmt>/`` holds the task's adapter, applied
     in full precision on top (QLoRA-style inference). Rounding merged weights to 4 bits erases
     much of a small LoRA delta; keeping the delta separate preserves it, and one quantized base
-    serves every task.
+    serves every task. Prompt-learning adapters (prompt, ptuning, prefix) cannot be merged, so
+    every format takes this shape for them.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 from pipeline.artifacts import atomic_dir, fingerprint, is_fresh, read_manifest, write_manifest
 from pipeline.config import Config, TaskConfig
-from pipeline.merge import merged_dir, require_stage_output
+from pipeline.merge import is_mergeable, merged_dir, require_stage_output
 from pipeline.models import resolve_base, set_threads
-from pipeline.tune import adapter_dir, is_peft_adapter
+from pipeline.tune import adapter_dir, copy_adapter, is_peft_adapter
 
 log = logging.getLogger(__name__)
-
-_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                  "special_tokens_map.json", "chat_template.jinja")
 
 
 def quantized_dir(cfg: Config, task: TaskConfig, fmt: str) -> Path:
@@ -40,10 +37,15 @@ def quantized_base_dir(cfg: Config, fmt: str) -> Path:
 def run(cfg: Config, task: TaskConfig, *, force: bool = False) -> list[Path]:
     """Write every configured quantized format of ``task``; return their folders."""
     set_threads(cfg.num_threads)
-    # A fully fine-tuned model has no adapter to keep apart: it is quantized like a merged one.
+    # A whole model (full, ULMFiT) or a PIR delta has no PEFT adapter to keep apart: it is quantized
+    # merged. A prompt-learning adapter cannot be merged: every format is quantized base + adapter.
     has_adapter = is_peft_adapter(adapter_dir(cfg, task))
-    return [(_unmerged if fmt in cfg.quantize.unmerged and has_adapter else _merged)(cfg, task, fmt, force)
-            for fmt in cfg.quantize.formats]
+    mergeable = is_mergeable(cfg, task)
+    if not mergeable:
+        log.info("quantize %s: the adapter cannot be merged; each format is the quantized base plus the adapter",
+                 task.name)
+    return [(_unmerged if not mergeable or (fmt in cfg.quantize.unmerged and has_adapter) else _merged)(
+            cfg, task, fmt, force) for fmt in cfg.quantize.formats]
 
 
 def _quantize(src: Path, out: Path, fmt: str, stage_input: str, what: str, force: bool, **extra) -> Path:
@@ -81,9 +83,7 @@ def _unmerged(cfg: Config, task: TaskConfig, fmt: str, force: bool) -> Path:
         log.info("quantize %s %s: up to date (%s), nothing to do; --force redoes it", task.name, fmt, out)
         return out
     with atomic_dir(out) as tmp:
-        for name in _ADAPTER_FILES:
-            if (adapter / name).is_file():
-                shutil.copy2(adapter / name, tmp / name)
+        copy_adapter(adapter, tmp)
         write_manifest(tmp, stage="quantize", fp=fp, inputs=inputs, config_hash=f"{fmt}:unmerged",
                        extra={"task": task.name, "format": fmt, "kind": "unmerged",
                               "quantized_base": str(base_q)})

@@ -69,6 +69,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             em = "n/a" if r["exact_match"] is None else f"{r['exact_match']:.3f}"
             lines.append(f"| {artifact} | {em} | {r['perplexity']:.3f} | "
                          f"{r['size_bytes'] / 1e6:.1f} MB | {r['decode_tokens_per_s']:.1f} |")
+        lines += [f"\nNot produced: `{artifact}`: {reason}." for artifact, reason in task.get("skipped", {}).items()]
         lines.append("")
     lines.append("Size of `adapter` is the adapter alone (it runs on the shared base); `base` is the base snapshot.")
     return "\n".join(lines) + "\n"

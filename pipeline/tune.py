@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import statistics
 import time
 from functools import partial
 from pathlib import Path
@@ -32,7 +33,7 @@ def adapter_dir(cfg: Config, task: TaskConfig) -> Path:
 
 def _plan(cfg: Config, task: TaskConfig) -> tuple[Path, str, dict, str]:
     base = resolve_base(cfg.base)
-    config_hash = cfg.section_hash("method", "seed", "lora", "ulmfit", "tune") + f":{task.name}:{task.max_steps}"
+    config_hash = cfg.section_hash("method", "seed", "lora", "ulmfit", "prompt", "pir", "tune") + f":{task.name}:{task.max_steps}"
     fp, inputs = fingerprint("tune", {"base": base, "train": Path(task.train)}, config_hash)
     return base, fp, inputs, config_hash
 
@@ -56,7 +57,8 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
     set_threads(cfg.num_threads)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(base)
-    model = method.apply(load_base_for_training(method, base, device), cfg)
+    dataset = encode_all(tokenizer, examples, cfg.tune.max_seq_len, f"{task.train}")
+    model = method.apply(load_base_for_training(method, base, device), cfg, data=dataset)
     optimizer, optimizer_note = choose_optimizer(method, device)
     if optimizer_note:
         log.warning("tune %s: %s", task.name, optimizer_note)
@@ -64,7 +66,6 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
     total = sum(p.numel() for p in model.parameters())
     log.info("tune %s: method=%s, %d examples, %d trainable of %d parameters (%.3f%%), device=%s",
              task.name, method.name, len(examples), trainable, total, 100 * trainable / total, device)
-    dataset = encode_all(tokenizer, examples, cfg.tune.max_seq_len, f"{task.train}")
 
     checkpoints = cfg.run_dir / "checkpoints" / task.name
     resume_from = _last_checkpoint(checkpoints) if resume else None
@@ -101,9 +102,11 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=partial(collate_for_training, pad_id=tokenizer.pad_token_id),
+        # prompt-learning methods prepend virtual tokens (and their labels) inside the model: full-width logits
+        data_collator=partial(collate_for_training, pad_id=tokenizer.pad_token_id,
+                              slice_logits=not method.prompt_learning),
         optimizers=(plan.optimizer, plan.scheduler) if plan else (None, None),
-        callbacks=plan.callbacks if plan else None,
+        callbacks=[*(plan.callbacks if plan else []), timer := StepTimer()],
     )
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -112,7 +115,10 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
 
     if trainer.is_world_process_zero():
         with atomic_dir(out) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            if method.save:
+                method.save(model, tmp)
+            else:
+                model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             write_manifest(
                 tmp,
@@ -126,11 +132,13 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
                     "loss_curve": losses,
                     "steps": trainer.state.global_step,
                     "train_seconds": round(seconds, 2),
+                    "step_seconds_median": round(statistics.median(timer.seconds), 3) if timer.seconds else None,
                     "trainable_params": trainable,
                     "total_params": total,
                 },
                 extra={"task": task.name, "method": method.name, "mergeable": method.mergeable, "base": cfg.base,
-                       "full_model": method.full_model, "learning_rate": args.learning_rate,
+                       "full_model": method.full_model, "prompt_learning": method.prompt_learning,
+                       "learning_rate": args.learning_rate,
                        "base_quantization": method.base_quantization, "optimizer": optimizer,
                        "optimizer_note": optimizer_note},
             )
@@ -138,6 +146,25 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
         log.info("tune %s: done in %.0f s, loss %.3f -> %.3f, adapter in %s", task.name, seconds,
                  losses[0][1] if losses else float("nan"), losses[-1][1] if losses else float("nan"), out)
     return out
+
+
+class StepTimer:
+    """Trainer callback that records the wall time of every optimizer step (for the median step time)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._started = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs) -> None:
+        self._started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        self.seconds.append(time.perf_counter() - self._started)
+
+    def __getattr__(self, name: str):  # every other TrainerCallback event: nothing to do
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
 
 
 def load_base_for_training(method: Method, base: Path, device: str):
@@ -150,18 +177,50 @@ def load_base_for_training(method: Method, base: Path, device: str):
                       device_map={"": device}, dtype=DENSE_DTYPE)
 
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "chat_template.jinja")
+"""What a PEFT adapter folder needs to be loaded on a base and prompted (checkpoints and manifests excluded)."""
+
+
+def copy_adapter(src: Path, dst: Path) -> None:
+    """Copy the PEFT adapter files of ``src`` into ``dst`` (created if missing)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ADAPTER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
 def is_peft_adapter(tuned: Path) -> bool:
-    """Whether a tune output is a PEFT adapter (else a whole model, e.g. full fine-tuning)."""
+    """Whether a tune output is a PEFT adapter (else a PIR sparse delta or a whole model)."""
     return (tuned / "adapter_config.json").is_file()
 
 
 def load_tuned(tuned: Path, base: Path):
-    """The trained model in ``tuned`` (a PEFT adapter on ``base``, or a whole model), in eval mode."""
+    """The trained model in ``tuned``, unmerged, in eval mode: a PEFT adapter or a PIR sparse delta on
+    ``base``, or a whole model (full fine-tuning, ULMFiT)."""
+    from pipeline.methods.pir import is_sparse_delta, load_sparse_delta
+
     if is_peft_adapter(tuned):
         from peft import PeftModel
 
         return PeftModel.from_pretrained(load_model(base, "cpu"), tuned).eval()
+    if is_sparse_delta(tuned):
+        return load_sparse_delta(load_model(base, "cpu"), tuned).eval()
     return load_model(tuned, "cpu")
+
+
+def merge_tuned(model):
+    """Fold a loaded tune result into plain weights (PEFT ``safe_merge`` or PIR's exact index-add);
+    a whole model passes through. Raises ValueError when PEFT finds the merged weights non-finite."""
+    from peft import PeftModel
+
+    from pipeline.methods.pir import delta_layers, merge_sparse_delta
+
+    if isinstance(model, PeftModel):
+        return model.merge_and_unload(safe_merge=True)
+    if delta_layers(model):
+        return merge_sparse_delta(model)
+    return model
 
 
 def choose_optimizer(method: Method, device: str) -> tuple[str, str | None]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -27,8 +28,11 @@ class Method:
     """One line for ``edgetune methods``."""
     mergeable: bool
     """Whether merge can fold the trained delta into the base weights."""
-    apply: Callable[[PreTrainedModel, Config], PreTrainedModel]
-    """Wrap/prepare ``model`` for training; returns the model whose trainable parameters are the method's."""
+    apply: Callable[..., PreTrainedModel]
+    """``apply(model, cfg, data=None)``: wrap/prepare ``model`` for training and return the model whose
+    trainable parameters are the method's. ``data`` (encoded training rows) is there for methods that
+    calibrate on the task before training (PIR); without it they must still produce a model of the
+    same shape (``edgetune methods`` counts parameters that way)."""
     base_quantization: str | None = None
     """Load the frozen base for training in this bitsandbytes format (``nf4`` for QLoRA), else fp32."""
     paged_optimizer: bool = False
@@ -37,6 +41,11 @@ class Method:
     """Default peak learning rate when the config leaves ``tune.learning_rate`` null."""
     full_model: bool = False
     """The result is a whole model (saved as an HF model folder), not a PEFT adapter."""
+    prompt_learning: bool = False
+    """Learned virtual tokens are prepended to the input (prompt, P-tuning, prefix): nothing to merge;
+    quantize and export carry the base plus the adapter; training keeps full-width logits."""
+    save: Callable[[PreTrainedModel, Path], None] | None = None
+    """Write the trained result into a folder; None: the model's own ``save_pretrained`` (PEFT or HF)."""
     training_plan: Callable[[PreTrainedModel, Config, float, int], TrainingPlan] | None = None
     """Optional (model, cfg, learning rate, steps) -> optimizer, scheduler and callbacks for the Trainer,
     for methods whose behaviour lives in parameter groups and schedules (ULMFiT)."""
@@ -73,4 +82,4 @@ def get_method(name: str) -> Method:
 
 # Each import registers one method.
 from pipeline.methods import lora  # noqa: E402,F401,I001  (lora first: the listing's order)
-from pipeline.methods import dora, full, ia3, qlora, ulmfit  # noqa: E402,F401
+from pipeline.methods import dora, full, ia3, pir, prefix, prompt, ptuning, qlora, ulmfit  # noqa: E402,F401

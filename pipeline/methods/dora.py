@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from pipeline.config import Config
 
 
-def apply_dora(model: PreTrainedModel, cfg: Config) -> PreTrainedModel:
+def apply_dora(model: PreTrainedModel, cfg: Config, data: list[dict] | None = None) -> PreTrainedModel:
     """Freeze ``model`` and add DoRA adapters (LoRA with weight decomposition) per ``cfg.lora``."""
     return apply_lora(model, cfg, use_dora=True)
 

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from pipeline.config import Config
 
 
-def apply_full(model: PreTrainedModel, cfg: Config) -> PreTrainedModel:
+def apply_full(model: PreTrainedModel, cfg: Config, data: list[dict] | None = None) -> PreTrainedModel:
     """Make every parameter of ``model`` trainable."""
     model.requires_grad_(True)
     return model

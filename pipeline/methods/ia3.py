@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from pipeline.config import Config
 
 
-def apply_ia3(model: PreTrainedModel, cfg: Config) -> PreTrainedModel:
+def apply_ia3(model: PreTrainedModel, cfg: Config, data: list[dict] | None = None) -> PreTrainedModel:
     """Freeze ``model`` and add IA3 scaling vectors on PEFT's default modules for its architecture."""
     from peft import IA3Config, get_peft_model
 

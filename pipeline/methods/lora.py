@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from pipeline.config import Config
 
 
-def apply_lora(model: PreTrainedModel, cfg: Config, **overrides) -> PreTrainedModel:
+def apply_lora(model: PreTrainedModel, cfg: Config, data: list[dict] | None = None, **overrides) -> PreTrainedModel:
     """Freeze ``model`` and add LoRA adapters per ``cfg.lora`` (PEFT format, mergeable).
 
     ``overrides`` replace PEFT ``LoraConfig`` fields: the LoRA-family methods (DoRA, QLoRA) are

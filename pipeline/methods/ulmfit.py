@@ -62,7 +62,7 @@ def _set_trainable(groups: list[list], upto: int) -> None:
             p.requires_grad_(g <= upto)
 
 
-def apply_ulmfit(model: PreTrainedModel, cfg: Config) -> PreTrainedModel:
+def apply_ulmfit(model: PreTrainedModel, cfg: Config, data: list[dict] | None = None) -> PreTrainedModel:
     """Freeze everything but the top layer group (phase 0 of gradual unfreezing)."""
     _set_trainable(layer_groups(model, cfg.ulmfit.phases), 0)
     return model

@@ -12,11 +12,12 @@ import torch
 from pipeline.config import load_config
 from pipeline.data import collate_for_training, encode_all, load_examples
 from pipeline.methods import METHODS, get_method
+from pipeline.methods.pir import delta_layers
 from pipeline.models import load_model, load_tokenizer
-from pipeline.tune import load_base_for_training, load_tuned
+from pipeline.tune import load_base_for_training, load_tuned, merge_tuned
 
 
-def _train_two_steps(model, tokenizer, out: Path) -> None:
+def _train_two_steps(model, tokenizer, out: Path, prompt_learning: bool) -> None:
     from transformers import Trainer, TrainingArguments
 
     rows = load_examples("data/tasks/sentiment/train.jsonl")[:8]
@@ -24,7 +25,8 @@ def _train_two_steps(model, tokenizer, out: Path) -> None:
                              use_cpu=True, report_to="none", save_strategy="no", remove_unused_columns=False,
                              disable_tqdm=True, seed=0)
     Trainer(model=model, args=args, train_dataset=encode_all(tokenizer, rows, 192, "train"),
-            data_collator=partial(collate_for_training, pad_id=tokenizer.pad_token_id)).train()
+            data_collator=partial(collate_for_training, pad_id=tokenizer.pad_token_id,
+                                  slice_logits=not prompt_learning)).train()
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -35,12 +37,13 @@ def test_method_trains_only_its_parameters_reloads_and_merges(name: str, tiny_mo
     tokenizer = load_tokenizer(tiny_model_dir)
     torch.manual_seed(0)
     method = get_method(name)
-    model = method.apply(load_base_for_training(method, tiny_model_dir, "cpu"), cfg)
+    rows = encode_all(tokenizer, load_examples("data/tasks/sentiment/train.jsonl")[:16], 192, "train")
+    model = method.apply(load_base_for_training(method, tiny_model_dir, "cpu"), cfg, data=rows)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and (method.full_model or len(trainable) < len(before))  # adapters freeze the base
 
-    _train_two_steps(model, tokenizer, tmp_path / "ckpt")
+    _train_two_steps(model, tokenizer, tmp_path / "ckpt", prompt_learning=method.prompt_learning)
     after = dict(model.named_parameters())
     frozen_changed = [n for n in before if n not in trainable and not torch.equal(before[n], after[n])]
     trained_unchanged = [n for n in trainable if torch.equal(before[n], after[n])]
@@ -50,18 +53,24 @@ def test_method_trains_only_its_parameters_reloads_and_merges(name: str, tiny_mo
     batch = tokenizer(["Review: great mug.\nLabel the sentiment.", "hi"], return_tensors="pt", padding=True)
     with torch.no_grad():
         expected = model(**batch).logits
-    model.save_pretrained(tmp_path / "adapter")
+    saved = tmp_path / "adapter"
+    saved.mkdir()
+    method.save(model, saved) if method.save else model.save_pretrained(saved)
     if method.full_model:
-        reloaded = load_model(tmp_path / "adapter")
+        reloaded = load_model(saved)
+    elif method.save:  # its own format (PIR's sparse delta) on the full-precision base
+        reloaded = load_tuned(saved, tiny_model_dir)
     else:
-        reloaded = PeftModel.from_pretrained(load_base_for_training(method, tiny_model_dir, "cpu"),
-                                             tmp_path / "adapter").eval()
+        reloaded = PeftModel.from_pretrained(load_base_for_training(method, tiny_model_dir, "cpu"), saved).eval()
     with torch.no_grad():
         assert torch.equal(reloaded(**batch).logits, expected)
-        if method.mergeable and not method.full_model:  # merge folds the adapter into the full-precision base
-            unmerged = load_tuned(tmp_path / "adapter", tiny_model_dir)
+        generate = dict(max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        assert torch.equal(reloaded.generate(**batch, **generate), model.generate(**batch, **generate))
+        if method.mergeable and not method.full_model:  # merge folds the delta into the full-precision base
+            unmerged = load_tuned(saved, tiny_model_dir)
             reference = unmerged(**batch).logits
-            merged = copy.deepcopy(unmerged).merge_and_unload()
+            merged = merge_tuned(copy.deepcopy(unmerged))
+            assert not isinstance(merged, PeftModel) and not delta_layers(merged)
             assert (merged(**batch).logits - reference).abs().max().item() < 1e-4
 
 
