@@ -1,8 +1,9 @@
 """QLoRA (Dettmers et al., 2023): LoRA on every linear layer of a frozen 4-bit NF4 base.
 
 The base is loaded with NF4 + double quantization (bitsandbytes, which runs on the CPU too), the
-adapters train in full precision, and a paged AdamW absorbs memory spikes where bitsandbytes
-provides one (CUDA). On the CPU there is no paged optimizer: plain AdamW is used and the tune
+adapters train in full precision, activations are recomputed in the backward pass (gradient
+checkpointing, as in the paper: at this size activations, not weights, dominate training memory),
+and a paged AdamW absorbs memory spikes where bitsandbytes provides one (CUDA). On the CPU there is no paged optimizer: plain AdamW is used and the tune
 stage says so in its log and manifest. The adapter merges into the full-precision base.
 """
 
@@ -19,8 +20,13 @@ if TYPE_CHECKING:
     from pipeline.config import Config
 
 
-def apply_qlora(model: PreTrainedModel, cfg: Config) -> PreTrainedModel:
-    """Add LoRA (``cfg.lora`` rank/alpha/dropout) to every linear layer of the NF4-loaded ``model``."""
+def apply_qlora(model: PreTrainedModel, cfg: Config, data: list[dict] | None = None) -> PreTrainedModel:
+    """Prepare the NF4-loaded ``model`` as the QLoRA recipe does (gradient checkpointing, full-precision
+    norms) and add LoRA (``cfg.lora`` rank/alpha/dropout) to every linear layer."""
+    from peft import prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
     return apply_lora(model, cfg, target_modules="all-linear")
 
 
