@@ -9,7 +9,7 @@ SMOLLM2_VERSION := 0.1.2
 CONFIG ?= configs/default.yaml
 RUN ?= default
 
-.PHONY: setup pipeline test lint clean data
+.PHONY: setup pipeline test lint clean data bench-methods
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ pipeline: setup
 
 test: setup
 	$(VENV)/bin/pytest -q
+
+# Every fine-tuning method on the same task and budget → benchmarks/results/methods.{json,md} (~30 min on 2 cores).
+bench-methods: setup
+	$(PY) benchmarks/methods.py
 
 lint: setup
 	$(VENV)/bin/ruff check .
