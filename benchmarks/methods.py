@@ -171,7 +171,7 @@ def main() -> int:
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     result = {
-        "command": "make bench-methods" if args.methods == ",".join(METHODS) else shlex.join(sys.argv),
+        "command": "make bench-methods" if args.methods == ",".join(METHODS) else shlex.join(["python", *sys.argv]),
         "commit": commit.stdout.strip() or None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": base_report["machine"],

@@ -77,7 +77,8 @@ class PromptConfig:
     num_virtual_tokens: int = 20
     """Learned virtual tokens prepended to every input (``prefix``: per layer, as key/value pairs)."""
     init_text: str | None = None
-    """``prompt`` only: initialise the soft prompt from this text's token embeddings (null: random)."""
+    """Start from a text (null: random): ``prompt`` from its token embeddings, ``prefix`` from the keys
+    and values the base computes for it (``ptuning``'s encoder always starts random)."""
     encoder_hidden_size: int = 128
     """``ptuning`` only: hidden size of the MLP prompt encoder."""
     prefix_projection: bool = False

@@ -138,6 +138,8 @@ def perplexity(model, tokenizer, examples: list[Example], max_len: int, batch_si
         batch = collate(encoded[start:start + batch_size], tokenizer.pad_token_id)
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        # prompt tuning and P-tuning return logits for their virtual tokens too, in front: drop them
+        logits = logits[:, logits.shape[1] - batch["input_ids"].shape[1]:]
         labels = batch["labels"][:, 1:]
         losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                  ignore_index=IGNORE_INDEX, reduction="sum")

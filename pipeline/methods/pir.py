@@ -113,8 +113,9 @@ def _calibration_batches(data: list[dict], cfg: Config, pad_id: int) -> list[dic
 
 
 def score_weights(model: PreTrainedModel, modules: dict[str, torch.nn.Linear], batches: list[dict],
-                  kind: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Per-weight importance (``taylor`` or ``fisher``) summed over ``batches``, and the summed gradients."""
+                  kind: str, keep_grads: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per-weight importance (``taylor`` or ``fisher``) summed over ``batches``, and (``keep_grads``:
+    the forest needs them) the summed gradients, else an empty dict: they cost another copy of the weights."""
     import torch
     from tqdm.auto import tqdm
 
@@ -122,13 +123,14 @@ def score_weights(model: PreTrainedModel, modules: dict[str, torch.nn.Linear], b
     for m in modules.values():
         m.weight.requires_grad_(True)
     scores = {n: torch.zeros_like(m.weight) for n, m in modules.items()}
-    grads = {n: torch.zeros_like(m.weight) for n, m in modules.items()}
+    grads = {n: torch.zeros_like(m.weight) for n, m in modules.items()} if keep_grads else {}
     for batch in tqdm(batches, desc=f"pir: {kind} scores", unit="batch", leave=False):
         model(**batch).loss.backward()
         for n, m in modules.items():
             g = m.weight.grad
             scores[n] += (g * m.weight.detach()).abs() if kind == "taylor" else g.square()
-            grads[n] += g
+            if keep_grads:
+                grads[n] += g
             m.weight.grad = None
     for m in modules.values():
         m.weight.requires_grad_(False)
@@ -237,7 +239,7 @@ def apply_pir(model: PreTrainedModel, cfg: Config, data: list[dict] | None = Non
         batches = _calibration_batches(data, cfg, pad_id)
         calib = batches[:p.calibration_batches]
         kind = "fisher" if p.scorer == "fisher" else "taylor"
-        scores, grads = score_weights(model, modules, calib, kind)
+        scores, grads = score_weights(model, modules, calib, kind, keep_grads=p.scorer == "forest")
         scorer, candidates = p.scorer, scores
         if p.scorer == "forest":
             probe = batches[-1] if len(batches) > len(calib) else calib[-1]

@@ -94,3 +94,23 @@ def test_methods_listing_counts_trainable_parameters(tiny_model_dir: Path, capsy
     assert "(100.000%)" in lines["full"]
     share = {name: float(lines[name].split("(")[1].split("%")[0]) for name in METHODS}
     assert share["ia3"] < share["lora"] < share["full"] and share["qlora"] == share["lora"]  # all-linear either way
+
+
+def test_prefix_from_text_equals_running_the_text_first(tiny_model_dir: Path) -> None:
+    """prompt.init_text starts a prefix from the base's own keys/values: before training, the prefixed model
+    gives the logits the base gives after reading that text."""
+    text = "Label the sentiment of the review."
+    cfg = load_config("configs/tiny.yaml", [f"base={tiny_model_dir}", "method=prefix", f"prompt.init_text={text}",
+                                            "prompt.num_virtual_tokens=7"])
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = get_method("prefix").apply(load_model(tiny_model_dir), cfg).eval()
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = (ids * (7 // len(ids) + 1))[:7]
+    x = tokenizer(["Review: great mug."], return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        prefixed = model(**x).logits
+        reference = model.get_base_model()(input_ids=torch.tensor([ids + x["input_ids"][0].tolist()])).logits[:, 7:]
+        random_start = get_method("prefix").apply(load_model(tiny_model_dir), load_config(
+            "configs/tiny.yaml", [f"base={tiny_model_dir}", "method=prefix", "prompt.num_virtual_tokens=7"]))(**x).logits
+    assert (prefixed - reference).abs().max().item() < 1e-4
+    assert (random_start - reference).abs().max().item() > 1e-2  # the check can tell the two apart

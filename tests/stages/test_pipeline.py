@@ -206,3 +206,38 @@ def test_merge_rejects_non_finite_adapter_weights(tmp_path: Path, tiny_model_dir
     assert cli("merge", "--config", "configs/tiny.yaml", "--task", "sentiment", sets=sets) == 2
     assert "non-finite" in capsys.readouterr().err
     assert not (tmp_path / "tiny" / "merged" / "sentiment").exists()
+
+
+@pytest.mark.parametrize("method", ["prompt", "pir"])
+def test_unmergeable_and_sparse_methods_flow_through_every_stage(method: str, tmp_path: Path,
+                                                                 tiny_model_dir: Path) -> None:
+    """A prompt-learning adapter is kept unmerged everywhere (and ONNX says why not); a PIR delta merges."""
+    from peft import PeftModel
+
+    from pipeline.evaluate import load_artifact
+
+    sets = [f"base={tiny_model_dir}", f"out_dir={tmp_path}", f"method={method}", "tune.learning_rate=0.05"]
+    assert cli("pipeline", "--config", "configs/tiny.yaml", "--task", "sentiment", sets=sets) == 0
+    run = tmp_path / "tiny"
+    report = json.loads((run / "report.json").read_text())["tasks"]["sentiment"]
+    cfg = load_config("configs/tiny.yaml", sets)
+    task = cfg.task("sentiment")
+    if method == "prompt":
+        assert not (run / "merged" / "sentiment").exists() and not (run / "export" / "onnx" / "sentiment").exists()
+        assert set(report["skipped"]) == {"merged", "onnx"} and "cannot be merged" in report["skipped"]["onnx"]
+        assert set(report["artifacts"]) == {"base", "adapter", "int8", "nf4"}
+        bundle = run / "export" / "safetensors" / "sentiment"
+        assert (bundle / "model.safetensors").is_file() and (bundle / "adapter" / "adapter_config.json").is_file()
+        for fmt in ("int8", "nf4"):  # the quantized base plus the soft prompt
+            model, _ = load_artifact(cfg, task, fmt)
+            assert isinstance(model, PeftModel)
+    else:
+        assert (run / "adapters" / "sentiment" / "sparse_delta.safetensors").is_file()
+        assert set(report["artifacts"]) == set(ARTIFACTS) and report["skipped"] == {}
+        merge = json.loads((run / "merged" / "sentiment" / "manifest.json").read_text())
+        assert merge["metrics"]["max_abs_logit_diff_vs_adapter"] < 1e-4
+        arts = report["artifacts"]
+        assert arts["merged"]["perplexity"] == pytest.approx(arts["adapter"]["perplexity"], rel=1e-4)
+        assert arts["onnx"]["perplexity"] == pytest.approx(arts["merged"]["perplexity"], rel=1e-3)
+    # the adapter learned something: its perplexity on the held-out completions beats the base's
+    assert report["artifacts"]["adapter"]["perplexity"] < report["artifacts"]["base"]["perplexity"]
