@@ -133,6 +133,9 @@ def markdown(result: dict) -> str:
     lines += ["", "Checks:", ""]
     lines += [f"- {'PASS' if ok else 'FAIL'}: {what}" for what, ok in result["checks"].items()]
     notes = [f"- {r['method']}: {r['optimizer_note']}" for r in result["rows"] if r.get("optimizer_note")]
+    if any(r["method"] == "ptuning" for r in result["rows"]):
+        notes.append("- ptuning trains a prompt encoder but PEFT saves only the virtual tokens it produces: "
+                     "its adapter is as small as prompt tuning's.")
     pir = next((r for r in result["rows"] if r["method"] == "pir"), None)
     if pir:
         p = pir["pir"]

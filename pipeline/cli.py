@@ -110,24 +110,17 @@ def _print_methods(cfg=None) -> None:
         print(f"\ntrainable parameters on base {cfg.base!r} with this config's settings")
 
 
-def _logical_numel(p) -> int:
-    """Weights a parameter stands for: a packed 4-bit tensor holds two per stored byte."""
-    state = getattr(p, "quant_state", None)
-    return state.shape.numel() if state is not None else p.numel()
-
-
 def _trainable_counts(cfg) -> dict[str, tuple[int, int]]:
     """(trainable, total) parameters of every method applied to a fresh copy of cfg.base."""
     from pipeline.methods import METHODS
     from pipeline.models import resolve_base
-    from pipeline.tune import load_base_for_training
+    from pipeline.tune import load_base_for_training, parameter_counts
 
     base = resolve_base(cfg.base)
     counts = {}
     for name, method in METHODS.items():
         model = method.apply(load_base_for_training(method, base, "cpu"), cfg)
-        params = list(model.parameters())
-        counts[name] = (sum(p.numel() for p in params if p.requires_grad), sum(_logical_numel(p) for p in params))
+        counts[name] = parameter_counts(model)
     return counts
 
 

@@ -62,8 +62,7 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
     optimizer, optimizer_note = choose_optimizer(method, device)
     if optimizer_note:
         log.warning("tune %s: %s", task.name, optimizer_note)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable, total = parameter_counts(model)
     log.info("tune %s: method=%s, %d examples, %d trainable of %d parameters (%.3f%%), device=%s",
              task.name, method.name, len(examples), trainable, total, 100 * trainable / total, device)
 
@@ -97,6 +96,7 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
+    timer = step_timer()
     plan = method.training_plan(model, cfg, args.learning_rate, args.max_steps) if method.training_plan else None
     trainer = Trainer(
         model=model,
@@ -106,7 +106,7 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
         data_collator=partial(collate_for_training, pad_id=tokenizer.pad_token_id,
                               slice_logits=not method.prompt_learning),
         optimizers=(plan.optimizer, plan.scheduler) if plan else (None, None),
-        callbacks=[*(plan.callbacks if plan else []), timer := StepTimer()],
+        callbacks=[*(plan.callbacks if plan else []), timer],
     )
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -148,23 +148,33 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
     return out
 
 
-class StepTimer:
-    """Trainer callback that records the wall time of every optimizer step (for the median step time)."""
+def step_timer():
+    """A Trainer callback whose ``seconds`` list gets the wall time of every optimizer step."""
+    from transformers import TrainerCallback
 
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-        self._started = 0.0
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self._started = 0.0
 
-    def on_step_begin(self, args, state, control, **kwargs) -> None:
-        self._started = time.perf_counter()
+        def on_step_begin(self, args, state, control, **kwargs) -> None:
+            self._started = time.perf_counter()
 
-    def on_step_end(self, args, state, control, **kwargs) -> None:
-        self.seconds.append(time.perf_counter() - self._started)
+        def on_step_end(self, args, state, control, **kwargs) -> None:
+            self.seconds.append(time.perf_counter() - self._started)
 
-    def __getattr__(self, name: str):  # every other TrainerCallback event: nothing to do
-        if name.startswith("on_"):
-            return lambda *args, **kwargs: None
-        raise AttributeError(name)
+    return StepTimer()
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameters of ``model``, counting what each tensor stands for: a packed
+    4-bit bitsandbytes tensor holds two weights per stored byte, so QLoRA's base counts in full."""
+    def logical(p) -> int:
+        state = getattr(p, "quant_state", None)
+        return state.shape.numel() if state is not None else p.numel()
+
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(logical(p) for p in params)
 
 
 def load_base_for_training(method: Method, base: Path, device: str):

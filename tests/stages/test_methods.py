@@ -12,7 +12,7 @@ import torch
 from pipeline.config import load_config
 from pipeline.data import collate_for_training, encode_all, load_examples
 from pipeline.methods import METHODS, get_method
-from pipeline.methods.pir import delta_layers
+from pipeline.methods.pir import delta_layers, target_linears
 from pipeline.models import load_model, load_tokenizer
 from pipeline.tune import load_base_for_training, load_tuned, merge_tuned
 
@@ -94,6 +94,9 @@ def test_methods_listing_counts_trainable_parameters(tiny_model_dir: Path, capsy
     assert "(100.000%)" in lines["full"]
     share = {name: float(lines[name].split("(")[1].split("%")[0]) for name in METHODS}
     assert share["ia3"] < share["lora"] < share["full"] and share["qlora"] == share["lora"]  # all-linear either way
+    assert share["prompt"] < share["ptuning"] and share["prompt"] < share["prefix"] < share["lora"]
+    linear = sum(m.weight.numel() for m in target_linears(load_model(tiny_model_dir), "all-linear").values())
+    assert int(lines["pir"].split()[2].replace(",", "")) == int(0.01 * linear)  # the top 1% of the linear weights
 
 
 def test_prefix_from_text_equals_running_the_text_first(tiny_model_dir: Path) -> None:
