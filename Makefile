@@ -9,7 +9,7 @@ SMOLLM2_VERSION := 0.1.2
 CONFIG ?= configs/default.yaml
 RUN ?= default
 
-.PHONY: setup pipeline test lint clean data bench-methods
+.PHONY: setup pipeline test lint clean data bench-methods bench-pir
 
 setup: $(STAMP)
 
@@ -34,6 +34,10 @@ test: setup
 # Every fine-tuning method on the same task and budget → benchmarks/results/methods.{json,md} (~30 min on 2 cores).
 bench-methods: setup
 	$(PY) benchmarks/methods.py
+
+# What each PIR importance scorer costs and picks → benchmarks/results/pir_scorers.{json,md} (~4 min).
+bench-pir: setup
+	$(PY) benchmarks/pir_scorers.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

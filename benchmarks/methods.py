@@ -132,7 +132,7 @@ def markdown(result: dict) -> str:
                      f"{r['exact_match']:.3f} |")
     lines += ["", "Checks:", ""]
     lines += [f"- {'PASS' if ok else 'FAIL'}: {what}" for what, ok in result["checks"].items()]
-    notes = [f"- {r['method']}: {r['optimizer_note']}" for r in result["rows"] if r.get("optimizer_note")]
+    notes = [f"- {r['optimizer_note']}" for r in result["rows"] if r.get("optimizer_note")]
     if any(r["method"] == "ptuning" for r in result["rows"]):
         notes.append("- ptuning trains a prompt encoder but PEFT saves only the virtual tokens it produces: "
                      "its adapter is as small as prompt tuning's.")
