@@ -1,0 +1,188 @@
+"""What the server may load as an adapter, checked before any of it touches the model.
+
+An adapter is named by the client but always lives under the configured adapter root: a name
+with a path separator or ``..`` is refused, and the resolved folder must stay inside the root
+(symlinks included). Only safetensors weights load; a pickle ``.bin`` is refused with the fix.
+Its config and every tensor are validated against the base (module exists, shapes fit, rank within
+``max_rank``, values finite) so a bad adapter is a clear 4xx and never a crash mid-request.
+
+Kinds: ``lora`` (LoRA, DoRA, QLoRA adapters: PEFT ``LORA``), ``ia3``, ``prompt`` (PEFT prompt
+tuning, P-tuning, prefix tuning) and ``pir`` (edgetune's sparse delta).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import EdgetuneError
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+PROMPT_TYPES = {"PROMPT_TUNING": "prompt", "P_TUNING": "ptuning", "PREFIX_TUNING": "prefix"}
+
+
+class AdapterError(EdgetuneError):
+    """An adapter request the server refuses; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """A validated adapter folder."""
+
+    name: str
+    path: Path
+    kind: str
+    """``lora``, ``ia3``, ``prompt`` or ``pir``."""
+    peft_type: str | None
+    rank: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def check_name(name: Any) -> str:
+    """``name`` if it is a plain adapter name (letters, digits, ``_.-``, at most 64), else AdapterError."""
+    if not isinstance(name, str) or not NAME.match(name) or ".." in name:
+        raise AdapterError(f"adapter name {name!r} is not allowed: use 1-64 letters, digits, '_', '.' or '-', "
+                           "without '..' or path separators")
+    return name
+
+
+def resolve_source(root: Path, source: Any) -> Path:
+    """The folder ``source`` names under ``root``: a plain name or a relative path that stays inside it."""
+    if not isinstance(source, str) or not source or source.startswith(("/", "\\")) or "\\" in source \
+            or ".." in Path(source).parts or "~" in source:
+        raise AdapterError(f"adapter source {source!r} must be a folder relative to the adapter root, without "
+                           "'..' or an absolute path")
+    root = Path(root).resolve()
+    folder = (root / source).resolve()
+    if not folder.is_relative_to(root):
+        raise AdapterError(f"adapter source {source!r} leaves the adapter root (through a link?); refused")
+    if not folder.is_dir():
+        raise AdapterError(f"adapter source {source!r} is not a folder under the adapter root", status=404)
+    return folder
+
+
+def inspect_adapter(name: str, folder: Path, base_model, max_rank: int) -> AdapterInfo:
+    """Validate the adapter in ``folder`` against ``base_model`` (a loaded HF model); AdapterError if unfit."""
+    if (folder / "sparse_delta_config.json").is_file():
+        return _inspect_pir(name, folder, base_model)
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        raise AdapterError(f"adapter {name!r}: {folder.name}/ has no adapter_config.json (PEFT) or "
+                           "sparse_delta_config.json (PIR); it is not an adapter", status=422)
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+        hint = (f" it has {', '.join(pickled)}: pickle files can run code when loaded and are refused; re-save with "
+                "save_pretrained(..., safe_serialization=True)") if pickled else ""
+        raise AdapterError(f"adapter {name!r}: no adapter_model.safetensors;{hint}", status=422)
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"adapter {name!r}: adapter_config.json is not valid JSON ({exc})", status=422) from None
+    peft_type = str(config.get("peft_type", "")).upper()
+    tensors = _read_tensors(name, weights)
+    if peft_type == "LORA":
+        rank = _check_lora(name, config, tensors, base_model, max_rank)
+        return AdapterInfo(name, folder, "lora", peft_type, rank, {"dora": bool(config.get("use_dora"))})
+    if peft_type == "IA3":
+        _check_shapes_against_modules(name, tensors, base_model, ("ia3_l",))
+        return AdapterInfo(name, folder, "ia3", peft_type)
+    if peft_type in PROMPT_TYPES:
+        _check_prompt(name, config, tensors, base_model)
+        return AdapterInfo(name, folder, "prompt", peft_type, None,
+                           {"method": PROMPT_TYPES[peft_type], "num_virtual_tokens": config.get("num_virtual_tokens")})
+    raise AdapterError(f"adapter {name!r}: PEFT type {peft_type or '(missing)'} is not servable; the server takes "
+                       "LORA, IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING and PIR sparse deltas", status=422)
+
+
+def _read_tensors(name: str, weights: Path) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterError(f"adapter {name!r}: {weights.name} is not a readable safetensors file ({exc})",
+                           status=422) from None
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(t.isfinite().all())]
+    if bad:
+        raise AdapterError(f"adapter {name!r}: non-finite values in {bad[:3]}; the adapter is corrupt", status=422)
+    return tensors
+
+
+def _module_of(key: str, marker: str) -> str:
+    """``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` → ``model.layers.0.self_attn.q_proj``."""
+    path = key.split(f".{marker}")[0]
+    return path.removeprefix("base_model.model.")
+
+
+def _base_module(name: str, base_model, module: str):
+    try:
+        return base_model.get_submodule(module)
+    except AttributeError:
+        raise AdapterError(f"adapter {name!r}: targets {module!r}, which the base model does not have; it was "
+                           "trained on another architecture", status=422) from None
+
+
+def _check_lora(name: str, config: dict, tensors: dict, base_model, max_rank: int) -> int:
+    rank = int(config.get("r") or 0)
+    pattern = config.get("rank_pattern") or {}
+    ranks = [rank, *(int(r) for r in pattern.values())]
+    if max(ranks) > max_rank:
+        raise AdapterError(f"adapter {name!r}: rank {max(ranks)} exceeds the server's max_rank {max_rank}; raise "
+                           "--max-rank or retrain with a smaller lora.r", status=422)
+    for key, t in tensors.items():
+        for marker, check in (("lora_A", lambda m, t: t.shape[1] == m.in_features and t.shape[0] <= max_rank),
+                              ("lora_B", lambda m, t: t.shape[0] == m.out_features and t.shape[1] <= max_rank)):
+            if f".{marker}" in key:
+                module = _base_module(name, base_model, _module_of(key, marker))
+                base_layer = getattr(module, "base_layer", module)
+                if not hasattr(base_layer, "in_features") or t.dim() != 2 or not check(base_layer, t):
+                    raise AdapterError(f"adapter {name!r}: {key} has shape {tuple(t.shape)}, which does not fit "
+                                       f"{_module_of(key, marker)} of the base; it was trained on another model",
+                                       status=422)
+    return max(ranks)
+
+
+def _check_shapes_against_modules(name: str, tensors: dict, base_model, markers: tuple[str, ...]) -> None:
+    for key, t in tensors.items():
+        for marker in markers:
+            if f".{marker}" in key:
+                module = _base_module(name, base_model, _module_of(key, marker))
+                base_layer = getattr(module, "base_layer", module)
+                if t.numel() not in (getattr(base_layer, "in_features", -1), getattr(base_layer, "out_features", -1)):
+                    raise AdapterError(f"adapter {name!r}: {key} has shape {tuple(t.shape)}, which does not fit "
+                                       f"{_module_of(key, marker)} of the base", status=422)
+
+
+def _check_prompt(name: str, config: dict, tensors: dict, base_model) -> None:
+    cfg = base_model.config
+    if config.get("token_dim") not in (None, cfg.hidden_size):
+        raise AdapterError(f"adapter {name!r}: token_dim {config.get('token_dim')} does not match the base's hidden "
+                           f"size {cfg.hidden_size}", status=422)
+    if config.get("num_layers") not in (None, cfg.num_hidden_layers):
+        raise AdapterError(f"adapter {name!r}: {config.get('num_layers')} layers, the base has "
+                           f"{cfg.num_hidden_layers}", status=422)
+
+
+def _inspect_pir(name: str, folder: Path, base_model) -> AdapterInfo:
+    from pipeline.methods.pir import WEIGHTS_FILE
+
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise AdapterError(f"adapter {name!r}: sparse delta without {WEIGHTS_FILE}", status=422)
+    tensors = _read_tensors(name, folder / WEIGHTS_FILE)
+    for key, t in tensors.items():
+        if key.endswith(".indices"):
+            module = _base_module(name, base_model, key.rsplit(".", 1)[0])
+            numel = getattr(module, "weight", None).numel() if hasattr(module, "weight") else 0
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= numel):
+                raise AdapterError(f"adapter {name!r}: sparse delta indices of {key.rsplit('.', 1)[0]} fall outside "
+                                   "its weight; it was trained on another model", status=422)
+    return AdapterInfo(name, folder, "pir", None)
