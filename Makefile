@@ -9,7 +9,7 @@ SMOLLM2_VERSION := 0.1.2
 CONFIG ?= configs/default.yaml
 RUN ?= default
 
-.PHONY: setup pipeline test lint clean data bench-methods bench-pir
+.PHONY: setup pipeline test lint clean data serve bench-methods bench-pir
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ $(STAMP): pyproject.toml Makefile
 
 pipeline: setup
 	$(VENV)/bin/edgetune pipeline --config $(CONFIG)
+
+# Serve the adapters of the last `make pipeline` run (RUN=default) on http://127.0.0.1:8000.
+serve: setup
+	$(VENV)/bin/edgetune serve --adapters runs/$(RUN)/adapters
 
 test: setup
 	$(VENV)/bin/pytest -q

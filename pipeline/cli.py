@@ -63,6 +63,29 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for stage in STAGES:
         _add_common(sub.add_parser(stage, help=helps[stage]), resume=stage == "tune")
+    sv = sub.add_parser("serve", help="OpenAI-compatible server: one frozen base, many adapters chosen per request",
+                        description="Serve the base and every adapter under --adapters over an OpenAI-compatible "
+                                    "API (completions, chat, streaming), with /v1/adapters to load, replace and "
+                                    "unload adapters at run time. Each flag can also come from the environment as "
+                                    "EDGETUNE_SERVE_<NAME> (e.g. EDGETUNE_SERVE_API_KEY).")
+    for flag, kind, what in (
+            ("base", str, "base model: embedded name, local HF folder or hub id (default smollm2-135m-instruct)"),
+            ("adapters", str, "adapter root; adapters load only from folders under it (default runs/default/adapters)"),
+            ("quantize", str, "precision of the shared base: none, int8 or nf4 (default none)"),
+            ("host", str, "interface to bind (default 127.0.0.1)"),
+            ("port", int, "port (default 8000)"),
+            ("api-key", str, "require Authorization: Bearer KEY on every /v1 route"),
+            ("max-loaded-adapters", int, "adapters in memory; least recently used unpinned ones are evicted (8)"),
+            ("pinned", str, "comma-separated adapters never evicted"),
+            ("max-rank", int, "largest LoRA rank accepted (64)"),
+            ("max-batch-size", int, "requests decoded together (16)"),
+            ("max-queue", int, "waiting requests beyond the batch before 429 (64)"),
+            ("max-tokens", int, "upper bound of a request's max_tokens (512)"),
+            ("request-timeout-s", float, "end requests running longer than this (120)"),
+            ("num-threads", int, "CPU threads for torch (0: all cores)")):
+        sv.add_argument(f"--{flag}", type=kind, default=None, help=what)
+    sv.add_argument("--no-preload", dest="preload", action="store_const", const=False, default=None,
+                    help="start with no adapters loaded (they load on POST /v1/adapters)")
     m = sub.add_parser("methods", help="list the fine-tuning methods (with --config: trainable parameters on its base)")
     m.add_argument("--config", default=None, help="count each method's trainable parameters on this config's base")
     m.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -132,6 +155,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from pipeline.config import load_config
 
+        if args.command == "serve":
+            from serve.app import serve
+            from serve.settings import ServeSettings
+
+            flags = {k: v for k, v in vars(args).items() if k not in ("command", "verbose")}
+            return serve(ServeSettings.from_sources(flags))
         if args.command == "methods":
             _print_methods(load_config(args.config, args.overrides) if args.config else None)
             return 0

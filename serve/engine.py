@@ -1,0 +1,420 @@
+"""The generation engine: one frozen base, many LoRA-family adapters, continuous mixed-adapter batching.
+
+A single worker thread owns the model. Requests wait in a bounded queue; between decode steps the
+worker admits new ones (prefilled alone, then merged into the running batch's KV cache) and
+drops finished ones, so a request never waits for a whole batch to finish. Each row of a decode
+step names its adapter (PEFT's ``adapter_names``; ``__base__`` is the bare base), so requests for
+different adapters share forward passes.
+
+Adapter changes (load, replace, unload, evict) are commands the worker runs between steps, so the
+model never changes under a running forward. Each loaded version gets its own internal PEFT name:
+replacing ``sentiment`` loads the new weights beside the old ones, new requests go to the new
+version, and the old one is deleted when its last running request finishes.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from serve.adapters import AdapterError, AdapterInfo
+
+log = logging.getLogger(__name__)
+
+BASE = "__base__"
+"""PEFT's name for "no adapter" in a mixed batch."""
+
+
+@dataclass
+class GenRequest:
+    """One generation: inputs, sampling settings, and the callbacks that carry its output out."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    adapter: str | None = None
+    """Public adapter name; None: the base model."""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    on_text: Callable[[str], None] = lambda text: None
+    """Called from the worker with each new piece of text."""
+    on_done: Callable[[str, int, str | None], None] = lambda reason, n, error: None
+    """Called once: finish reason (``stop``, ``length``, ``error``), generated token count, error message."""
+    deadline: float | None = None
+    """``time.monotonic()`` after which the request is ended with reason ``timeout``."""
+    # worker state
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    internal: str = BASE
+    cancelled: bool = False
+    finished: bool = False
+    released: bool = False
+    generator: Any = None
+
+
+@dataclass
+class LoadedAdapter:
+    info: AdapterInfo
+    internal: str
+    source: str
+    pinned: bool
+    loaded_at: float
+    in_flight: int = 0
+    retired: bool = False
+
+
+class Engine:
+    """Owns the model; ``submit`` generation requests, ``load``/``unload`` adapters (thread-safe)."""
+
+    def __init__(self, model, tokenizer, *, max_batch_size: int = 16, max_queue: int = 64,
+                 max_loaded_adapters: int = 8, context_length: int | None = None) -> None:
+        from peft import PeftModel
+
+        if not isinstance(model, PeftModel):
+            model = _peft_shell(model)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_loaded_adapters = max_loaded_adapters
+        self.context_length = context_length or getattr(model.config, "max_position_embeddings", 2048)
+        self.pending: queue.Queue[GenRequest] = queue.Queue(maxsize=max_queue)
+        self.commands: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
+        self.adapters: OrderedDict[str, LoadedAdapter] = OrderedDict()  # public name -> current version, LRU order
+        self.retired: list[LoadedAdapter] = []
+        self.known_sources: dict[str, tuple[str, bool]] = {}  # evicted adapters come back from here
+        self.failed: dict[str, str] = {}
+        self.on_step: Callable[[int], None] = lambda batch_size: None
+        """Called after every decode step with the number of rows it decoded (metrics)."""
+        self.resolver: Callable[[str, str], AdapterInfo] | None = None
+        """(name, source) -> validated AdapterInfo: lets the worker reload an evicted adapter on demand."""
+        self.active: list[GenRequest] = []
+        self._cache = None
+        self._mask = None
+        self._counter = 0
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="edgetune-engine", daemon=True)
+        self.thread.start()
+
+    # ---- public API (any thread) -------------------------------------------------------------
+    def submit(self, request: GenRequest) -> None:
+        """Queue ``request``; raises ``queue.Full`` when the bounded queue is full (answer 429)."""
+        self.pending.put_nowait(request)
+        self._wake.set()
+
+    def queue_depth(self) -> int:
+        return self.pending.qsize()
+
+    def run_command(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
+        """Run ``fn`` on the worker between decode steps and return its result (re-raising its error)."""
+        future: Future = Future()
+        self.commands.put((fn, future))
+        self._wake.set()
+        return future.result(timeout=timeout)
+
+    def shutdown(self, drain_seconds: float = 30.0) -> None:
+        """Stop admitting, let running requests finish (up to ``drain_seconds``), stop the worker."""
+        deadline = time.monotonic() + drain_seconds
+        while (self.active or not self.pending.empty()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._stop.set()
+        self._wake.set()
+        self.thread.join(timeout=5)
+
+    # ---- adapter management (worker thread, via run_command) --------------------------------
+    def load(self, info: AdapterInfo, source: str, pinned: bool = False) -> LoadedAdapter:
+        """Load (or replace) adapter ``info.name``; evict LRU unpinned ones beyond capacity."""
+        if info.kind != "lora" or info.details.get("dora"):
+            what = "DoRA" if info.details.get("dora") else info.kind
+            fix = ("prompt-learning adapters cannot be merged; run them with `edgetune evaluate` or the pipeline's "
+                   "int8/NF4 artifacts until the server takes them" if info.kind == "prompt" else
+                   "serve its merged model instead: `edgetune merge`, then `edgetune serve --base runs/<run>/merged/<task>`")
+            raise AdapterError(f"adapter {info.name!r}: {what} adapters cannot share mixed-adapter batches yet (this "
+                               f"engine serves LoRA and QLoRA adapters); {fix}", status=422)
+        self._counter += 1
+        internal = f"a{self._counter}"
+        started = time.perf_counter()
+        try:
+            self.model.load_adapter(str(info.path), adapter_name=internal)
+        except Exception as exc:  # a library error must not take the server down
+            self.failed[info.name] = str(exc)
+            raise AdapterError(f"adapter {info.name!r} failed to load: {exc}", status=422) from None
+        entry = LoadedAdapter(info, internal, source, pinned, time.perf_counter() - started)
+        old = self.adapters.pop(info.name, None)
+        if old is not None:
+            old.retired = True
+            self.retired.append(old)
+        self.adapters[info.name] = entry
+        self.known_sources[info.name] = (source, pinned)
+        self.failed.pop(info.name, None)
+        self._collect_retired()
+        self._evict()
+        return entry
+
+    def unload(self, name: str) -> bool:
+        """Unload adapter ``name`` (idempotent: False when it was not loaded)."""
+        self.known_sources.pop(name, None)
+        self.failed.pop(name, None)
+        entry = self.adapters.pop(name, None)
+        if entry is None:
+            return False
+        entry.retired = True
+        self.retired.append(entry)
+        self._collect_retired()
+        return True
+
+    def _evict(self) -> None:
+        while len(self.adapters) > self.max_loaded_adapters:
+            victim = next((n for n, a in self.adapters.items() if not a.pinned and a.in_flight == 0), None)
+            if victim is None:
+                return  # everything is pinned or busy: stay over capacity rather than break a request
+            entry = self.adapters.pop(victim)
+            entry.retired = True
+            self.retired.append(entry)
+            log.info("adapter %s evicted (least recently used); it reloads on its next request", victim)
+        self._collect_retired()
+
+    def _collect_retired(self) -> None:
+        for entry in [e for e in self.retired if e.in_flight == 0]:
+            self.model.delete_adapter(entry.internal)
+            self.retired.remove(entry)
+
+    # ---- the worker loop ---------------------------------------------------------------------
+    def _run(self) -> None:
+        import torch
+
+        torch.set_grad_enabled(False)
+        while not self._stop.is_set():
+            self._run_commands()
+            self._admit()
+            if not self.active:
+                self._wake.wait(timeout=0.05)
+                self._wake.clear()
+                continue
+            try:
+                self._decode_step()
+            except Exception as exc:  # never let one bad step kill the worker: fail the batch, go on
+                log.exception("decode step failed")
+                for r in self.active:
+                    self._finish(r, "error", str(exc))
+                self.active, self._cache, self._mask = [], None, None
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, future = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                future.set_result(fn())
+            except Exception as exc:  # delivered to the caller
+                future.set_exception(exc)
+
+    def _admit(self) -> None:
+        while len(self.active) < self.max_batch_size:
+            try:
+                request = self.pending.get_nowait()
+            except queue.Empty:
+                return
+            if request.cancelled:
+                continue
+            entry = self.adapters.get(request.adapter) if request.adapter else None
+            if request.adapter and entry is None and request.adapter in self.known_sources and self.resolver:
+                try:  # evicted earlier: reload it from the root, transparently
+                    source, pinned = self.known_sources[request.adapter]
+                    entry = self.load(self.resolver(request.adapter, source), source, pinned)
+                except AdapterError as exc:
+                    self._finish(request, "error", str(exc))
+                    continue
+            if request.adapter and entry is None:
+                self._finish(request, "error", f"adapter {request.adapter!r} is not loaded")
+                continue
+            if entry is not None:
+                self.adapters.move_to_end(request.adapter)  # most recently used
+                entry.in_flight += 1
+                request.internal = entry.internal
+            try:
+                self._prefill(request)
+            except Exception as exc:
+                log.exception("prefill failed")
+                self._release(request)
+                self._finish(request, "error", str(exc))
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache, adapters: list[str]):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          past_key_values=cache, use_cache=True, adapter_names=adapters)
+
+    def _prefill(self, request: GenRequest) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        ids = torch.tensor([request.prompt_ids])
+        mask = torch.ones_like(ids)
+        positions = torch.arange(ids.shape[1]).unsqueeze(0)
+        out = self._forward(ids, mask, positions, DynamicCache(), [request.internal])
+        token = self._sample(request, out.logits[0, -1])
+        self._merge(request, out.past_key_values, mask)
+        self._emit(request, token)
+
+    def _merge(self, request: GenRequest, cache, mask) -> None:
+        """Add a prefilled request to the running batch, left-padding whichever side is shorter."""
+        import torch
+        from transformers import DynamicCache
+
+        if self._cache is None:
+            self._cache, self._mask, self.active = cache, mask, [request]
+            return
+        old_len, new_len = self._mask.shape[1], mask.shape[1]
+        width = max(old_len, new_len)
+        merged = DynamicCache()
+        for i, (layer_old, layer_new) in enumerate(zip(self._cache.layers, cache.layers)):
+            k = torch.cat([_left_pad(layer_old.keys, width), _left_pad(layer_new.keys, width)])
+            v = torch.cat([_left_pad(layer_old.values, width), _left_pad(layer_new.values, width)])
+            merged.update(k, v, i)
+        self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(mask, width, dim=1)])
+        self._cache = merged
+        self.active.append(request)
+
+    def _decode_step(self) -> None:
+        import torch
+
+        rows = [r for r in self.active if not r.cancelled and not _expired(r)]
+        if len(rows) != len(self.active):
+            for r in self.active:
+                if r not in rows:
+                    self._finish(r, "timeout" if _expired(r) else "cancelled", None)
+            self._keep(rows)
+            if not rows:
+                return
+        ids = torch.tensor([[r.tokens[-1]] for r in self.active])
+        self._mask = torch.cat([self._mask, torch.ones(len(self.active), 1, dtype=self._mask.dtype)], dim=1)
+        positions = (self._mask.sum(dim=1, keepdim=True) - 1)
+        out = self._forward(ids, self._mask, positions, self._cache, [r.internal for r in self.active])
+        self._cache = out.past_key_values
+        self.on_step(len(self.active))
+        for row, r in enumerate(list(self.active)):
+            self._emit(r, self._sample(r, out.logits[row, -1]))
+        self._keep([r for r in self.active if not r.finished])
+
+    def _keep(self, rows: list[GenRequest]) -> None:
+        """Shrink the batch to ``rows`` (still running), dropping padding columns no row needs."""
+        import torch
+
+        if not rows:
+            self.active, self._cache, self._mask = [], None, None
+            return
+        if len(rows) == len(self.active):
+            return
+        index = torch.tensor([self.active.index(r) for r in rows])
+        mask = self._mask.index_select(0, index)
+        first = int((mask.sum(dim=0) > 0).nonzero()[0])  # leading columns that are padding in every row
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for i, layer in enumerate(self._cache.layers):
+            cache.update(layer.keys.index_select(0, index)[:, :, first:], layer.values.index_select(0, index)[:, :, first:], i)
+        self._cache, self._mask, self.active = cache, mask[:, first:], rows
+
+    def _sample(self, request: GenRequest, logits) -> int:
+        import torch
+
+        if request.temperature <= 0:
+            return int(logits.argmax())
+        if request.generator is None:
+            request.generator = torch.Generator()
+            request.generator.manual_seed(request.seed if request.seed is not None else time.time_ns() % 2**63)
+        probs = torch.softmax(logits.float() / request.temperature, dim=-1)
+        if request.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            keep = sorted_probs.cumsum(0) - sorted_probs < request.top_p
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+        return int(torch.multinomial(probs, 1, generator=request.generator))
+
+    def _emit(self, request: GenRequest, token: int) -> None:
+        eos = self.tokenizer.eos_token_id
+        if token == eos:
+            self._finish(request, "stop", None)
+            return
+        request.tokens.append(token)
+        text = self.tokenizer.decode(request.tokens, skip_special_tokens=True)
+        for stop in request.stop:
+            cut = text.find(stop)
+            if cut != -1:
+                if cut > len(request.text):
+                    request.on_text(text[len(request.text):cut])
+                request.text = text[:cut]
+                self._finish(request, "stop", None)
+                return
+        if not text.endswith("\ufffd"):  # an incomplete UTF-8 character waits for its next token
+            if len(text) > len(request.text):
+                request.on_text(text[len(request.text):])
+            request.text = text
+        if len(request.tokens) >= request.max_tokens:
+            self._finish(request, "length", None)
+        elif len(request.prompt_ids) + len(request.tokens) >= self.context_length:
+            self._finish(request, "length", None)
+
+    def _finish(self, request: GenRequest, reason: str, error: str | None) -> None:
+        if request.finished:
+            return
+        request.finished = True
+        self._release(request)
+        request.on_done(reason, len(request.tokens), error)
+
+    def _release(self, request: GenRequest) -> None:
+        if request.internal == BASE or request.released:
+            return
+        request.released = True
+        for entry in [*self.adapters.values(), *self.retired]:
+            if entry.internal == request.internal:
+                entry.in_flight -= 1
+        self._collect_retired()
+
+
+def _left_pad(t, width: int, dim: int = 2):
+    """Left-pad ``t`` with zeros along ``dim`` to ``width``."""
+    import torch
+
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([torch.zeros(shape, dtype=t.dtype), t], dim=dim)
+
+
+def _expired(request: GenRequest) -> bool:
+    return request.deadline is not None and time.monotonic() > request.deadline
+
+
+def _peft_shell(model):
+    """Wrap a plain model so it can hold many LoRA adapters: a PeftModel with one rank-1 LoRA that
+    never takes part (rows without an adapter run as ``__base__``)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    head = model.get_output_embeddings()
+    first_linear = next(n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                        if isinstance(m, torch.nn.Linear) and m is not head)
+    return get_peft_model(model, LoraConfig(r=1, target_modules=[first_linear], task_type="CAUSAL_LM"),
+                          adapter_name="_shell")
+
+
+def load_base(path: Path, quantize: str):
+    """The frozen base for serving: fp32, or bitsandbytes int8/NF4 on the CPU."""
+    from pipeline.models import load_model
+
+    if quantize == "none":
+        return load_model(path, "cpu")
+    from exporters.bnb import DENSE_DTYPE, bnb_config
+
+    return load_model(path, "cpu", quantization_config=bnb_config(quantize), device_map={"": "cpu"}, dtype=DENSE_DTYPE)
