@@ -9,7 +9,7 @@ SMOLLM2_VERSION := 0.1.2
 CONFIG ?= configs/default.yaml
 RUN ?= default
 
-.PHONY: setup pipeline test lint clean data serve bench-methods bench-pir
+.PHONY: setup pipeline test lint clean data serve bench-methods bench-pir bench-serve
 
 setup: $(STAMP)
 
@@ -38,6 +38,10 @@ test: setup
 # Every fine-tuning method on the same task and budget → benchmarks/results/methods.{json,md} (~30 min on 2 cores).
 bench-methods: setup
 	$(PY) benchmarks/methods.py
+
+# The server under load: 8 adapters vs 1 vs a naive switching server → benchmarks/results/serve.{json,md}.
+bench-serve: setup
+	$(PY) benchmarks/serve.py
 
 # What each PIR importance scorer costs and picks → benchmarks/results/pir_scorers.{json,md} (~4 min).
 bench-pir: setup

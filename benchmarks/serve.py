@@ -1,0 +1,222 @@
+"""`make bench-serve`: the multi-adapter server under load, against a single adapter and a naive server.
+
+On the default base, with 8 LoRA adapters (rank 16, all linear layers, random weights: speed does
+not depend on what they learned) in a temporary adapter root:
+  1. ``edgetune serve`` in a child process; each adapter is (re)loaded through POST /v1/adapters
+     to time adapter loads.
+  2. Throughput at concurrency 16: the same requests spread over 8 adapters, then all on one.
+  3. Latency p50/p95 and time to first token (streaming) at concurrency 1, 4 and 16.
+  4. The naive baseline, after the server has stopped: one PEFT model holding the same 8 adapters,
+     ``set_adapter`` per request and ``generate`` one request at a time, in this process (no HTTP
+     cost, so the comparison flatters the baseline).
+Every request generates exactly ``--tokens`` tokens (``ignore_eos``-style: stop sequences none, the
+random adapters rarely emit EOS; throughput counts the tokens actually generated).
+Writes ``benchmarks/results/serve.{json,md}``.
+
+    python benchmarks/serve.py [--requests 48] [--tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+N_ADAPTERS = 8
+PROMPTS = ["Review: the kettle stopped working after a week.\nLabel the sentiment.",
+           "Order from Ana Ruiz: 3 x blue mug, ship to Porto.", "Convert 3 March 2024 to ISO 8601.",
+           "Write one sentence about the sea."]
+
+
+def make_adapters(base: Path, root: Path) -> list[str]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline.models import load_model
+
+    names = []
+    for i in range(N_ADAPTERS):
+        torch.manual_seed(i)
+        model = get_peft_model(load_model(base), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                                            task_type="CAUSAL_LM", init_lora_weights=False))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 1e-3)
+        name = f"task{i}"
+        model.save_pretrained(root / name)
+        names.append(name)
+    return names
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+def one(url: str, model: str, prompt: str, tokens: int, stream: bool) -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens,
+            "temperature": 0}
+    started = time.perf_counter()
+    if not stream:
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=600)
+        r.raise_for_status()
+        return {"latency": time.perf_counter() - started, "tokens": r.json()["usage"]["completion_tokens"]}
+    first, n = None, 0
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[6:])
+                if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    first = time.perf_counter() - started
+                if chunk.get("usage"):
+                    n = chunk["usage"]["completion_tokens"]
+    return {"latency": time.perf_counter() - started, "ttft": first, "tokens": n}
+
+
+def load(url: str, models: list[str], requests: int, concurrency: int, tokens: int, stream: bool = False) -> dict:
+    jobs = [(models[i % len(models)], PROMPTS[i % len(PROMPTS)]) for i in range(requests)]
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(lambda j: one(url, j[0], j[1], tokens, stream), jobs))
+    wall = time.perf_counter() - started
+    out = {"requests": requests, "concurrency": concurrency, "adapters": len(models), "seconds": round(wall, 2),
+           "tokens": sum(r["tokens"] for r in results),
+           "tokens_per_s": round(sum(r["tokens"] for r in results) / wall, 2),
+           "latency_p50_s": round(percentile([r["latency"] for r in results], 0.5), 3),
+           "latency_p95_s": round(percentile([r["latency"] for r in results], 0.95), 3)}
+    if stream:
+        ttft = [r["ttft"] for r in results if r["ttft"] is not None]
+        out |= {"ttft_p50_s": round(percentile(ttft, 0.5), 3), "ttft_p95_s": round(percentile(ttft, 0.95), 3)}
+    return out
+
+
+def naive(base: Path, root: Path, names: list[str], requests: int, tokens: int) -> dict:
+    """One request at a time, switching the active adapter per request (what a simple server does)."""
+    import torch
+    from peft import PeftModel
+
+    from pipeline.models import load_model, load_tokenizer, set_threads
+
+    set_threads(0)
+    tok = load_tokenizer(base)
+    model = PeftModel.from_pretrained(load_model(base), root / names[0], adapter_name=names[0]).eval()
+    for name in names[1:]:
+        model.load_adapter(str(root / name), adapter_name=name)
+    produced, started = 0, time.perf_counter()
+    with torch.no_grad():
+        for i in range(requests):
+            model.set_adapter(names[i % len(names)])
+            text = tok.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], tokenize=False,
+                                           add_generation_prompt=True)
+            batch = tok([text], return_tensors="pt", add_special_tokens=False)
+            out = model.generate(**batch, max_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id)
+            produced += out.shape[1] - batch["input_ids"].shape[1]
+    wall = time.perf_counter() - started
+    return {"requests": requests, "seconds": round(wall, 2), "tokens": produced,
+            "tokens_per_s": round(produced / wall, 2)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=48, help="requests per throughput measurement")
+    parser.add_argument("--tokens", type=int, default=32, help="max_tokens of every request")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+
+    from pipeline.artifacts import write_json_atomic, write_text_atomic
+    from pipeline.models import resolve_base
+    from pipeline.report import machine
+
+    base = resolve_base("smollm2-135m-instruct")
+    total_started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "adapters"
+        names = make_adapters(base, root)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        log = open(Path(tmp) / "server.log", "w")
+        server = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--adapters", str(root), "--port",
+                                   str(port), "--max-batch-size", "16", "--max-queue", "256", "--max-rank", "16"],
+                                  stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            for _ in range(600):
+                try:
+                    if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+            loads = []
+            for name in names:  # a hot swap of each: validation + load + registration
+                started = time.perf_counter()
+                httpx.post(f"{url}/v1/adapters", json={"name": name, "source": name}, timeout=120).raise_for_status()
+                loads.append(time.perf_counter() - started)
+            load(url, names, 16, 16, 4)  # warm-up
+            spread = load(url, names, args.requests, 16, args.tokens)
+            single = load(url, names[:1], args.requests, 16, args.tokens)
+            latency = [load(url, names, max(c * 2, 8), c, args.tokens, stream=True) for c in (1, 4, 16)]
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+        baseline = naive(base, root, names, max(args.requests // 3, 8), args.tokens)
+
+    result = {
+        "command": "make bench-serve", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(), "base": "smollm2-135m-instruct", "adapters": N_ADAPTERS, "max_tokens": args.tokens,
+        "adapter_load_p50_s": round(statistics.median(loads), 3), "spread_8_adapters": spread,
+        "single_adapter": single, "naive_switching": baseline, "latency": latency,
+        "ratio_spread_vs_single": round(spread["tokens_per_s"] / single["tokens_per_s"], 3),
+        "ratio_spread_vs_naive": round(spread["tokens_per_s"] / baseline["tokens_per_s"], 3),
+        "total_minutes": round((time.perf_counter() - total_started) / 60, 1),
+    }
+    result["checks"] = {"8 adapters >= 0.8x single adapter": result["ratio_spread_vs_single"] >= 0.8,
+                        "8 adapters >= 2x naive switching server": result["ratio_spread_vs_naive"] >= 2.0}
+    m = result["machine"]
+    lines = ["# Multi-adapter serving", "",
+             f"Base `smollm2-135m-instruct`, {N_ADAPTERS} LoRA adapters (r=16, all linear layers), "
+             f"max_tokens {args.tokens}, greedy.  ",
+             f"Machine: {m['cpu']}, {m['cores']} cores. Command: `make bench-serve`, {result['created']}.", "",
+             "| load | requests | tokens/s | p50 latency | p95 latency |", "|---|---:|---:|---:|---:|",
+             f"| 8 adapters, concurrency 16 | {spread['requests']} | {spread['tokens_per_s']:.1f} | "
+             f"{spread['latency_p50_s']:.2f} s | {spread['latency_p95_s']:.2f} s |",
+             f"| 1 adapter, concurrency 16 | {single['requests']} | {single['tokens_per_s']:.1f} | "
+             f"{single['latency_p50_s']:.2f} s | {single['latency_p95_s']:.2f} s |",
+             f"| naive: switch adapter per request, one at a time | {baseline['requests']} | "
+             f"{baseline['tokens_per_s']:.1f} | | |", "",
+             f"8 adapters vs 1: **{result['ratio_spread_vs_single']:.2f}×**; vs naive: "
+             f"**{result['ratio_spread_vs_naive']:.2f}×**. Adapter load (hot swap) p50 "
+             f"{result['adapter_load_p50_s'] * 1000:.0f} ms.", "",
+             "| concurrency (8 adapters, streaming) | p50 latency | p95 latency | p50 time to first token | p95 TTFT |",
+             "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['concurrency']} | {r['latency_p50_s']:.2f} s | {r['latency_p95_s']:.2f} s | "
+              f"{r['ttft_p50_s']:.2f} s | {r['ttft_p95_s']:.2f} s |" for r in latency]
+    lines += ["", "Checks:", ""] + [f"- {'PASS' if ok else 'FAIL'}: {k}" for k, ok in result["checks"].items()]
+    out = ROOT / args.out
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "serve.json", result)
+    write_text_atomic(out / "serve.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0 if all(result["checks"].values()) else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    raise SystemExit(main())
