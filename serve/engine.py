@@ -82,6 +82,9 @@ class Engine:
         if not isinstance(model, PeftModel):
             model = _peft_shell(model)
         self.model = model.eval()
+        from serve.batched_lora import BatchedLora
+
+        self.batched = BatchedLora(self.model)
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_loaded_adapters = max_loaded_adapters
@@ -148,6 +151,7 @@ class Engine:
         except Exception as exc:  # a library error must not take the server down
             self.failed[info.name] = str(exc)
             raise AdapterError(f"adapter {info.name!r} failed to load: {exc}", status=422) from None
+        self.batched.refresh()
         entry = LoadedAdapter(info, internal, source, pinned, time.perf_counter() - started)
         old = self.adapters.pop(info.name, None)
         if old is not None:
@@ -184,9 +188,12 @@ class Engine:
         self._collect_retired()
 
     def _collect_retired(self) -> None:
-        for entry in [e for e in self.retired if e.in_flight == 0]:
+        gone = [e for e in self.retired if e.in_flight == 0]
+        for entry in gone:
             self.model.delete_adapter(entry.internal)
             self.retired.remove(entry)
+        if gone:
+            self.batched.refresh()
 
     # ---- the worker loop ---------------------------------------------------------------------
     def _run(self) -> None:
