@@ -163,13 +163,20 @@ def _check_shapes_against_modules(name: str, tensors: dict, base_model, markers:
 
 
 def _check_prompt(name: str, config: dict, tensors: dict, base_model) -> None:
+    """The saved virtual tokens must fit the base: [V, hidden] (prompt, P-tuning) or, for a prefix,
+    [V, layers * 2 * kv_heads * head_dim] (a key and a value per layer)."""
     cfg = base_model.config
-    if config.get("token_dim") not in (None, cfg.hidden_size):
-        raise AdapterError(f"adapter {name!r}: token_dim {config.get('token_dim')} does not match the base's hidden "
-                           f"size {cfg.hidden_size}", status=422)
-    if config.get("num_layers") not in (None, cfg.num_hidden_layers):
-        raise AdapterError(f"adapter {name!r}: {config.get('num_layers')} layers, the base has "
-                           f"{cfg.num_hidden_layers}", status=422)
+    table = tensors.get("prompt_embeddings")
+    if table is None or table.dim() != 2:
+        raise AdapterError(f"adapter {name!r}: no prompt_embeddings table in adapter_model.safetensors", status=422)
+    width = cfg.hidden_size
+    if str(config.get("peft_type", "")).upper() == "PREFIX_TUNING":
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        width = cfg.num_hidden_layers * 2 * kv_heads * head_dim
+    if table.shape[1] != width:
+        raise AdapterError(f"adapter {name!r}: virtual tokens of width {table.shape[1]} do not fit this base "
+                           f"(expected {width}); it was trained on another model", status=422)
 
 
 def _inspect_pir(name: str, folder: Path, base_model) -> AdapterInfo:

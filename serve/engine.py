@@ -56,6 +56,9 @@ class GenRequest:
     text: str = ""
     internal: str = BASE
     cancelled: bool = False
+    virtual: Any = None
+    """A prompt-learning adapter's virtual tokens: embeddings [V, hidden], or a key/value prefix table."""
+    prefix: bool = False
     finished: bool = False
     released: bool = False
     generator: Any = None
@@ -70,6 +73,8 @@ class LoadedAdapter:
     loaded_at: float
     in_flight: int = 0
     retired: bool = False
+    virtual: Any = None
+    prefix: bool = False
 
 
 class Engine:
@@ -136,13 +141,14 @@ class Engine:
     # ---- adapter management (worker thread, via run_command) --------------------------------
     def load(self, info: AdapterInfo, source: str, pinned: bool = False) -> LoadedAdapter:
         """Load (or replace) adapter ``info.name``; evict LRU unpinned ones beyond capacity."""
+        if info.kind == "prompt":
+            return self._load_virtual(info, source, pinned)
         if info.kind != "lora" or info.details.get("dora"):
             what = "DoRA" if info.details.get("dora") else info.kind
-            fix = ("prompt-learning adapters cannot be merged; run them with `edgetune evaluate` or the pipeline's "
-                   "int8/NF4 artifacts until the server takes them" if info.kind == "prompt" else
-                   "serve its merged model instead: `edgetune merge`, then `edgetune serve --base runs/<run>/merged/<task>`")
             raise AdapterError(f"adapter {info.name!r}: {what} adapters cannot share mixed-adapter batches yet (this "
-                               f"engine serves LoRA and QLoRA adapters); {fix}", status=422)
+                               "engine serves LoRA, QLoRA and prompt-learning adapters); serve its merged model "
+                               "instead: `edgetune merge`, then `edgetune serve --base runs/<run>/merged/<task>`",
+                               status=422)
         self._counter += 1
         internal = f"a{self._counter}"
         started = time.perf_counter()
@@ -161,6 +167,22 @@ class Engine:
         self.known_sources[info.name] = (source, pinned)
         self.failed.pop(info.name, None)
         self._collect_retired()
+        self._evict()
+        return entry
+
+    def _load_virtual(self, info: AdapterInfo, source: str, pinned: bool) -> LoadedAdapter:
+        """A prompt-learning adapter is data, not layers: its rows run as base rows whose prefill starts
+        from the virtual tokens (embeddings prepended, or a key/value prefix as the initial cache)."""
+        from safetensors.torch import load_file
+
+        started = time.perf_counter()
+        table = load_file(str(info.path / "adapter_model.safetensors"))["prompt_embeddings"].float()
+        entry = LoadedAdapter(info, BASE, source, pinned, time.perf_counter() - started, virtual=table,
+                              prefix=info.peft_type == "PREFIX_TUNING")
+        self.adapters.pop(info.name, None)  # running requests keep the table they started with
+        self.adapters[info.name] = entry
+        self.known_sources[info.name] = (source, pinned)
+        self.failed.pop(info.name, None)
         self._evict()
         return entry
 
@@ -247,8 +269,9 @@ class Engine:
                 continue
             if entry is not None:
                 self.adapters.move_to_end(request.adapter)  # most recently used
-                entry.in_flight += 1
-                request.internal = entry.internal
+                if entry.internal != BASE:  # LoRA weights in the model: keep them while this request runs
+                    entry.in_flight += 1
+                request.internal, request.virtual, request.prefix = entry.internal, entry.virtual, entry.prefix
             try:
                 self._prefill(request)
             except Exception as exc:
@@ -256,18 +279,34 @@ class Engine:
                 self._release(request)
                 self._finish(request, "error", str(exc))
 
-    def _forward(self, input_ids, attention_mask, position_ids, cache, adapters: list[str]):
+    def _forward(self, input_ids, attention_mask, position_ids, cache, adapters: list[str], **inputs):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          past_key_values=cache, use_cache=True, adapter_names=adapters)
+                          past_key_values=cache, use_cache=True, adapter_names=adapters, **inputs)
 
     def _prefill(self, request: GenRequest) -> None:
+        """Run the prompt alone (after any virtual tokens), sample its first token, join the batch."""
         import torch
         from transformers import DynamicCache
 
         ids = torch.tensor([request.prompt_ids])
-        mask = torch.ones_like(ids)
-        positions = torch.arange(ids.shape[1]).unsqueeze(0)
-        out = self._forward(ids, mask, positions, DynamicCache(), [request.internal])
+        n_virtual = 0 if request.virtual is None else request.virtual.shape[0]
+        mask = torch.ones(1, n_virtual + ids.shape[1], dtype=torch.long)
+        positions = torch.arange(n_virtual, n_virtual + ids.shape[1]).unsqueeze(0)
+        cache = DynamicCache()
+        if request.virtual is None:
+            out = self._forward(ids, mask, positions, cache, [request.internal])
+        elif request.prefix:  # PEFT's layout: per layer a key (slot 2l) then a value (slot 2l+1)
+            cfg = self.model.config
+            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+            table = request.virtual.view(n_virtual, cfg.num_hidden_layers * 2, kv_heads, head_dim).permute(1, 2, 0, 3)
+            for layer in range(cfg.num_hidden_layers):
+                cache.update(table[2 * layer][None], table[2 * layer + 1][None], layer)
+            out = self._forward(ids, mask, positions, cache, [BASE])
+        else:  # soft prompt: virtual embeddings in front of the prompt's
+            embeds = torch.cat([request.virtual, self.model.get_input_embeddings()(ids[0])])[None]
+            out = self._forward(None, mask, torch.arange(mask.shape[1]).unsqueeze(0), cache, [BASE],
+                                inputs_embeds=embeds)
         token = self._sample(request, out.logits[0, -1])
         self._merge(request, out.past_key_values, mask)
         self._emit(request, token)
