@@ -139,12 +139,15 @@ def _check_lora(name: str, config: dict, tensors: dict, base_model, max_rank: in
         raise AdapterError(f"adapter {name!r}: rank {max(ranks)} exceeds the server's max_rank {max_rank}; raise "
                            "--max-rank or retrain with a smaller lora.r", status=422)
     for key, t in tensors.items():
-        for marker, check in (("lora_A", lambda m, t: t.shape[1] == m.in_features and t.shape[0] <= max_rank),
-                              ("lora_B", lambda m, t: t.shape[0] == m.out_features and t.shape[1] <= max_rank)):
+        for marker, check in (("lora_A", lambda m, t: t.dim() == 2 and t.shape[1] == m.in_features
+                                and t.shape[0] <= max_rank),
+                              ("lora_B", lambda m, t: t.dim() == 2 and t.shape[0] == m.out_features
+                                and t.shape[1] <= max_rank),
+                              ("lora_magnitude_vector", lambda m, t: t.numel() == m.out_features)):  # DoRA
             if f".{marker}" in key:
                 module = _base_module(name, base_model, _module_of(key, marker))
                 base_layer = getattr(module, "base_layer", module)
-                if not hasattr(base_layer, "in_features") or t.dim() != 2 or not check(base_layer, t):
+                if not hasattr(base_layer, "in_features") or not check(base_layer, t):
                     raise AdapterError(f"adapter {name!r}: {key} has shape {tuple(t.shape)}, which does not fit "
                                        f"{_module_of(key, marker)} of the base; it was trained on another model",
                                        status=422)

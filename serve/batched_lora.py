@@ -10,8 +10,9 @@ sum of ranks, each adapter's scaling folded in), and computes for the whole batc
 
 where ``row_mask`` keeps, for each row, only its own adapter's rank slice (none for ``__base__``).
 The concatenation is rebuilt after an adapter is loaded or deleted (:meth:`BatchedLora.refresh`);
-masks are built once per step and shared by every layer with the same adapters. Layers whose
-adapters use a PEFT variant (DoRA) or a LoRA bias keep PEFT's own path.
+masks are built once per step and shared by every layer with the same adapters. DoRA rows (which
+PEFT cannot mix into a batch at all) get their per-output magnitude factor on top. Layers with
+another PEFT variant or a LoRA bias keep PEFT's own path.
 """
 
 from __future__ import annotations
@@ -40,7 +41,19 @@ class BatchedLora:
             if isinstance(module, LoraLayer) and not getattr(module, "_edgetune_batched", False):
                 module._edgetune_original = module._mixed_batch_forward
                 module._mixed_batch_forward = types.MethodType(partial(_forward, self), module)
+                module._check_forward_args = types.MethodType(partial(_check_args, module._check_forward_args),
+                                                              module)
                 module._edgetune_batched = True
+
+    def row_factors(self, layout: tuple, adapter_names: tuple[str, ...], scales):
+        """(rows x out) DoRA factors per row: its adapter's row of ``scales``, ones for base rows."""
+        import torch
+
+        key = ("slots", layout, adapter_names)
+        if key not in self._masks:
+            self._masks[key] = _row_slots(layout, adapter_names)
+        table = torch.cat([scales, torch.ones(1, scales.shape[1], dtype=scales.dtype)])
+        return table[self._masks[key]]
 
     def mask(self, layout: tuple, adapter_names: tuple[str, ...]):
         """(rows x sum of ranks) 0/1 mask selecting each row's own adapter slice; None if no row uses one."""
@@ -62,29 +75,68 @@ class BatchedLora:
         return self._masks[key]
 
 
+def _check_args(original, layer, x, *args: Any, **kwargs: Any) -> None:
+    """PEFT's argument checks, except its refusal of DoRA in mixed batches (handled here): DoRA
+    adapters are shown to it as ``__base__`` rows, so its other checks (row count, merged) still run."""
+    names = kwargs.get("adapter_names")
+    if names is not None:
+        dora = getattr(layer, "lora_variant", {})
+        kwargs = {**kwargs, "adapter_names": ["__base__" if n in dora else n for n in names]}
+    return original(x, *args, **kwargs)
+
+
+def _row_slots(layout: tuple, adapter_names: tuple[str, ...]):
+    """Index of each row's adapter in ``layout`` (len(layout) for base rows and absent adapters)."""
+    import torch
+
+    where = {name: i for i, (name, _) in enumerate(layout)}
+    return torch.tensor([where.get(n, len(layout)) for n in adapter_names])
+
+
 def _concatenated(batched: BatchedLora, layer):
-    """(layout, A_cat, B_cat) of ``layer``'s serving adapters, rebuilt when the adapter set changed."""
+    """(layout, A_cat, B_cat, dora_scales) of ``layer``'s serving adapters, rebuilt when the adapter set changed.
+
+    ``dora_scales`` (adapters x out, or None when no adapter is DoRA) holds DoRA's per-output factor
+    ``magnitude / ||W + s·B·A||`` for DoRA adapters and 1 for plain LoRA ones: a DoRA row's output is
+    that factor times (W x + s·B·A x), plus the bias, exactly PEFT's DoRA forward.
+    """
     import torch
 
     cached = layer.__dict__.get("_edgetune_cat")
     if cached is not None and cached[0] == batched.version:
         return cached[1:]
     names = [n for n in layer.lora_A.keys() if not n.startswith("_")]  # "_shell" is never used by a request
-    if any(n in getattr(layer, "lora_variant", {}) or getattr(layer, "lora_bias", {}).get(n) for n in names):
-        result = (None, None, None)
+    variants = getattr(layer, "lora_variant", {})
+    dora = [n for n in names if n in variants]
+    weight = getattr(layer.get_base_layer(), "weight", None)
+    unsupported = any(type(variants[n]).__name__ != "DoraLinearVariant" for n in dora) or (
+        dora and (weight is None or not weight.is_floating_point() or weight.dim() != 2))
+    if unsupported or any(getattr(layer, "lora_bias", {}).get(n) for n in names):
+        result = (None, None, None, None)
     elif not names:
-        result = ((), None, None)
+        result = ((), None, None, None)
     else:
-        a = torch.cat([layer.lora_A[n].weight for n in names], dim=0)
-        b = torch.cat([layer.lora_B[n].weight * layer.scaling[n] for n in names], dim=1)
-        result = (tuple((n, layer.lora_A[n].weight.shape[0]) for n in names), a.detach(), b.detach())
+        with torch.no_grad():
+            a = torch.cat([layer.lora_A[n].weight for n in names], dim=0)
+            b = torch.cat([layer.lora_B[n].weight * layer.scaling[n] for n in names], dim=1)
+            scales = None
+            if dora:
+                rows = []
+                for n in names:
+                    if n in dora:
+                        full = weight + layer.scaling[n] * (layer.lora_B[n].weight @ layer.lora_A[n].weight)
+                        rows.append(layer.lora_magnitude_vector[n].weight / full.norm(p=2, dim=1))
+                    else:
+                        rows.append(torch.ones(weight.shape[0], dtype=weight.dtype))
+                scales = torch.stack(rows)
+        result = (tuple((n, layer.lora_A[n].weight.shape[0]) for n in names), a, b, scales)
     layer.__dict__["_edgetune_cat"] = (batched.version, *result)
     return result
 
 
 def _forward(batched: BatchedLora, layer, x, *args: Any, adapter_names: list[str], **kwargs: Any):
-    layout, a, b = _concatenated(batched, layer)
-    if layout is None:  # DoRA or LoRA bias: PEFT's per-adapter path
+    layout, a, b, scales = _concatenated(batched, layer)
+    if layout is None:  # a LoRA bias or another variant: PEFT's per-adapter path
         return layer._edgetune_original(x, *args, adapter_names=adapter_names, **kwargs)
     from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 
@@ -98,4 +150,13 @@ def _forward(batched: BatchedLora, layer, x, *args: Any, adapter_names: list[str
         return result
     h = x.to(a.dtype) @ a.T
     h = h * (mask[:, None, :] if h.dim() == 3 else mask)
-    return result + (h @ b.T).to(result.dtype)
+    delta = (h @ b.T).to(result.dtype)
+    if scales is None:
+        return result + delta
+    factor = batched.row_factors(layout, tuple(adapter_names), scales)  # rows x out; 1 for base/LoRA rows
+    if result.dim() == 3:
+        factor = factor[:, None, :]
+    bias = getattr(layer.get_base_layer(), "bias", None)
+    if bias is None:
+        return (result + delta) * factor
+    return (result - bias + delta) * factor + bias

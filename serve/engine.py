@@ -143,10 +143,9 @@ class Engine:
         """Load (or replace) adapter ``info.name``; evict LRU unpinned ones beyond capacity."""
         if info.kind == "prompt":
             return self._load_virtual(info, source, pinned)
-        if info.kind != "lora" or info.details.get("dora"):
-            what = "DoRA" if info.details.get("dora") else info.kind
-            raise AdapterError(f"adapter {info.name!r}: {what} adapters cannot share mixed-adapter batches yet (this "
-                               "engine serves LoRA, QLoRA and prompt-learning adapters); serve its merged model "
+        if info.kind != "lora":
+            raise AdapterError(f"adapter {info.name!r}: {info.kind} adapters cannot share mixed-adapter batches yet "
+                               "(this engine serves LoRA, DoRA, QLoRA and prompt-learning adapters); serve its merged model "
                                "instead: `edgetune merge`, then `edgetune serve --base runs/<run>/merged/<task>`",
                                status=422)
         self._counter += 1

@@ -51,3 +51,33 @@ def test_matches_peft_for_mixed_rows_and_follows_loads_and_deletes(tiny_model_di
         rows = ["a", "c", "__base__"]
         assert torch.allclose(fast(input_ids=x[:3], adapter_names=rows).logits,
                               reference(input_ids=x[:3], adapter_names=rows).logits, atol=1e-5)
+
+
+def test_dora_rows_mix_with_lora_and_base_rows(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """PEFT cannot put a DoRA adapter in a mixed batch; here each row equals PEFT's DoRA model run alone."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    _adapters(tiny_model_dir, tmp_path)
+    torch.manual_seed(9)
+    dora = get_peft_model(load_model(tiny_model_dir), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                                 use_dora=True, init_lora_weights=False,
+                                                                 task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in dora.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+            if "magnitude" in n:
+                p.mul_(1.5)  # a magnitude that differs from the base weight's norm
+    dora.save_pretrained(tmp_path / "d")
+
+    fast = _load(tiny_model_dir, tmp_path, "ad")
+    BatchedLora(fast)
+    x = torch.randint(0, 200, (3, 7))
+    rows = ["d", "a", "__base__"]
+    with torch.no_grad():
+        got = fast(input_ids=x, adapter_names=rows).logits
+        alone_d = PeftModel.from_pretrained(load_model(tiny_model_dir), tmp_path / "d").eval()(input_ids=x[:1]).logits
+        alone_a = PeftModel.from_pretrained(load_model(tiny_model_dir), tmp_path / "a").eval()(input_ids=x[1:2]).logits
+        base = load_model(tiny_model_dir)(input_ids=x[2:]).logits
+    assert (got[0] - alone_d[0]).abs().max() < 1e-4 and (alone_d[0] - alone_a[0]).abs().max() > 1e-2
+    assert (got[1] - alone_a[0]).abs().max() < 1e-4 and (got[2] - base[0]).abs().max() < 1e-4
