@@ -191,7 +191,7 @@ def _inspect_pir(name: str, folder: Path, base_model) -> AdapterInfo:
     for key, t in tensors.items():
         if key.endswith(".indices"):
             module = _base_module(name, base_model, key.rsplit(".", 1)[0])
-            numel = getattr(module, "weight", None).numel() if hasattr(module, "weight") else 0
+            numel = getattr(module, "in_features", 0) * getattr(module, "out_features", 0)
             if t.numel() and (int(t.min()) < 0 or int(t.max()) >= numel):
                 raise AdapterError(f"adapter {name!r}: sparse delta indices of {key.rsplit('.', 1)[0]} fall outside "
                                    "its weight; it was trained on another model", status=422)

@@ -1,10 +1,12 @@
-"""The generation engine: one frozen base, many LoRA-family adapters, continuous mixed-adapter batching.
+"""The generation engine: one frozen base, many adapters of every kind, continuous mixed-adapter batching.
 
 A single worker thread owns the model. Requests wait in a bounded queue; between decode steps the
 worker admits new ones (prefilled alone, then merged into the running batch's KV cache) and
 drops finished ones, so a request never waits for a whole batch to finish. Each row of a decode
 step names its adapter (PEFT's ``adapter_names``; ``__base__`` is the bare base), so requests for
-different adapters share forward passes.
+different adapters share forward passes. LoRA/DoRA/QLoRA rows go through the two-product LoRA
+layer (:mod:`serve.batched_lora`); IA3 and PIR rows through per-row hooks (:mod:`serve.rowwise`);
+prompt-learning rows are base rows whose prefill starts from their virtual tokens.
 
 Adapter changes (load, replace, unload, evict) are commands the worker runs between steps, so the
 model never changes under a running forward. Each loaded version gets its own internal PEFT name:
@@ -55,6 +57,9 @@ class GenRequest:
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     internal: str = BASE
+    """The PEFT LoRA adapter this row uses in a mixed batch (``__base__``: none)."""
+    row_adapter: str | None = None
+    """The row-wise (IA3, PIR) adapter this row uses, if any."""
     cancelled: bool = False
     virtual: Any = None
     """A prompt-learning adapter's virtual tokens: embeddings [V, hidden], or a key/value prefix table."""
@@ -75,6 +80,8 @@ class LoadedAdapter:
     retired: bool = False
     virtual: Any = None
     prefix: bool = False
+    row_adapter: str | None = None
+    """Internal name in the engine's RowAdapters (IA3, PIR); then ``internal`` is ``__base__``."""
 
 
 class Engine:
@@ -90,6 +97,9 @@ class Engine:
         from serve.batched_lora import BatchedLora
 
         self.batched = BatchedLora(self.model)
+        from serve.rowwise import RowAdapters
+
+        self.rowwise = RowAdapters(self.model)
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_loaded_adapters = max_loaded_adapters
@@ -143,21 +153,23 @@ class Engine:
         """Load (or replace) adapter ``info.name``; evict LRU unpinned ones beyond capacity."""
         if info.kind == "prompt":
             return self._load_virtual(info, source, pinned)
-        if info.kind != "lora":
-            raise AdapterError(f"adapter {info.name!r}: {info.kind} adapters cannot share mixed-adapter batches yet "
-                               "(this engine serves LoRA, DoRA, QLoRA and prompt-learning adapters); serve its merged model "
-                               "instead: `edgetune merge`, then `edgetune serve --base runs/<run>/merged/<task>`",
-                               status=422)
         self._counter += 1
         internal = f"a{self._counter}"
         started = time.perf_counter()
         try:
-            self.model.load_adapter(str(info.path), adapter_name=internal)
+            if info.kind in ("ia3", "pir"):
+                self._load_rowwise(info, internal)
+            else:
+                self.model.load_adapter(str(info.path), adapter_name=internal)
+        except AdapterError:
+            raise
         except Exception as exc:  # a library error must not take the server down
             self.failed[info.name] = str(exc)
             raise AdapterError(f"adapter {info.name!r} failed to load: {exc}", status=422) from None
         self.batched.refresh()
-        entry = LoadedAdapter(info, internal, source, pinned, time.perf_counter() - started)
+        entry = LoadedAdapter(info, BASE if info.kind in ("ia3", "pir") else internal, source, pinned,
+                              time.perf_counter() - started,
+                              row_adapter=internal if info.kind in ("ia3", "pir") else None)
         old = self.adapters.pop(info.name, None)
         if old is not None:
             old.retired = True
@@ -166,8 +178,28 @@ class Engine:
         self.known_sources[info.name] = (source, pinned)
         self.failed.pop(info.name, None)
         self._collect_retired()
-        self._evict()
+        self._evict(keep=info.name)
         return entry
+
+    def _load_rowwise(self, info: AdapterInfo, internal: str) -> None:
+        """IA3 vectors or a PIR sparse delta, applied per row by hooks (see serve/rowwise.py)."""
+        import json
+
+        from safetensors.torch import load_file
+
+        if info.kind == "pir":
+            from pipeline.methods.pir import WEIGHTS_FILE
+
+            tensors = load_file(str(info.path / WEIGHTS_FILE))
+            deltas = {k.rsplit(".", 1)[0]: (tensors[k].long(), tensors[k.rsplit(".", 1)[0] + ".values"])
+                      for k in tensors if k.endswith(".indices")}
+            self.rowwise.add(internal, "pir", deltas)
+            return
+        config = json.loads((info.path / "adapter_config.json").read_text())
+        feedforward = config.get("feedforward_modules") or []
+        tensors = load_file(str(info.path / "adapter_model.safetensors"))
+        vectors = {k.removeprefix("base_model.model.").split(".ia3_l")[0]: t for k, t in tensors.items() if ".ia3_l" in k}
+        self.rowwise.add(internal, "ia3", vectors, set([feedforward] if isinstance(feedforward, str) else feedforward))
 
     def _load_virtual(self, info: AdapterInfo, source: str, pinned: bool) -> LoadedAdapter:
         """A prompt-learning adapter is data, not layers: its rows run as base rows whose prefill starts
@@ -182,7 +214,7 @@ class Engine:
         self.adapters[info.name] = entry
         self.known_sources[info.name] = (source, pinned)
         self.failed.pop(info.name, None)
-        self._evict()
+        self._evict(keep=info.name)
         return entry
 
     def unload(self, name: str) -> bool:
@@ -197,9 +229,11 @@ class Engine:
         self._collect_retired()
         return True
 
-    def _evict(self) -> None:
+    def _evict(self, keep: str | None = None) -> None:
+        """Unload least recently used unpinned, idle adapters beyond capacity (never ``keep``, just loaded)."""
         while len(self.adapters) > self.max_loaded_adapters:
-            victim = next((n for n, a in self.adapters.items() if not a.pinned and a.in_flight == 0), None)
+            victim = next((n for n, a in self.adapters.items()
+                           if not a.pinned and a.in_flight == 0 and n != keep), None)
             if victim is None:
                 return  # everything is pinned or busy: stay over capacity rather than break a request
             entry = self.adapters.pop(victim)
@@ -211,7 +245,10 @@ class Engine:
     def _collect_retired(self) -> None:
         gone = [e for e in self.retired if e.in_flight == 0]
         for entry in gone:
-            self.model.delete_adapter(entry.internal)
+            if entry.row_adapter:
+                self.rowwise.remove(entry.row_adapter)
+            elif entry.internal != BASE:
+                self.model.delete_adapter(entry.internal)
             self.retired.remove(entry)
         if gone:
             self.batched.refresh()
@@ -223,7 +260,10 @@ class Engine:
         torch.set_grad_enabled(False)
         while not self._stop.is_set():
             self._run_commands()
-            self._admit()
+            try:
+                self._admit()
+            except Exception:  # a bug in admission must not kill the worker: those requests failed already
+                log.exception("admitting requests failed")
             if not self.active:
                 self._wake.wait(timeout=0.05)
                 self._wake.clear()
@@ -268,9 +308,10 @@ class Engine:
                 continue
             if entry is not None:
                 self.adapters.move_to_end(request.adapter)  # most recently used
-                if entry.internal != BASE:  # LoRA weights in the model: keep them while this request runs
+                if entry.internal != BASE or entry.row_adapter:  # weights in the model: keep them while it runs
                     entry.in_flight += 1
                 request.internal, request.virtual, request.prefix = entry.internal, entry.virtual, entry.prefix
+                request.row_adapter = entry.row_adapter
             try:
                 self._prefill(request)
             except Exception as exc:
@@ -278,9 +319,14 @@ class Engine:
                 self._release(request)
                 self._finish(request, "error", str(exc))
 
-    def _forward(self, input_ids, attention_mask, position_ids, cache, adapters: list[str], **inputs):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          past_key_values=cache, use_cache=True, adapter_names=adapters, **inputs)
+    def _forward(self, input_ids, attention_mask, position_ids, cache, adapters: list[str],
+                 row_adapters: list[str | None] | None = None, **inputs):
+        self.rowwise.rows = row_adapters
+        try:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              past_key_values=cache, use_cache=True, adapter_names=adapters, **inputs)
+        finally:
+            self.rowwise.rows = None
 
     def _prefill(self, request: GenRequest) -> None:
         """Run the prompt alone (after any virtual tokens), sample its first token, join the batch."""
@@ -293,7 +339,7 @@ class Engine:
         positions = torch.arange(n_virtual, n_virtual + ids.shape[1]).unsqueeze(0)
         cache = DynamicCache()
         if request.virtual is None:
-            out = self._forward(ids, mask, positions, cache, [request.internal])
+            out = self._forward(ids, mask, positions, cache, [request.internal], [request.row_adapter])
         elif request.prefix:  # PEFT's layout: per layer a key (slot 2l) then a value (slot 2l+1)
             cfg = self.model.config
             head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -343,7 +389,8 @@ class Engine:
         ids = torch.tensor([[r.tokens[-1]] for r in self.active])
         self._mask = torch.cat([self._mask, torch.ones(len(self.active), 1, dtype=self._mask.dtype)], dim=1)
         positions = (self._mask.sum(dim=1, keepdim=True) - 1)
-        out = self._forward(ids, self._mask, positions, self._cache, [r.internal for r in self.active])
+        out = self._forward(ids, self._mask, positions, self._cache, [r.internal for r in self.active],
+                            [r.row_adapter for r in self.active])
         self._cache = out.past_key_values
         self.on_step(len(self.active))
         for row, r in enumerate(list(self.active)):
@@ -416,11 +463,11 @@ class Engine:
         request.on_done(reason, len(request.tokens), error)
 
     def _release(self, request: GenRequest) -> None:
-        if request.internal == BASE or request.released:
+        if (request.internal == BASE and not request.row_adapter) or request.released:
             return
         request.released = True
         for entry in [*self.adapters.values(), *self.retired]:
-            if entry.internal == request.internal:
+            if (entry.row_adapter or entry.internal) == (request.row_adapter or request.internal):
                 entry.in_flight -= 1
         self._collect_retired()
 

@@ -31,7 +31,8 @@ def _prompt_adapter(base: Path, out: Path, kind: str) -> None:
 def _generate(engine: Engine, tokenizer, adapter: str | None, prompt: str, n: int = 8) -> GenRequest:
     done = threading.Event()
     request = GenRequest(prompt_ids=tokenizer(prompt, add_special_tokens=False)["input_ids"], max_tokens=n,
-                         adapter=adapter, on_done=lambda *_: done.set())
+                         adapter=adapter)
+    request.on_done = lambda reason, count, error: (setattr(request, "reason", (reason, error)), done.set())
     engine.submit(request)
     return request, done
 
@@ -65,5 +66,100 @@ def test_prompt_learning_rows_match_peft(kind: str, tiny_model_dir: Path, tmp_pa
         assert torch.allclose(seen[0], first_logits, atol=1e-4)  # the prefill sees what PEFT's model sees
         mixed = [_generate(engine, tokenizer, a, p) for a, p in [(None, "x y"), (kind, prompt), (None, prompt)]]
         assert all(d.wait(30) for _, d in mixed) and mixed[1][0].tokens == expected
+    finally:
+        engine.shutdown(1)
+
+
+def _rowwise_adapter(base: Path, out: Path, kind: str) -> None:
+    from pipeline.config import load_config
+
+    torch.manual_seed(6)
+    if kind == "ia3":
+        from peft import IA3Config, get_peft_model
+
+        model = get_peft_model(load_model(base), IA3Config(task_type="CAUSAL_LM", init_ia3_weights=False))
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.normal_(1.0, 2.0)
+        model.save_pretrained(out)
+        return
+    from pipeline.methods.pir import apply_pir, delta_layers, save_sparse_delta
+
+    model = apply_pir(load_model(base), load_config("configs/tiny.yaml", [f"base={base}", "pir.k=0.05"]))
+    with torch.no_grad():
+        for layer in delta_layers(model).values():
+            layer.values.normal_(0, 3.0)
+    out.mkdir(parents=True)
+    save_sparse_delta(model, out)
+
+
+@pytest.mark.parametrize("kind", ["ia3", "pir"])
+def test_ia3_and_pir_rows_match_the_adapter_model_alone(kind: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Row-wise adapters (hooks) give the same first logits and greedy tokens as the adapter model run alone,
+    also beside a LoRA row and a base row in one batch."""
+    from pipeline.tune import load_tuned
+
+    _rowwise_adapter(tiny_model_dir, tmp_path / kind, kind)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    prompt = "Review: great mug"
+    ids = tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
+    reference = load_tuned(tmp_path / kind, tiny_model_dir)
+    with torch.no_grad():
+        expected = reference.generate(**ids, max_new_tokens=8, do_sample=False, min_new_tokens=8,
+                                      pad_token_id=tokenizer.pad_token_id)[0, ids["input_ids"].shape[1]:].tolist()
+        first_logits = reference(**ids).logits[0, -1]
+        plain_logits = load_model(tiny_model_dir)(**ids).logits[0, -1]
+    assert (first_logits - plain_logits).abs().max() > 1e-2
+
+    base = load_model(tiny_model_dir)
+    engine = Engine(base, tokenizer, max_batch_size=4)
+    engine.tokenizer = type("NoEos", (), {"eos_token_id": -1, "decode": tokenizer.decode})()
+    seen, sample = [], engine._sample
+    engine._sample = lambda request, logits: seen.append(logits.clone()) or sample(request, logits)
+    try:
+        info = inspect_adapter(kind, tmp_path / kind, base, max_rank=8)
+        engine.run_command(lambda: engine.load(info, kind))
+        alone, done = _generate(engine, tokenizer, kind, prompt)
+        assert done.wait(30) and alone.tokens == expected
+        assert torch.allclose(seen[0], first_logits, atol=1e-4)
+        mixed = [_generate(engine, tokenizer, a, p) for a, p in [(None, "x y"), (kind, prompt), (None, prompt)]]
+        assert all(d.wait(30) for _, d in mixed) and mixed[1][0].tokens == expected
+        plain = [_generate(engine, tokenizer, None, prompt)]
+        assert plain[0][1].wait(30) and plain[0][0].tokens == mixed[2][0].tokens  # base rows untouched
+        assert engine.run_command(lambda: engine.unload(kind)) and not engine.rowwise.adapters
+    finally:
+        engine.shutdown(1)
+
+
+@pytest.mark.parametrize("quantize", ["int8", "nf4"])
+def test_quantized_base_serves_every_adapter_kind_and_evicts_lru(quantize: str, tiny_model_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    """On a bitsandbytes base, LoRA, prefix, IA3 and PIR rows decode together; with room for two adapters the
+    least recently used is evicted and comes back transparently on its next request."""
+    from peft import LoraConfig, get_peft_model
+
+    from serve.adapters import AdapterInfo
+    from serve.engine import load_base
+
+    torch.manual_seed(1)
+    get_peft_model(load_model(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM",
+                                                          init_lora_weights=False)).save_pretrained(tmp_path / "lora")
+    _prompt_adapter(tiny_model_dir, tmp_path / "prefix", "prefix")
+    for kind in ("ia3", "pir"):
+        _rowwise_adapter(tiny_model_dir, tmp_path / kind, kind)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    base = load_base(tiny_model_dir, quantize)
+    engine = Engine(base, tokenizer, max_batch_size=8, max_loaded_adapters=2)
+    engine.resolver = lambda name, source: inspect_adapter(name, tmp_path / source, base, max_rank=8)
+    try:
+        for kind in ("lora", "prefix", "ia3", "pir"):
+            info: AdapterInfo = engine.resolver(kind, kind)
+            engine.run_command(lambda info=info: engine.load(info, info.name))
+        assert list(engine.adapters) == ["ia3", "pir"]  # lora, prefix evicted (least recently used)
+        jobs = [_generate(engine, tokenizer, a, "Review: great mug", 4) for a in ("lora", "prefix", "ia3", "pir", None)]
+        assert all(done.wait(60) for _, done in jobs)
+        assert [r.reason[1] for r, _ in jobs] == [None] * 5  # every kind decoded, none failed
+        assert "lora" in engine.known_sources and len(engine.adapters) >= 2
     finally:
         engine.shutdown(1)

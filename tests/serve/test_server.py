@@ -258,3 +258,21 @@ def test_settings_come_from_flags_or_environment() -> None:
     with pytest.raises(ConfigError, match="max_queue"):
         ServeSettings.from_sources({}, env={"EDGETUNE_SERVE_MAX_QUEUE": "0"})
     assert json.dumps(ServeSettings().__dict__, default=str)
+
+
+def test_timeout_is_a_504_and_sigterm_drains_running_requests(tiny_model_dir: Path, root: Path) -> None:
+    srv = Server(tiny_model_dir, root, "--request-timeout-s", "0.3", "--max-rank", "8")
+    try:
+        slow = _complete(srv.url, "alpha", "go", max_tokens=200)
+        assert slow.status_code == 504 and "timed out" in slow.json()["error"]["message"]
+    finally:
+        srv.stop()
+    srv = Server(tiny_model_dir, root, "--max-rank", "8")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(_complete, srv.url, "alpha", "go", 150)
+        time.sleep(0.3)  # the request is decoding now
+        srv.proc.terminate()  # SIGTERM: stop accepting, finish what runs, then exit
+        response = running.result(timeout=60)
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] > 0
+    assert srv.proc.wait(timeout=60) in (0, -15)  # uvicorn re-raises SIGTERM once it has shut down cleanly
+    assert "Traceback" not in srv.log.read_text()
