@@ -4,6 +4,7 @@ give PEFT's greedy tokens, alone and mixed with LoRA rows."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -161,5 +162,44 @@ def test_quantized_base_serves_every_adapter_kind_and_evicts_lru(quantize: str, 
         assert all(done.wait(60) for _, done in jobs)
         assert [r.reason[1] for r, _ in jobs] == [None] * 5  # every kind decoded, none failed
         assert "lora" in engine.known_sources and len(engine.adapters) >= 2
+    finally:
+        engine.shutdown(1)
+
+
+def test_a_replaced_adapter_finishes_running_requests_on_the_old_version(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    for seed, name in ((1, "v1"), (2, "v2")):
+        torch.manual_seed(seed)
+        model = get_peft_model(load_model(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear",
+                                                                      task_type="CAUSAL_LM", init_lora_weights=False))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.5)
+        model.save_pretrained(tmp_path / name)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    base = load_model(tiny_model_dir)
+    engine = Engine(base, tokenizer, max_batch_size=4)
+    engine.tokenizer = type("NoEos", (), {"eos_token_id": -1, "decode": tokenizer.decode})()
+    load = lambda source: engine.run_command(  # noqa: E731
+        lambda: engine.load(inspect_adapter("task", tmp_path / source, base, max_rank=8), source))
+    try:
+        expected = {}
+        for source in ("v1", "v2"):
+            load(source)
+            request, done = _generate(engine, tokenizer, "task", "Review: great mug", 40)
+            assert done.wait(30)
+            expected[source] = request.tokens
+        assert expected["v1"] != expected["v2"]
+        load("v1")
+        running, done = _generate(engine, tokenizer, "task", "Review: great mug", 40)
+        while len(running.tokens) < 5:  # decoding on v1
+            time.sleep(0.001)
+        load("v2")  # hot swap mid-request
+        after, after_done = _generate(engine, tokenizer, "task", "Review: great mug", 40)
+        assert done.wait(30) and after_done.wait(30)
+        assert running.tokens == expected["v1"] and after.tokens == expected["v2"]
+        assert len(engine.retired) == 0  # the old version was freed when its last request ended
     finally:
         engine.shutdown(1)

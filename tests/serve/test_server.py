@@ -276,3 +276,13 @@ def test_timeout_is_a_504_and_sigterm_drains_running_requests(tiny_model_dir: Pa
     assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] > 0
     assert srv.proc.wait(timeout=60) in (0, -15)  # uvicorn re-raises SIGTERM once it has shut down cleanly
     assert "Traceback" not in srv.log.read_text()
+
+
+def test_stop_and_seed(server: Server) -> None:
+    greedy = _complete(server.url, "alpha", "Review: great mug", 12).json()["choices"][0]["text"]
+    assert len(greedy) > 4
+    cut = _complete(server.url, "alpha", "Review: great mug", 12, stop=[greedy[3:5]]).json()["choices"][0]
+    assert cut["finish_reason"] == "stop" and greedy.startswith(cut["text"]) and greedy[3:5] not in cut["text"]
+    sampled = [_complete(server.url, "alpha", "Review: great mug", 12, temperature=1.0, top_p=0.9,
+                         seed=seed).json()["choices"][0]["text"] for seed in (7, 7, 8)]
+    assert sampled[0] == sampled[1]  # the same seed gives the same sample
