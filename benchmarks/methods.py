@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.measure import run_measured  # noqa: E402
 from pipeline.artifacts import write_json_atomic, write_text_atomic  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.methods import METHODS, get_method  # noqa: E402
@@ -38,13 +38,7 @@ STRONG_EM = 0.80
 def edgetune(config: str, *args: str) -> tuple[float, float]:
     """Run ``edgetune ARGS`` in a child process; return (wall seconds, its peak RSS in MB). Fails loudly."""
     cmd = [str(Path(sys.executable).parent / "edgetune"), *args[:1], "--config", config, *args[1:]]
-    print("$", shlex.join(cmd), flush=True)
-    started = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"bench-methods: `{shlex.join(cmd)}` failed (exit {os.waitstatus_to_exitcode(status)})")
-    return time.perf_counter() - started, usage.ru_maxrss / 1024  # Linux reports KiB
+    return run_measured(cmd, "bench-methods")
 
 
 def weights_bytes(folder: Path) -> int:

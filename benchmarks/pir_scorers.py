@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +19,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.measure import run_measured  # noqa: E402
 
 SCORERS = ("taylor", "fisher", "forest")
 
@@ -67,17 +66,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for scorer in SCORERS:
             cmd = [sys.executable, __file__, "--config", args.config, "--child", scorer, "--tmp", tmp]
-            print("$", shlex.join(cmd), flush=True)
-            started = time.perf_counter()
-            proc = subprocess.Popen(cmd, cwd=ROOT)
-            _, status, usage = os.wait4(proc.pid, 0)
-            if os.waitstatus_to_exitcode(status) != 0:
-                raise SystemExit(f"bench-pir: scorer {scorer} failed")
+            seconds, rss_mb = run_measured(cmd, f"bench-pir ({scorer})")
             info = json.loads((Path(tmp) / f"{scorer}.json").read_text())
             rows.append({"scorer": scorer, "scoring_seconds": info["scoring_seconds"],
-                         "process_seconds": round(time.perf_counter() - started, 1),
-                         "peak_rss_mb": round(usage.ru_maxrss / 1024), "selected": info["selected"],
-                         "eligible": info["eligible"]})
+                         "process_seconds": round(seconds, 1), "peak_rss_mb": round(rss_mb),
+                         "selected": info["selected"], "eligible": info["eligible"]})
         chosen = {s: torch.load(Path(tmp) / f"{s}.pt") for s in SCORERS}
     for row in rows:
         picks = chosen[row["scorer"]]

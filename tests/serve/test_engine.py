@@ -1,5 +1,5 @@
-"""The engine on the tiny model: prompt-learning adapters served as base rows with virtual tokens
-give PEFT's greedy tokens, alone and mixed with LoRA rows."""
+"""The engine on the tiny model: every adapter kind served in mixed batches behaves like its own model,
+on fp32 and bitsandbytes bases, through eviction and hot swaps."""
 
 from __future__ import annotations
 
@@ -38,39 +38,6 @@ def _generate(engine: Engine, tokenizer, adapter: str | None, prompt: str, n: in
     return request, done
 
 
-@pytest.mark.parametrize("kind", ["prompt", "prefix"])
-def test_prompt_learning_rows_match_peft(kind: str, tiny_model_dir: Path, tmp_path: Path) -> None:
-    from peft import PeftModel
-
-    _prompt_adapter(tiny_model_dir, tmp_path / kind, kind)
-    tokenizer = load_tokenizer(tiny_model_dir)
-    prompt = "Review: great mug"
-    ids = tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
-    peft = PeftModel.from_pretrained(load_model(tiny_model_dir), tmp_path / kind).eval()
-    with torch.no_grad():
-        expected = peft.generate(**ids, max_new_tokens=8, do_sample=False, min_new_tokens=8,
-                                 pad_token_id=tokenizer.pad_token_id)[0, ids["input_ids"].shape[1]:].tolist()
-        first_logits = peft(**ids).logits[0, -1]
-        plain_logits = load_model(tiny_model_dir)(**ids).logits[0, -1]
-    assert (first_logits - plain_logits).abs().max() > 1e-2  # the adapter changes the model's prediction
-
-    base = load_model(tiny_model_dir)
-    engine = Engine(base, tokenizer, max_batch_size=4)
-    engine.tokenizer = type("NoEos", (), {"eos_token_id": -1, "decode": tokenizer.decode})()  # always 8 tokens
-    seen, sample = [], engine._sample
-    engine._sample = lambda request, logits: seen.append(logits.clone()) or sample(request, logits)
-    try:
-        info = inspect_adapter(kind, tmp_path / kind, base, max_rank=8)
-        engine.run_command(lambda: engine.load(info, kind))
-        alone, done = _generate(engine, tokenizer, kind, prompt)
-        assert done.wait(30) and alone.tokens == expected
-        assert torch.allclose(seen[0], first_logits, atol=1e-4)  # the prefill sees what PEFT's model sees
-        mixed = [_generate(engine, tokenizer, a, p) for a, p in [(None, "x y"), (kind, prompt), (None, prompt)]]
-        assert all(d.wait(30) for _, d in mixed) and mixed[1][0].tokens == expected
-    finally:
-        engine.shutdown(1)
-
-
 def _rowwise_adapter(base: Path, out: Path, kind: str) -> None:
     from pipeline.config import load_config
 
@@ -95,27 +62,31 @@ def _rowwise_adapter(base: Path, out: Path, kind: str) -> None:
     save_sparse_delta(model, out)
 
 
-@pytest.mark.parametrize("kind", ["ia3", "pir"])
-def test_ia3_and_pir_rows_match_the_adapter_model_alone(kind: str, tiny_model_dir: Path, tmp_path: Path) -> None:
-    """Row-wise adapters (hooks) give the same first logits and greedy tokens as the adapter model run alone,
-    also beside a LoRA row and a base row in one batch."""
+def _build(kind: str, base: Path, out: Path) -> None:
+    (_prompt_adapter if kind in ("prompt", "prefix") else _rowwise_adapter)(base, out, kind)
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix", "ia3", "pir"])
+def test_every_adapter_kind_matches_its_model_alone(kind: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Soft prompts and prefixes (virtual tokens at prefill) and IA3/PIR (per-row hooks) give the first logits
+    and greedy tokens of the adapter's own model run alone, also beside a base row in one batch."""
     from pipeline.tune import load_tuned
 
-    _rowwise_adapter(tiny_model_dir, tmp_path / kind, kind)
+    _build(kind, tiny_model_dir, tmp_path / kind)
     tokenizer = load_tokenizer(tiny_model_dir)
     prompt = "Review: great mug"
     ids = tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
-    reference = load_tuned(tmp_path / kind, tiny_model_dir)
+    reference = load_tuned(tmp_path / kind, tiny_model_dir)  # PEFT's model, or PIR's delta on the base
     with torch.no_grad():
         expected = reference.generate(**ids, max_new_tokens=8, do_sample=False, min_new_tokens=8,
                                       pad_token_id=tokenizer.pad_token_id)[0, ids["input_ids"].shape[1]:].tolist()
         first_logits = reference(**ids).logits[0, -1]
         plain_logits = load_model(tiny_model_dir)(**ids).logits[0, -1]
-    assert (first_logits - plain_logits).abs().max() > 1e-2
+    assert (first_logits - plain_logits).abs().max() > 1e-2  # the adapter changes the model's prediction
 
     base = load_model(tiny_model_dir)
     engine = Engine(base, tokenizer, max_batch_size=4)
-    engine.tokenizer = type("NoEos", (), {"eos_token_id": -1, "decode": tokenizer.decode})()
+    engine.tokenizer = type("NoEos", (), {"eos_token_id": -1, "decode": tokenizer.decode})()  # always 8 tokens
     seen, sample = [], engine._sample
     engine._sample = lambda request, logits: seen.append(logits.clone()) or sample(request, logits)
     try:
@@ -123,11 +94,11 @@ def test_ia3_and_pir_rows_match_the_adapter_model_alone(kind: str, tiny_model_di
         engine.run_command(lambda: engine.load(info, kind))
         alone, done = _generate(engine, tokenizer, kind, prompt)
         assert done.wait(30) and alone.tokens == expected
-        assert torch.allclose(seen[0], first_logits, atol=1e-4)
+        assert torch.allclose(seen[0], first_logits, atol=1e-4)  # the prefill sees what the adapter's model sees
         mixed = [_generate(engine, tokenizer, a, p) for a, p in [(None, "x y"), (kind, prompt), (None, prompt)]]
         assert all(d.wait(30) for _, d in mixed) and mixed[1][0].tokens == expected
-        plain = [_generate(engine, tokenizer, None, prompt)]
-        assert plain[0][1].wait(30) and plain[0][0].tokens == mixed[2][0].tokens  # base rows untouched
+        plain, plain_done = _generate(engine, tokenizer, None, prompt)
+        assert plain_done.wait(30) and plain.tokens == mixed[2][0].tokens  # base rows untouched by the adapter
         assert engine.run_command(lambda: engine.unload(kind)) and not engine.rowwise.adapters
     finally:
         engine.shutdown(1)
@@ -146,9 +117,8 @@ def test_quantized_base_serves_every_adapter_kind_and_evicts_lru(quantize: str, 
     torch.manual_seed(1)
     get_peft_model(load_model(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM",
                                                           init_lora_weights=False)).save_pretrained(tmp_path / "lora")
-    _prompt_adapter(tiny_model_dir, tmp_path / "prefix", "prefix")
-    for kind in ("ia3", "pir"):
-        _rowwise_adapter(tiny_model_dir, tmp_path / kind, kind)
+    for kind in ("prefix", "ia3", "pir"):
+        _build(kind, tiny_model_dir, tmp_path / kind)
     tokenizer = load_tokenizer(tiny_model_dir)
     base = load_base(tiny_model_dir, quantize)
     engine = Engine(base, tokenizer, max_batch_size=8, max_loaded_adapters=2)

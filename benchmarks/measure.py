@@ -1,0 +1,27 @@
+"""Shared by the benchmark scripts: run a child process and measure it alone."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_measured(cmd: list[str], what: str) -> tuple[float, float]:
+    """Run ``cmd`` from the repository root; return (wall seconds, the child's own peak RSS in MB).
+
+    ``wait4`` reports the resource use of that child alone, so one benchmark's numbers never include
+    another's. A non-zero exit ends the benchmark with ``what`` and the command in the message.
+    """
+    print("$", shlex.join(cmd), flush=True)
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"{what}: `{shlex.join(cmd)}` failed (exit {code})")
+    return time.perf_counter() - started, usage.ru_maxrss / 1024  # Linux reports KiB
