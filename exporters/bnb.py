@@ -194,12 +194,21 @@ def quantized_footprint_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def _load_quantized_model(model_dir: Path, **kwargs) -> PreTrainedModel:
-    # device_map="cpu" pins the model (and so bitsandbytes' backend) to the CPU: without it
+def load_quantizing(model_dir: Path | str, fmt: str, device: str = "cpu") -> PreTrainedModel:
+    """Load the full-precision model in ``model_dir`` quantized to ``fmt`` as it loads, writing nothing:
+    the frozen base QLoRA trains on and the server serves. Same CPU fixes as :func:`load_quantized`."""
+    model = _load_quantized_model(model_dir, device=device, quantization_config=bnb_config(fmt))
+    _keep_unpackable_nf4_layers_generic(model)
+    _silence_int8_cast_warning()
+    return model.eval()
+
+
+def _load_quantized_model(model_dir: Path | str, device: str = "cpu", **kwargs) -> PreTrainedModel:
+    # An explicit device_map pins the model (and so bitsandbytes' backend) to ``device``: without it
     # transformers' bnb quantizer picks CUDA/XPU/NPU whenever one is present. dtype must be
     # explicit, or transformers makes the unquantized modules float16: see DENSE_DTYPE.
     _bitsandbytes()  # import it quietly before transformers does
-    return AutoModelForCausalLM.from_pretrained(model_dir, device_map="cpu", dtype=DENSE_DTYPE, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), device_map={"": device}, dtype=DENSE_DTYPE, **kwargs)
 
 
 def _bitsandbytes():

@@ -55,6 +55,8 @@ def skip_reason(cfg: Config, task: TaskConfig, artifact: str) -> str | None:
     from pipeline.export import ONNX_SKIP_REASON
     from pipeline.merge import is_mergeable
 
+    if artifact == "base":
+        return None
     if artifact in ("int8", "nf4") and artifact not in cfg.quantize.formats:
         return "not in quantize.formats"
     if artifact == "onnx" and "onnx" not in cfg.export.targets:
@@ -223,7 +225,7 @@ def run(cfg: Config, tasks: list[TaskConfig], *, force: bool = False) -> Path:
             examples = examples[: cfg.evaluate.max_rows]
         artifacts, skipped = {}, {}
         for artifact in cfg.evaluate.artifacts:
-            reason = None if artifact == "base" else skip_reason(cfg, task, artifact)
+            reason = skip_reason(cfg, task, artifact)
             if reason:
                 log.info("evaluate %s/%s: skipped (%s)", task.name, artifact, reason)
                 skipped[artifact] = reason

@@ -69,7 +69,7 @@ def _export_safetensors(cfg: Config, task: TaskConfig, src: Path, out: Path) -> 
     import torch
 
     dtype = getattr(torch, cfg.export.safetensors_dtype)
-    adapter = not is_mergeable(cfg, task)
+    adapter = src == adapter_dir(cfg, task)  # run() passes the adapter itself when it cannot be merged
     model = load_model(resolve_base(cfg.base) if adapter else src, "cpu", dtype=dtype)
     model.save_pretrained(out, safe_serialization=True)
     load_tokenizer(src).save_pretrained(out)

@@ -181,10 +181,9 @@ def load_base_for_training(method: Method, base: Path, device: str):
     """The frozen base the method trains on: fp32, or bitsandbytes-quantized (QLoRA's NF4)."""
     if method.base_quantization is None:
         return load_model(base, device)
-    from exporters.bnb import DENSE_DTYPE, bnb_config
+    from exporters.bnb import load_quantizing
 
-    return load_model(base, device, quantization_config=bnb_config(method.base_quantization),
-                      device_map={"": device}, dtype=DENSE_DTYPE)
+    return load_quantizing(base, method.base_quantization, device)
 
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",

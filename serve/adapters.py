@@ -174,12 +174,18 @@ def _check_prompt(name: str, config: dict, tensors: dict, base_model) -> None:
         raise AdapterError(f"adapter {name!r}: no prompt_embeddings table in adapter_model.safetensors", status=422)
     width = cfg.hidden_size
     if str(config.get("peft_type", "")).upper() == "PREFIX_TUNING":
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        width = cfg.num_hidden_layers * 2 * kv_heads * head_dim
+        layers, kv_heads, head_dim = kv_layout(cfg)
+        width = layers * 2 * kv_heads * head_dim
     if table.shape[1] != width:
         raise AdapterError(f"adapter {name!r}: virtual tokens of width {table.shape[1]} do not fit this base "
                            f"(expected {width}); it was trained on another model", status=422)
+
+
+def kv_layout(config) -> tuple[int, int, int]:
+    """(layers, key/value heads, head size) of a transformer config: the shape of a prefix's keys and values."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return config.num_hidden_layers, kv_heads, head_dim
 
 
 def _inspect_pir(name: str, folder: Path, base_model) -> AdapterInfo:

@@ -358,11 +358,9 @@ def _start(settings: ServeSettings, state: dict, model, tokenizer, metrics: Metr
 
     def resolve(name: str, source: str):
         folder = resolve_source(Path(settings.adapters), source)
-        info = inspect_adapter(name, folder, eng.model.get_base_model(), settings.max_rank)
-        return info
+        return inspect_adapter(name, folder, eng.model.get_base_model(), settings.max_rank)
 
     eng.resolver = resolve
-    state["resolve"] = resolve
     root = Path(settings.adapters)
     if settings.preload and root.is_dir():
         for folder in sorted(p for p in root.iterdir() if p.is_dir())[: settings.max_loaded_adapters]:
@@ -381,7 +379,7 @@ def _load(settings: ServeSettings, state: dict, eng, name: str, source: str, pin
     loading.add(name)
     started = time.perf_counter()
     try:
-        info = state["resolve"](name, source)
+        info = eng.resolver(name, source)
         eng.run_command(lambda: eng.load(info, source, pinned))
     except AdapterError as exc:
         eng.failed[name] = str(exc)

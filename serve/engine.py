@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serve.adapters import AdapterError, AdapterInfo
+from serve.adapters import AdapterError, AdapterInfo, kv_layout
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +161,6 @@ class Engine:
                 self._load_rowwise(info, internal)
             else:
                 self.model.load_adapter(str(info.path), adapter_name=internal)
-        except AdapterError:
-            raise
         except Exception as exc:  # a library error must not take the server down
             self.failed[info.name] = str(exc)
             raise AdapterError(f"adapter {info.name!r} failed to load: {exc}", status=422) from None
@@ -341,11 +339,9 @@ class Engine:
         if request.virtual is None:
             out = self._forward(ids, mask, positions, cache, [request.internal], [request.row_adapter])
         elif request.prefix:  # PEFT's layout: per layer a key (slot 2l) then a value (slot 2l+1)
-            cfg = self.model.config
-            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-            kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-            table = request.virtual.view(n_virtual, cfg.num_hidden_layers * 2, kv_heads, head_dim).permute(1, 2, 0, 3)
-            for layer in range(cfg.num_hidden_layers):
+            layers, kv_heads, head_dim = kv_layout(self.model.config)
+            table = request.virtual.view(n_virtual, layers * 2, kv_heads, head_dim).permute(1, 2, 0, 3)
+            for layer in range(layers):
                 cache.update(table[2 * layer][None], table[2 * layer + 1][None], layer)
             out = self._forward(ids, mask, positions, cache, [BASE])
         else:  # soft prompt: virtual embeddings in front of the prompt's
@@ -507,6 +503,6 @@ def load_base(path: Path, quantize: str):
 
     if quantize == "none":
         return load_model(path, "cpu")
-    from exporters.bnb import DENSE_DTYPE, bnb_config
+    from exporters.bnb import load_quantizing
 
-    return load_model(path, "cpu", quantization_config=bnb_config(quantize), device_map={"": "cpu"}, dtype=DENSE_DTYPE)
+    return load_quantizing(path, quantize)

@@ -20,8 +20,9 @@ class RowAdapters:
         self.model = model
         self.rows: list[str | None] | None = None
         """Per row of the running forward: the row-wise adapter it uses (None: none)."""
-        self.adapters: dict[str, dict[str, tuple[str, Any]]] = {}  # internal -> module -> (kind, tensor)
+        self.adapters: dict[str, dict[int, tuple[str, Any]]] = {}  # internal -> id(linear layer) -> (kind, tensor)
         self._hooked: set[int] = set()
+        self._groups: tuple[Any, dict[str, Any]] = (None, {})  # rows -> {internal: row indices}, per forward
 
     def add(self, internal: str, kind: str, tensors: dict[str, Any], feedforward: set[str] | None = None) -> None:
         """Register adapter ``internal``: ``kind`` ``ia3`` ({module: vector}) or ``pir`` ({module: (indices, values)})."""
@@ -32,15 +33,15 @@ class RowAdapters:
             layer = self._linear(module_name)
             if kind == "ia3":
                 role = "ia3_in" if module_name.rsplit(".", 1)[-1] in (feedforward or set()) else "ia3_out"
-                per_module[module_name] = (role, value.flatten().float())
+                per_module[id(layer)] = (role, value.flatten().float())
             else:  # sizes from the layer, not its weight: a 4-bit weight is stored packed
                 indices, values = value
                 out_features, in_features = layer.out_features, layer.in_features
                 coords = torch.stack([indices // in_features, indices % in_features])
                 delta = torch.sparse_coo_tensor(coords, values.float(), (out_features, in_features))
-                per_module[module_name] = ("pir", delta.coalesce())
+                per_module[id(layer)] = ("pir", delta.coalesce())
             self._hook(layer)
-        self.adapters[internal] = {self._key(n): v for n, v in per_module.items()}
+        self.adapters[internal] = per_module
 
     def remove(self, internal: str) -> None:
         self.adapters.pop(internal, None)
@@ -49,9 +50,6 @@ class RowAdapters:
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         module = base.get_submodule(module_name)
         return module.get_base_layer() if hasattr(module, "get_base_layer") else module
-
-    def _key(self, module_name: str) -> int:
-        return id(self._linear(module_name))
 
     def _hook(self, layer) -> None:
         if id(layer) in self._hooked:
@@ -67,12 +65,14 @@ class RowAdapters:
         rows = self.rows
         if not rows:
             return []
-        key = id(layer)
+        if self._groups[0] is not rows:  # row indices per adapter: once per forward, not once per layer
+            by_adapter = {a: torch.tensor([i for i, r in enumerate(rows) if r == a]) for a in set(rows) if a}
+            self._groups = (rows, by_adapter)
         groups = []
-        for internal in {r for r in rows if r is not None}:
-            entry = self.adapters.get(internal, {}).get(key)
+        for internal, index in self._groups[1].items():
+            entry = self.adapters.get(internal, {}).get(id(layer))
             if entry is not None and (entry[0] == role or (role == "out" and entry[0] in ("ia3_out", "pir"))):
-                groups.append((entry, torch.tensor([i for i, r in enumerate(rows) if r == internal])))
+                groups.append((entry, index))
         return groups
 
     def _pre(self, layer, args):
