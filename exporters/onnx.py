@@ -2,9 +2,9 @@
 
 The export goes through optimum-onnx (``main_export`` with task ``text-generation-with-past``),
 so the result is a single decoder graph that takes ``input_ids``, ``attention_mask``,
-``position_ids`` and ``past_key_values.*`` and returns ``logits`` plus ``present.*``. That is the
-layout ``optimum.onnxruntime.ORTModelForCausalLM`` expects, which gives us ``.generate()`` with
-incremental decoding for free.
+``position_ids`` and ``past_key_values.*`` and returns ``logits`` plus ``present.*`` (the layout
+``optimum.onnxruntime.ORTModelForCausalLM`` also loads). Running it is the job of the torch-free
+:mod:`edge.runtime`; :class:`OnnxCausalLM` puts a torch face on that for evaluation and the gates.
 """
 
 from __future__ import annotations
@@ -15,14 +15,10 @@ import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:  # optimum / onnxruntime are heavy imports; only pay for them when used.
-    from optimum.onnxruntime import ORTModelForCausalLM
-
-__all__ = ["TOKENIZER_FILES", "export_onnx_fp32", "load_onnx_model", "logit_parity", "position_ids_from_mask"]
+__all__ = ["TOKENIZER_FILES", "OnnxCausalLM", "export_onnx_fp32", "load_onnx_model", "logit_parity"]
 
 #: Files copied verbatim from the source model directory into the ONNX directory, so the ONNX
 #: folder is self-contained (tokenizer + chat template + generation defaults). optimum re-saves a
@@ -144,95 +140,100 @@ def export_onnx_fp32(model_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def load_onnx_model(onnx_dir: Path, num_threads: int | None = None) -> ORTModelForCausalLM:
-    """Load an exported directory as an ``ORTModelForCausalLM`` on ``CPUExecutionProvider``.
+class OnnxCausalLM:
+    """A torch-facing view of an ONNX decoder (:class:`edge.runtime.Decoder`), for evaluation and gates.
 
-    ``num_threads`` sets ORT's ``intra_op_num_threads`` (``None`` lets ORT pick: one per
-    physical core). The model keeps the KV cache (``use_cache=True``) and supports
-    ``.generate(input_ids=..., attention_mask=..., max_new_tokens=..., do_sample=False)``,
-    including left-padded batches: generate derives ``position_ids`` from ``attention_mask``.
-
-    Raises ``FileNotFoundError`` naming the path if ``onnx_dir/model.onnx`` is missing.
+    ``model(input_ids=, attention_mask=)`` returns an object with ``.logits`` (a torch tensor) and
+    ``model.generate(...)`` takes the Hugging Face keywords the pipeline uses (greedy only) and
+    returns prompt + new tokens like ``transformers`` does (a stop token is kept, then padding).
+    ``adapter`` / ``prefix`` select a LoRA adapter loaded in the decoder or a key/value prefix.
     """
-    import onnxruntime as ort
-    from optimum.onnxruntime import ORTModelForCausalLM
 
-    onnx_dir = Path(onnx_dir)
-    if not (onnx_dir / "model.onnx").is_file():
+    def __init__(self, decoder, *, adapter: str | None = None, prefix=None) -> None:
+        self.decoder, self.adapter, self.prefix = decoder, adapter, prefix
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: object):
+        from types import SimpleNamespace
+
+        logits = self.decoder.logits(input_ids.numpy(), None if attention_mask is None else attention_mask.numpy(),
+                                     adapter=self.adapter, prefix=self.prefix)
+        return SimpleNamespace(logits=torch.from_numpy(logits))
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 max_new_tokens: int, min_new_tokens: int = 0, do_sample: bool = False,
+                 pad_token_id: int | None = None, eos_token_id: int | list[int] | None = None,
+                 **_: object) -> torch.Tensor:
+        if do_sample:
+            raise ValueError("OnnxCausalLM.generate is greedy only; use edge.runtime.Decoder.stream to sample")
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        prompts = [row[m.bool()].tolist() for row, m in zip(input_ids, mask)]
+        stops = [] if eos_token_id is None or min_new_tokens else (
+            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        pad = pad_token_id if pad_token_id is not None else (stops[0] if stops else 0)
+        new = self.decoder.generate_batch(prompts, max_new_tokens, pad_id=pad, adapter=self.adapter,
+                                          prefix=self.prefix, stop_ids=stops)
+        new = [row + [stops[0]] if stops and len(row) < max_new_tokens else row for row in new]
+        width = max(len(row) for row in new)
+        out = torch.full((len(new), input_ids.shape[1] + width), pad, dtype=torch.long)
+        out[:, :input_ids.shape[1]] = input_ids
+        for i, row in enumerate(new):
+            out[i, input_ids.shape[1]:input_ids.shape[1] + len(row)] = torch.tensor(row, dtype=torch.long)
+        return out
+
+
+def load_onnx_model(onnx_dir: Path, num_threads: int | None = None, *, file_name: str = "model.onnx") -> OnnxCausalLM:
+    """Load ``onnx_dir/file_name`` (fp32, int8 or int4) on ONNX Runtime's CPU provider as an :class:`OnnxCausalLM`.
+
+    ``num_threads`` sets ORT's intra-op threads (None: ORT's default, one per physical core).
+    Raises ``FileNotFoundError`` naming the path if the model file is missing.
+    """
+    from edge.runtime import Decoder
+
+    path = Path(onnx_dir) / file_name
+    if not path.is_file():
         raise FileNotFoundError(
-            f"No model.onnx in {onnx_dir}. Export the merged model first with export_onnx_fp32(model_dir, {onnx_dir})."
+            f"No {file_name} in {onnx_dir}. Export the merged model first with export_onnx_fp32(model_dir, {onnx_dir})."
         )
-    session_options = ort.SessionOptions()
-    if num_threads is not None:
-        if num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1 (or None for ORT's default), got {num_threads}")
-        session_options.intra_op_num_threads = num_threads
-        # A single decoder graph has little inter-op parallelism; keep it from oversubscribing.
-        session_options.inter_op_num_threads = 1
-    return ORTModelForCausalLM.from_pretrained(
-        onnx_dir,
-        provider="CPUExecutionProvider",
-        session_options=session_options,
-        use_cache=True,
-        # IO binding only pays off on GPU; on CPU plain session.run is what optimum uses anyway.
-        use_io_binding=False,
-        local_files_only=True,
-    )
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only, as HF ``generate`` does for left padding.
-
-    Padded slots get position 1 (any valid index works; they are masked out). Without this,
-    a plain forward uses ``arange(seq_len)`` and a left-padded row would see shifted RoPE
-    positions compared with the same prompt unpadded.
-    """
-    position_ids = attention_mask.long().cumsum(-1) - 1
-    return position_ids.masked_fill(attention_mask == 0, 1)
+    return OnnxCausalLM(Decoder(path, threads=num_threads))
 
 
 @torch.no_grad()
 def logit_parity(
     torch_model: torch.nn.Module,
-    onnx_model: ORTModelForCausalLM,
+    onnx_model: OnnxCausalLM,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
 ) -> dict[str, float]:
-    """Compare full-sequence logits of a PyTorch model and its ONNX export on one batch (no past).
+    """Compare the logits of a PyTorch model and an ONNX export over the real tokens of a batch.
 
-    Both models get identical ``input_ids``, ``attention_mask`` and mask-derived ``position_ids``
-    (see :func:`position_ids_from_mask`), with ``use_cache=False``.
+    Each row is run alone, without its padding, through both models (no cache), so the comparison
+    does not depend on how either runtime treats padded positions, and a PEFT prompt-learning model
+    (whose own forward adds virtual tokens) is compared position for position with its ONNX
+    key/value-prefix form: logits of virtual tokens are dropped.
 
-    Returns:
-      - ``max_abs_logit_diff``: max |torch - onnx| over the logits of non-padded positions.
-        Padded query positions are excluded: their rows are fully masked and each runtime is
-        free to produce different (meaningless) values there.
-      - ``top1_agreement``: fraction of non-padded positions whose argmax token matches (1.0 = all).
+    Returns, over all real positions:
+      - ``max_abs_logit_diff``: max |torch - onnx|;
+      - ``top1_agreement``: share of positions whose argmax token matches (1.0 = all);
+      - ``kl``: mean KL(p_torch || p_onnx) in nats (0 = same distributions).
     """
-    attention_mask = attention_mask.to(torch.long)
-    input_ids = input_ids.to(torch.long)
-    position_ids = position_ids_from_mask(attention_mask)
-
+    mask = attention_mask.to(torch.bool)
+    if not mask.any():
+        raise ValueError("attention_mask has no real (non-padded) positions to compare")
     was_training = torch_model.training
     torch_model.eval()
+    diffs, agree, kls, count = [], 0, 0.0, 0
     try:
-        ref = torch_model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).logits.float()
+        for row, row_mask in zip(input_ids.to(torch.long), mask):
+            ids = row[row_mask][None]
+            ref = torch_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()[0, -ids.shape[1]:]
+            got = torch.as_tensor(onnx_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits).float()[0]
+            if ref.shape != got.shape:
+                raise RuntimeError(f"logit shape mismatch: torch {tuple(ref.shape)} vs onnx {tuple(got.shape)}")
+            diffs.append(float((ref - got).abs().max()))
+            agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
+            log_p, log_q = ref.log_softmax(-1), got.log_softmax(-1)
+            kls += float((log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0).sum())
+            count += ids.shape[1]
     finally:
         torch_model.train(was_training)
-    got = onnx_model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).logits
-    got = torch.as_tensor(got).float()
-    if ref.shape != got.shape:
-        raise RuntimeError(f"logit shape mismatch: torch {tuple(ref.shape)} vs onnx {tuple(got.shape)}")
-
-    real = attention_mask.bool()
-    if not real.any():
-        raise ValueError("attention_mask has no real (non-padded) positions to compare")
-    ref_real, got_real = ref[real], got[real]  # (n_real_positions, vocab)
-    return {
-        "max_abs_logit_diff": float((ref_real - got_real).abs().max()),
-        "top1_agreement": float((ref_real.argmax(-1) == got_real.argmax(-1)).float().mean()),
-    }
+    return {"max_abs_logit_diff": max(diffs), "top1_agreement": agree / count, "kl": kls / count}

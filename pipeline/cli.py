@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+from edge import cli as edge_cli  # torch-free, like everything `run-edge` touches
 from pipeline.errors import EdgetuneError
 
 log = logging.getLogger("edgetune")
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tune": "train each task's adapter (PEFT format) → runs/<run>/adapters/<task>/",
         "merge": "merge each adapter into the base, checked for fidelity → runs/<run>/merged/<task>/",
         "quantize": "bitsandbytes int8 and NF4 of each merged model → runs/<run>/quantized/<task>-<fmt>/",
-        "export": "safetensors bundle and ONNX fp32 (KV cache) of each merged model → runs/<run>/export/",
+        "export": "safetensors, ONNX fp32/int8/int4 (gated on fidelity) and the edge bundle → runs/<run>/export/",
         "evaluate": "score base and every artifact; write runs/<run>/report.{json,md}",
     }
     for stage in STAGES:
@@ -71,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, kind, what in (
             ("base", str, "base model: embedded name, local HF folder or hub id (default smollm2-135m-instruct)"),
             ("adapters", str, "adapter root; adapters load only from folders under it (default runs/default/adapters)"),
-            ("quantize", str, "precision of the shared base: none, int8 or nf4 (default none)"),
+            ("quantize", str, "precision of the shared base: none, int8 or nf4 (default none; torch backend)"),
+            ("backend", str, "torch (PyTorch + PEFT adapters, default) or onnx (an edge bundle, no PyTorch)"),
+            ("bundle", str, "edge bundle for --backend onnx (default runs/default/export/edge)"),
             ("host", str, "interface to bind (default 127.0.0.1)"),
             ("port", int, "port (default 8000)"),
             ("api-key", str, "require Authorization: Bearer KEY on every /v1 route"),
@@ -86,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         sv.add_argument(f"--{flag}", type=kind, default=None, help=what)
     sv.add_argument("--no-preload", dest="preload", action="store_const", const=False, default=None,
                     help="start with no adapters loaded (they load on POST /v1/adapters)")
+    edge_cli.add_arguments(sub.add_parser("run-edge", help=edge_cli.HELP, description=edge_cli.DESCRIPTION,
+                                          epilog=edge_cli.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter))
     m = sub.add_parser("methods", help="list the fine-tuning methods (with --config: trainable parameters on its base)")
     m.add_argument("--config", default=None, help="count each method's trainable parameters on this config's base")
     m.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -148,19 +153,22 @@ def _trainable_counts(cfg) -> dict[str, tuple[int, int]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run-edge"]:  # its own parser: options may come after the prompt, and no torch is imported
+        return edge_cli.main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        from pipeline.config import load_config
-
-        if args.command == "serve":
+        if args.command == "serve":  # before pipeline.config: the ONNX backend runs without yaml or torch
             from serve.app import serve
             from serve.settings import ServeSettings
 
             flags = {k: v for k, v in vars(args).items() if k not in ("command", "verbose")}
             return serve(ServeSettings.from_sources(flags))
+        from pipeline.config import load_config
+
         if args.command == "methods":
             _print_methods(load_config(args.config, args.overrides) if args.config else None)
             return 0

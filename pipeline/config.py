@@ -21,9 +21,11 @@ import yaml
 
 from pipeline.errors import ConfigError
 
-ARTIFACTS = ("base", "adapter", "merged", "int8", "nf4", "onnx")
+ARTIFACTS = ("base", "adapter", "merged", "int8", "nf4", "onnx", "onnx-int8", "onnx-int4", "edge")
 QUANT_FORMATS = ("int8", "nf4")
-EXPORT_TARGETS = ("safetensors", "onnx")
+EXPORT_TARGETS = ("safetensors", "onnx", "onnx-int8", "onnx-int4", "edge")
+ONNX_PRECISIONS = {"onnx": "fp32", "onnx-int8": "int8", "onnx-int4": "int4"}
+"""ONNX export target -> its precision (the edge bundle's is ``export.edge_precision``)."""
 
 
 @dataclass(frozen=True)
@@ -144,15 +146,68 @@ class QuantizeConfig:
 
 
 @dataclass(frozen=True)
+class GateConfig:
+    """Fidelity gate of an fp32 ONNX export against the PyTorch model it came from (null: not checked)."""
+
+    max_abs_logit_diff: float | None = 1e-3
+    """Largest |logit difference| allowed at any position of the fidelity rows."""
+    min_top1_agreement: float = 0.99
+    """Smallest share of positions whose most likely token must be the same."""
+    max_kl: float | None = 1e-4
+    """Largest mean KL(PyTorch || ONNX) per position, in nats."""
+    max_score_drop: float = 0.0
+    """Largest drop in held-out exact match (PyTorch minus ONNX) on the fidelity rows."""
+
+
+@dataclass(frozen=True)
+class Int8GateConfig(GateConfig):
+    """Gate of int8 exports: logits move under quantization; what must hold is the task."""
+
+    max_abs_logit_diff: float | None = None
+    min_top1_agreement: float = 0.6
+    max_kl: float | None = 0.5
+    max_score_drop: float = 0.05
+
+
+@dataclass(frozen=True)
+class Int4GateConfig(GateConfig):
+    """Gate of int4 exports (4-bit weights move a 135M model's logits more than int8)."""
+
+    max_abs_logit_diff: float | None = None
+    min_top1_agreement: float = 0.6
+    max_kl: float | None = 0.5
+    max_score_drop: float = 0.05
+
+
+@dataclass(frozen=True)
+class GatesConfig:
+    """One fidelity gate per ONNX precision."""
+
+    fp32: GateConfig = field(default_factory=GateConfig)
+    int8: Int8GateConfig = field(default_factory=Int8GateConfig)
+    int4: Int4GateConfig = field(default_factory=Int4GateConfig)
+
+
+@dataclass(frozen=True)
 class ExportConfig:
-    """Export targets for each merged model."""
+    """Export targets for each task, and the checks an export must pass to be published."""
 
     targets: list[str] = field(default_factory=lambda: list(EXPORT_TARGETS))
-    """``safetensors`` (merged model bundle) and/or ``onnx`` (fp32 with KV cache)."""
+    """``safetensors`` (merged model, tokenizer, generation config), ``onnx`` (fp32 with KV cache),
+    ``onnx-int8`` (dynamic, per-channel), ``onnx-int4`` (MatMulNBits, embedding and head too) and
+    ``edge`` (the run's bundle: one base, every task's adapter, runnable without PyTorch)."""
     safetensors_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     """Weight dtype of the safetensors bundle."""
-    onnx_max_abs_logit_diff: float = 1e-3
-    """Fidelity gate: the ONNX fp32 export fails if its logits differ more from PyTorch's."""
+    int4_block_size: int = 32
+    """Weights per int4 scale (16-256, a power of two): smaller is more accurate and larger on disk."""
+    int4_accuracy_level: int = 4
+    """MatMulNBits compute type: 4 = int8 (fast on x86 CPUs), 0 = fp32 activations (slower here)."""
+    edge_precision: Literal["fp32", "int8", "int4"] = "int4"
+    """Precision of the edge bundle's shared base (and of its merged-only task models)."""
+    fidelity_rows: int = 16
+    """Held-out rows (prompt + reference answer) each export is checked on."""
+    gates: GatesConfig = field(default_factory=GatesConfig)
+    """Fidelity gate per precision; an export that fails its gate fails loudly and is not published."""
 
 
 @dataclass(frozen=True)
@@ -248,7 +303,9 @@ _RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("evaluate.max_rows", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("evaluate.speed_new_tokens", lambda v: v >= 1, ">= 1"),
     ("evaluate.speed_repeats", lambda v: v >= 1, ">= 1"),
-    ("export.onnx_max_abs_logit_diff", lambda v: v > 0, "> 0"),
+    ("export.int4_block_size", lambda v: 16 <= v <= 256 and not v & (v - 1), "16..256, a power of two"),
+    ("export.int4_accuracy_level", lambda v: v in (0, 1, 2, 3, 4), "0..4"),
+    ("export.fidelity_rows", lambda v: 1 <= v <= 1000, "1..1000"),
     ("tasks[].max_new_tokens", lambda v: 1 <= v <= 4096, "1..4096"),
     ("tasks[].max_steps", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("num_threads", lambda v: v >= 0, ">= 0 (0: all cores)"),

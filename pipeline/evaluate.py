@@ -19,7 +19,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from pipeline.artifacts import dir_size, fingerprint, write_json_atomic
-from pipeline.config import Config, TaskConfig
+from pipeline.config import ONNX_PRECISIONS, Config, TaskConfig
 from pipeline.data import IGNORE_INDEX, Example, encode, load_examples, render_prompt
 from pipeline.errors import EdgetuneError
 from pipeline.merge import merged_dir, require_stage_output
@@ -29,7 +29,8 @@ from pipeline.tune import adapter_dir
 log = logging.getLogger(__name__)
 
 # artifact -> the stage (and config list) that produces it; used to explain what is missing.
-_PRODUCER = {"adapter": "tune", "merged": "merge", "int8": "quantize", "nf4": "quantize", "onnx": "export"}
+_PRODUCER = {"adapter": "tune", "merged": "merge", "int8": "quantize", "nf4": "quantize", "onnx": "export",
+             "onnx-int8": "export", "onnx-int4": "export", "edge": "export"}
 
 
 def artifact_path(cfg: Config, task: TaskConfig, artifact: str) -> Path:
@@ -45,8 +46,8 @@ def artifact_path(cfg: Config, task: TaskConfig, artifact: str) -> Path:
         return merged_dir(cfg, task)
     if artifact in ("int8", "nf4"):
         return quantized_dir(cfg, task, artifact)
-    if artifact == "onnx":
-        return export_dir(cfg, task, "onnx")
+    if artifact in ("onnx", "onnx-int8", "onnx-int4", "edge"):
+        return export_dir(cfg, task, artifact)
     raise EdgetuneError(f"unknown artifact {artifact!r}")
 
 
@@ -59,10 +60,13 @@ def skip_reason(cfg: Config, task: TaskConfig, artifact: str) -> str | None:
         return None
     if artifact in ("int8", "nf4") and artifact not in cfg.quantize.formats:
         return "not in quantize.formats"
-    if artifact == "onnx" and "onnx" not in cfg.export.targets:
-        return "not in export.targets"
-    if artifact in ("merged", "onnx") and not is_mergeable(cfg, task):
-        return ONNX_SKIP_REASON if artifact == "onnx" else "the method's adapter cannot be merged; it is the artifact"
+    if artifact in ONNX_PRECISIONS or artifact == "edge":
+        if artifact not in cfg.export.targets:
+            return "not in export.targets"
+    if artifact in ONNX_PRECISIONS and not is_mergeable(cfg, task):
+        return ONNX_SKIP_REASON
+    if artifact == "merged" and not is_mergeable(cfg, task):
+        return "the method's adapter cannot be merged; it is the artifact"
     return None
 
 
@@ -89,9 +93,24 @@ def load_artifact(cfg: Config, task: TaskConfig, artifact: str):
         from peft import PeftModel
 
         return PeftModel.from_pretrained(load_quantized(base_q), path).eval(), load_tokenizer(path)
+    if artifact == "edge":
+        return _edge_model(cfg, task, path), load_tokenizer(resolve_base(cfg.base))
     from exporters.onnx import load_onnx_model
 
     return load_onnx_model(path, set_threads(cfg.num_threads)), load_tokenizer(path)
+
+
+def _edge_model(cfg: Config, task: TaskConfig, bundle_path: Path):
+    """The task's adapter in the edge bundle, run by the torch-free runtime (behind OnnxCausalLM)."""
+    from edge.bundle import EdgeRunner, load_bundle
+    from exporters.onnx import OnnxCausalLM
+
+    bundle = load_bundle(bundle_path)
+    if task.name not in bundle.adapters:
+        raise EdgetuneError(f"the edge bundle {bundle_path} has no adapter {task.name!r}; run `edgetune export "
+                            f"--task {task.name}` (export.targets includes edge)")
+    decoder, lora, prefix = EdgeRunner(bundle, threads=set_threads(cfg.num_threads)).resolve(task.name)
+    return OnnxCausalLM(decoder, adapter=lora, prefix=prefix)
 
 
 def _size(cfg: Config, task: TaskConfig, artifact: str) -> int:
@@ -99,6 +118,13 @@ def _size(cfg: Config, task: TaskConfig, artifact: str) -> int:
     from pipeline.quantize import quantized_base_of
 
     path = artifact_path(cfg, task, artifact)
+    if artifact == "edge":  # what a device needs for this task: the shared base and the task's file
+        from edge.bundle import load_bundle
+
+        bundle = load_bundle(path, verify=False)
+        entry = bundle.adapters[task.name]
+        own = dir_size(path / entry.file)
+        return own if entry.kind == "merged" else own + dir_size(bundle.model_path)
     base_q = quantized_base_of(path) if artifact in ("int8", "nf4") else None
     return dir_size(path) + (dir_size(base_q) if base_q else 0)
 

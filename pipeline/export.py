@@ -1,40 +1,51 @@
-"""Stage 4, export: deployable files from each merged model.
+"""Stage 4, export: deployable files for each task, each checked against its PyTorch source.
 
 Targets (``export.targets``):
   - ``safetensors``: the merged model in ``export.safetensors_dtype`` with tokenizer and
-    generation config → ``runs/<run>/export/safetensors/<task>/``
-  - ``onnx``: ONNX fp32 with KV cache (optimum-onnx), loadable by ``ORTModelForCausalLM``, gated
-    on logit parity with the PyTorch model → ``runs/<run>/export/onnx/<task>/``
+    generation config → ``runs/<run>/export/safetensors/<task>/`` (an unmergeable adapter: the
+    base plus ``adapter/``). The bitsandbytes int8/NF4 checkpoints come from the quantize stage.
+  - ``onnx``, ``onnx-int8``, ``onnx-int4``: the merged model as an ONNX decoder with KV cache in
+    fp32, int8 (dynamic, per-channel) or int4 (MatMulNBits, embedding and tied head included) →
+    ``runs/<run>/export/<target>/<task>/model.onnx`` plus tokenizer files.
+  - ``edge``: the run's edge bundle (:mod:`pipeline.bundle`): one base, every task's adapter.
+
+Every ONNX export passes the fidelity gate of its precision (:mod:`pipeline.fidelity`) inside a
+temporary folder first: one that fails is not published, and what was there stays.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 from pipeline.artifacts import atomic_dir, fingerprint, is_fresh, write_manifest
-from pipeline.config import Config, TaskConfig
-from pipeline.errors import EdgetuneError
-from pipeline.merge import (
-    FIDELITY_PROMPTS,
-    is_mergeable,
-    merged_dir,
-    prompt_batch,
-    remove_stale,
-    require_stage_output,
-)
+from pipeline.config import ONNX_PRECISIONS, Config, TaskConfig
+from pipeline.merge import is_mergeable, merged_dir, remove_stale, require_stage_output
 from pipeline.models import load_model, load_tokenizer, resolve_base, set_threads
 from pipeline.tune import adapter_dir, copy_adapter
 
 log = logging.getLogger(__name__)
 
 ONNX_SKIP_REASON = ("the method learns virtual tokens (soft prompt or key/value prefix), which cannot be merged into "
-                    "the weights, and the exported ONNX decoder does not take them yet; use the safetensors bundle "
-                    "(base + adapter) or the int8/NF4 artifacts")
+                    "the weights; on ONNX it runs from the edge bundle, as a key/value prefix over the shared base")
 
 
 def export_dir(cfg: Config, task: TaskConfig, target: str) -> Path:
+    if target == "edge":
+        from pipeline.bundle import bundle_dir
+
+        return bundle_dir(cfg)
     return cfg.run_dir / "export" / target / task.name
+
+
+def _settings(cfg: Config, target: str) -> str:
+    """What a target's output depends on besides its input folder."""
+    if target == "safetensors":
+        return cfg.export.safetensors_dtype
+    precision = ONNX_PRECISIONS[target]
+    gates = cfg.section_hash("export")  # gates, block size, fidelity rows: any change re-checks
+    return f"{target}:{gates}:{cfg.evaluate.batch_size}" if precision != "fp32" else f"{target}:{gates}"
 
 
 def run(cfg: Config, task: TaskConfig, *, force: bool = False) -> list[Path]:
@@ -44,23 +55,29 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False) -> list[Path]:
     require_stage_output(src, "merge" if mergeable else "tune", task)
     set_threads(cfg.num_threads)
     outs = []
-    for target in cfg.export.targets:
+    # fp32 ONNX first: the quantized targets start from it.
+    for target in sorted(cfg.export.targets, key=lambda t: (t == "edge", t.startswith("onnx-"))):
+        if target == "edge":
+            from pipeline.bundle import add_task
+
+            outs.append(add_task(cfg, task, force=force))
+            continue
         out = export_dir(cfg, task, target)
-        if not mergeable and target == "onnx":
-            log.warning("export %s: onnx skipped: %s", task.name, ONNX_SKIP_REASON)
+        if not mergeable and target in ONNX_PRECISIONS:
+            log.info("export %s: %s skipped: %s", task.name, target, ONNX_SKIP_REASON)
             remove_stale(out, f"export {task.name}")
             continue
-        settings = cfg.export.safetensors_dtype if target == "safetensors" else str(cfg.export.onnx_max_abs_logit_diff)
-        fp, inputs = fingerprint("export", {"merged" if mergeable else "adapter": src}, f"{target}:{settings}")
+        fp, inputs = fingerprint("export", {"merged" if mergeable else "adapter": src}, _settings(cfg, target))
         outs.append(out)
         if not force and is_fresh(out, fp):
             log.info("export %s %s: up to date (%s), nothing to do; --force redoes it", task.name, target, out)
             continue
         log.info("export %s: %s", task.name, target)
         with atomic_dir(out) as tmp:
-            metrics = _EXPORTERS[target](cfg, task, src, tmp)
-            write_manifest(tmp, stage="export", fp=fp, inputs=inputs, config_hash=settings, metrics=metrics,
-                           extra={"task": task.name, "target": target})
+            metrics = _export_safetensors(cfg, task, src, tmp) if target == "safetensors" else \
+                _export_onnx(cfg, task, src, tmp, target)
+            write_manifest(tmp, stage="export", fp=fp, inputs=inputs, config_hash=_settings(cfg, target),
+                           metrics=metrics, extra={"task": task.name, "target": target})
     return outs
 
 
@@ -78,21 +95,48 @@ def _export_safetensors(cfg: Config, task: TaskConfig, src: Path, out: Path) -> 
     return {"dtype": cfg.export.safetensors_dtype, "kind": "base+adapter" if adapter else "merged"}
 
 
-def _export_onnx(cfg: Config, task: TaskConfig, src: Path, out: Path) -> dict:
-    from exporters.onnx import export_onnx_fp32, load_onnx_model, logit_parity
+def fp32_onnx(cfg: Config, task: TaskConfig, scratch: Path) -> Path:
+    """The fp32 ONNX folder of ``task``'s merged model: the published ``onnx`` export when it is current,
+    else a fresh export into ``scratch`` (which the caller deletes)."""
+    from exporters.onnx import export_onnx_fp32
 
-    export_onnx_fp32(src, out)
-    tokenizer = load_tokenizer(src)
-    batch = prompt_batch(tokenizer, task, FIDELITY_PROMPTS)
-    parity = logit_parity(load_model(src, "cpu"), load_onnx_model(out, set_threads(cfg.num_threads)),
-                          batch["input_ids"], batch["attention_mask"])
-    limit = cfg.export.onnx_max_abs_logit_diff
-    if parity["max_abs_logit_diff"] > limit:
-        raise EdgetuneError(f"export {task.name}: ONNX fp32 logits differ from PyTorch by "
-                            f"{parity['max_abs_logit_diff']:.2e} (gate {limit:.0e}); the export is not published")
-    log.info("export %s: ONNX parity max |Δlogit| %.2e, top-1 agreement %.3f", task.name,
-             parity["max_abs_logit_diff"], parity["top1_agreement"])
-    return parity
+    published = export_dir(cfg, task, "onnx")
+    fp, _ = fingerprint("export", {"merged": merged_dir(cfg, task)}, _settings(cfg, "onnx"))
+    if is_fresh(published, fp):
+        return published
+    log.info("export %s: exporting the merged model to fp32 ONNX first", task.name)
+    return export_onnx_fp32(merged_dir(cfg, task), scratch)
 
 
-_EXPORTERS = {"safetensors": _export_safetensors, "onnx": _export_onnx}
+def quantize_onnx(cfg: Config, precision: str, src: Path, dst: Path) -> Path:
+    """``src`` (an fp32 ONNX file) at ``precision`` into ``dst`` (a file path)."""
+    from exporters.onnx_quant import quantize_int4, quantize_int8
+
+    if precision == "fp32":
+        shutil.copy2(src, dst)
+    elif precision == "int8":
+        quantize_int8(src, dst)
+    else:
+        quantize_int4(src, dst, block_size=cfg.export.int4_block_size, accuracy_level=cfg.export.int4_accuracy_level)
+    return dst
+
+
+def _export_onnx(cfg: Config, task: TaskConfig, src: Path, out: Path, target: str) -> dict:
+    """The merged model as ONNX at the target's precision, gated against the PyTorch merged model."""
+    from exporters.onnx import TOKENIZER_FILES, export_onnx_fp32, load_onnx_model
+    from pipeline.fidelity import gate
+
+    precision = ONNX_PRECISIONS[target]
+    if precision == "fp32":
+        export_onnx_fp32(src, out)
+    else:
+        scratch = out / ".fp32"
+        fp32 = fp32_onnx(cfg, task, scratch)
+        quantize_onnx(cfg, precision, fp32 / "model.onnx", out / "model.onnx")
+        for name in (*TOKENIZER_FILES, "config.json"):
+            if (fp32 / name).is_file():
+                shutil.copy2(fp32 / name, out / name)
+        shutil.rmtree(scratch, ignore_errors=True)
+    return gate(cfg, task, precision, load_model(src, "cpu"), load_onnx_model(out, set_threads(cfg.num_threads)),
+                load_tokenizer(src), f"{task.name} {target}")
+

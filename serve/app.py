@@ -207,7 +207,10 @@ def create_app(settings: ServeSettings, *, model=None, tokenizer=None) -> FastAP
         tok = state["tokenizer"]
         messages = [m.model_dump() for m in body.messages]
         if tok.chat_template:
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            try:
+                text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except AdapterError as exc:  # the ONNX backend's template needs jinja2 for several messages
+                raise ApiError(exc.status, str(exc), param="messages") from None
         else:
             text = "\n".join(m["content"] for m in messages) + "\n"
         return await _generate(request, body, text, "chat")
@@ -343,6 +346,9 @@ def _base_name(base: str) -> str:
 
 def _start(settings: ServeSettings, state: dict, model, tokenizer, metrics: Metrics) -> None:
     """Load the base (unless given) and the engine; preload adapters found under the root."""
+    if settings.backend == "onnx":
+        _start_onnx(settings, state, metrics)
+        return
     from pipeline.models import load_tokenizer, resolve_base, set_threads
     from serve.engine import Engine, load_base
 
@@ -373,6 +379,22 @@ def _start(settings: ServeSettings, state: dict, model, tokenizer, metrics: Metr
     log.info("serve: base %s ready with %d adapters", state["base_name"], len(eng.adapters))
 
 
+def _start_onnx(settings: ServeSettings, state: dict, metrics: Metrics) -> None:
+    """The ONNX backend: the edge bundle on ONNX Runtime (nothing here imports torch)."""
+    from serve.onnx_engine import start_onnx_engine
+
+    eng, base_name = start_onnx_engine(Path(settings.bundle), settings)
+    eng.on_step = metrics.batch.observe
+    state.update(engine=eng, tokenizer=eng.tokenizer, base_name=base_name)
+    if settings.preload:
+        for name in eng.runner.adapter_names[: settings.max_loaded_adapters]:
+            try:
+                _load(settings, state, eng, check_name(name), name, name in settings.pinned, metrics)
+            except AdapterError as exc:
+                log.warning("serve: adapter %s not loaded: %s", name, exc)
+    log.info("serve: ONNX bundle %s (base %s) ready with %d adapters", settings.bundle, base_name, len(eng.adapters))
+
+
 def _load(settings: ServeSettings, state: dict, eng, name: str, source: str, pinned: bool, metrics: Metrics):
     """Validate and load adapter ``name`` from ``source`` under the root (blocking; not on the event loop)."""
     loading = state.setdefault("loading", set())
@@ -396,8 +418,11 @@ def serve(settings: ServeSettings) -> int:
     import uvicorn
 
     app = create_app(settings)
-    log.info("serve: http://%s:%d (adapters from %s, base %s, %s)", settings.host, settings.port, settings.adapters,
-             settings.base, settings.quantize)
+    if settings.backend == "onnx":
+        log.info("serve: http://%s:%d (ONNX backend, bundle %s)", settings.host, settings.port, settings.bundle)
+    else:
+        log.info("serve: http://%s:%d (adapters from %s, base %s, %s)", settings.host, settings.port,
+                 settings.adapters, settings.base, settings.quantize)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info",
                 timeout_graceful_shutdown=int(settings.request_timeout_s))
     return 0

@@ -24,7 +24,12 @@ class ServeSettings:
     adapters: str = "runs/default/adapters"
     """Adapter root: the only place adapters load from (each adapter is a folder under it)."""
     quantize: Literal["none", "int8", "nf4"] = "none"
-    """Precision of the shared frozen base: fp32, or bitsandbytes int8/NF4."""
+    """Precision of the shared frozen base: fp32, or bitsandbytes int8/NF4 (torch backend)."""
+    backend: Literal["torch", "onnx"] = "torch"
+    """``torch``: PyTorch base + PEFT adapters from ``adapters``; ``onnx``: the edge bundle at ``bundle`` on
+    ONNX Runtime (no PyTorch needed), serving the bundle's adapters."""
+    bundle: str = "runs/default/export/edge"
+    """Edge bundle served by the ONNX backend."""
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -76,6 +81,11 @@ class ServeSettings:
         out = []
         if self.quantize not in ("none", "int8", "nf4"):
             out.append(f"quantize: {self.quantize!r} is not one of none, int8, nf4")
+        if self.backend not in ("torch", "onnx"):
+            out.append(f"backend: {self.backend!r} is not one of torch, onnx")
+        if self.backend == "onnx" and self.quantize != "none":
+            out.append("quantize: applies to the torch backend; the ONNX backend runs the bundle's own precision "
+                       "(export.edge_precision)")
         for name, low in (("port", 1), ("max_loaded_adapters", 1), ("max_rank", 1), ("max_batch_size", 1),
                           ("max_queue", 1), ("max_tokens", 1)):
             if getattr(self, name) < low:

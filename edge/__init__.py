@@ -1,0 +1,1 @@
+"""Torch-free edge runtime: run exported ONNX bundles with numpy, onnxruntime and tokenizers only."""

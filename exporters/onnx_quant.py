@@ -1,0 +1,179 @@
+"""Quantize an exported fp32 ONNX decoder: int8 (dynamic, per-channel) and int4 (``MatMulNBits``).
+
+Small models spend a large share of their bytes on the token embedding and the output projection,
+which are often tied (SmolLM2: 28M of 135M parameters). The optimum export expresses a tied head as
+a ``MatMul`` over a ``Transpose`` of the embedding, which the quantizers skip because its weight is
+not a constant. :func:`fold_constant_transposes` turns that transpose into a plain initializer so the
+head is quantized like every other projection, and for int4 :func:`share_int4_embedding` then reads
+the embedding rows straight out of the head's 4-bit weight (``GatherBlockQuantized``), so the
+vocabulary matrix is stored once, in 4 bits: int4 ends up near an eighth of fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from exporters.onnx_lora import expose_lora_inputs
+
+log = logging.getLogger(__name__)
+
+__all__ = ["fold_constant_transposes", "quantize_int4", "quantize_int8", "share_int4_embedding"]
+
+
+def _load(path: Path):
+    import onnx
+
+    return onnx.load(str(path))
+
+
+def _save(model, path: Path) -> None:
+    import onnx
+
+    # One file: protobuf's 2 GB limit is far off for the small models this is for; beyond it, external data.
+    large = model.ByteSize() > 1_900_000_000
+    onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
+                    location=path.name + ".data" if large else None)
+
+
+def fold_constant_transposes(model) -> int:
+    """Replace every ``Transpose`` of an initializer by the transposed initializer; returns how many.
+
+    The graph computes the same values; only the tied weight is now stored twice (until quantized).
+    """
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    kept, folded = [], 0
+    for node in model.graph.node:
+        if node.op_type == "Transpose" and node.input[0] in inits:
+            array = numpy_helper.to_array(inits[node.input[0]])
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            model.graph.initializer.append(numpy_helper.from_array(
+                np.ascontiguousarray(array.transpose(perm) if perm else array.T), node.output[0]))
+            folded += 1
+            continue
+        kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return folded
+
+
+def quantize_int8(src: Path, dst: Path) -> Path:
+    """Dynamic int8 quantization (per-channel weights, activations quantized on the fly)."""
+    import tempfile
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = _load(src)
+    fold_constant_transposes(model)
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+        folded = Path(tmp) / "folded.onnx"
+        _save(model, folded)
+        _quiet_quantizer(lambda: quantize_dynamic(
+            str(folded), str(dst), per_channel=True, weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Gather"], nodes_to_exclude=_lora_nodes(model)))
+    quantized = _load(dst)
+    if expose_lora_inputs(quantized):
+        _save(quantized, dst)
+    return dst
+
+
+def quantize_int4(src: Path, dst: Path, *, block_size: int = 32, accuracy_level: int = 4) -> Path:
+    """4-bit block quantization of every constant-weight ``MatMul`` (``MatMulNBits``) and the embedding.
+
+    ``accuracy_level`` 4 computes in int8 (what makes MatMulNBits fast on x86 CPUs; 0 keeps fp32
+    activations and was slower than fp32 here). ``block_size`` (16-256, a power of two) trades size
+    for accuracy: each block of weights shares one fp32 scale.
+    """
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"int4 block_size must be a power of two >= 16, got {block_size}")
+    model = _load(src)
+    fold_constant_transposes(model)
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
+                                          op_types_to_quantize=("MatMul", "Gather"),
+                                          quant_axes=(("MatMul", 0), ("Gather", 1)))
+    quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_exclude=_lora_nodes(model))
+    _quiet_quantizer(quantizer.process)
+    quantized = quantizer.model.model
+    if share_int4_embedding(quantized):
+        log.info("int4: the embedding reads the output projection's 4-bit weight (stored once)")
+    expose_lora_inputs(quantized)
+    _save(quantized, dst)
+    return dst
+
+
+def share_int4_embedding(model) -> bool:
+    """Point the embedding's ``GatherBlockQuantized`` at the tied head's ``MatMulNBits`` weight.
+
+    Only when the two hold the same matrix (tied embeddings: same quantized blocks and scales);
+    returns whether it did. The head stores ``W[vocab, hidden]`` as uint4 blocks with zero point 8,
+    shape [vocab, blocks, block/2]; gathering rows of that with ``quantize_axis=2`` gives the same
+    values as the separately quantized embedding, which is then dropped.
+    """
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    gathers = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+    heads = [n for n in model.graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.name]
+    if len(gathers) != 1 or len(heads) != 1 or len(heads[0].input) > 3:
+        return False
+    gather, head = gathers[0], heads[0]
+    g_data, g_scales = inits.get(gather.input[0]), inits.get(gather.input[2] if len(gather.input) > 2 else "")
+    h_data, h_scales = inits.get(head.input[1]), inits.get(head.input[2])
+    if None in (g_data, g_scales, h_data, h_scales) or len(gather.input) > 3:
+        return False
+    attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
+    vocab, blocks, half = h_data.dims
+    block = attrs["block_size"]
+    if half * 2 != block:
+        return False
+    scales = numpy_helper.to_array(h_scales).reshape(vocab, blocks)
+    if tuple(g_scales.dims) != (vocab, blocks) or not np.array_equal(numpy_helper.to_array(g_scales), scales):
+        return False  # not the same matrix: an untied head
+    name = gather.output[0]
+    shared_scales = numpy_helper.from_array(scales.reshape(vocab, blocks, 1), f"{h_scales.name}_gather")
+    shape = numpy_helper.from_array(np.array([0, 0, -1], np.int64), f"{name}_shape")
+    gathered = f"{name}_blocks"
+    new_gather = helper.make_node("GatherBlockQuantized", [h_data.name, gather.input[1], shared_scales.name],
+                                  [gathered], name=gather.name, domain="com.microsoft", gather_axis=0,
+                                  quantize_axis=2, block_size=block, bits=4)
+    reshape = helper.make_node("Reshape", [gathered, shape.name], [name], name=f"{gather.name}_reshape")
+    nodes = list(model.graph.node)
+    at = nodes.index(gather)
+    nodes[at:at + 1] = [new_gather, reshape]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    dropped = {g_data.name, g_scales.name}
+    kept = [i for i in model.graph.initializer if i.name not in dropped]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend([*kept, shared_scales, shape])
+    return True
+
+
+def _lora_nodes(model) -> list[str]:
+    """The LoRA branch's MatMuls: their weights are (overridable) adapter inputs and stay fp32."""
+    return [n.name for n in model.graph.node if n.name.endswith(("/lora_A", "/lora_B"))]
+
+
+def _quiet_quantizer(fn) -> None:
+    """The quantizers log one INFO line per node on the root logger, and divide by all-zero blocks'
+    zero scales (handled: those blocks quantize to 0); keep both out of the user's console."""
+    import warnings
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            fn()
+    finally:
+        root.setLevel(level)

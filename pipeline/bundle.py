@@ -1,0 +1,215 @@
+"""The ``edge`` export target: the run's edge bundle, one shared base and every task's adapter.
+
+``runs/<run>/export/edge/`` (layout in :mod:`edge.bundle`) holds the base as a multi-LoRA ONNX
+decoder at ``export.edge_precision`` and, per task, the adapter in the form ONNX Runtime runs:
+
+  - LoRA / QLoRA → ``adapters/<task>.onnx_adapter`` (selected per request with RunOptions);
+  - prefix tuning, prompt tuning, P-tuning → ``adapters/<task>.prefix.npz`` (a key/value prefix);
+  - DoRA, IA3, PIR, full, ULMFiT → ``merged/<task>.onnx`` (the merged model at the same precision).
+
+Each task is added by rebuilding the bundle in a temporary folder (unchanged files hard-linked,
+not copied) that replaces the old one only when the task's fidelity gate passed, so the bundle on
+disk is always complete and its ``manifest.json`` (sha256 of every file) always true.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from edge.bundle import FORMAT
+from pipeline.artifacts import atomic_dir, fingerprint, read_manifest, write_manifest
+from pipeline.config import Config, TaskConfig
+from pipeline.errors import EdgetuneError
+from pipeline.merge import merged_dir, require_stage_output
+from pipeline.models import load_model, load_tokenizer, resolve_base, set_threads
+from pipeline.tune import adapter_dir, is_peft_adapter, load_tuned
+
+log = logging.getLogger(__name__)
+
+_SENTINEL = "\u2063EDGETUNE_PROMPT\u2063"
+_HEADER = ("base_name", "model", "tokenizer", "chat", "stop_token_ids", "pad_token_id", "context_length",
+           "base_fidelity")
+"""Manifest keys that describe the shared base (kept when a task is added to an existing bundle)."""
+
+
+def bundle_dir(cfg: Config) -> Path:
+    return cfg.run_dir / "export" / "edge"
+
+
+def adapter_kind(cfg: Config, task: TaskConfig) -> str:
+    """How ``task``'s tune result travels in the bundle: ``lora``, ``prefix`` or ``merged``."""
+    from exporters.kv_prefix import PROMPT_LEARNING
+
+    tuned = adapter_dir(cfg, task)
+    if is_peft_adapter(tuned):
+        config = json.loads((tuned / "adapter_config.json").read_text())
+        if config.get("peft_type") == "LORA" and not config.get("use_dora") and not config.get("modules_to_save"):
+            return "lora"
+        if config.get("peft_type") in PROMPT_LEARNING:
+            return "prefix"
+    return "merged"
+
+
+def _settings(cfg: Config) -> str:
+    e = cfg.export
+    return f"{FORMAT}:{e.edge_precision}:{e.int4_block_size}:{e.int4_accuracy_level}"
+
+
+def add_task(cfg: Config, task: TaskConfig, *, force: bool = False) -> Path:
+    """Add (or refresh) ``task`` in the run's edge bundle, building the shared base first if needed."""
+    root = bundle_dir(cfg)
+    base = resolve_base(cfg.base)
+    kind = adapter_kind(cfg, task)
+    source = merged_dir(cfg, task) if kind == "merged" else adapter_dir(cfg, task)
+    require_stage_output(source, "merge" if kind == "merged" else "tune", task)
+    base_fp, base_inputs = fingerprint("export", {"base": base}, _settings(cfg))
+    task_fp, _ = fingerprint("export", {"source": source, "base": base},
+                             _settings(cfg) + kind + cfg.section_hash("export"))
+    current = read_manifest(root)
+    reuse = current if (current and current.get("fingerprint") == base_fp and current.get("format") == FORMAT
+                        and all(k in current for k in _HEADER)) else None
+    if reuse and not force and reuse["adapters"].get(task.name, {}).get("fingerprint") == task_fp:
+        log.info("export %s edge: up to date in %s, nothing to do; --force redoes it", task.name, root)
+        return root
+    set_threads(cfg.num_threads)
+    precision = cfg.export.edge_precision
+    with atomic_dir(root) as tmp:
+        adapters = {}
+        if reuse:  # keep the base and the other tasks: hard links, no copies
+            keep = {f for f in reuse["files"] if not f.startswith(tuple(_task_files(task.name)))}
+            for rel in keep:
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                _link(root / rel, tmp / rel)
+            adapters = {k: v for k, v in reuse["adapters"].items() if k != task.name}
+            header = {k: reuse[k] for k in _HEADER}
+        else:
+            log.info("export edge: building the shared %s base with LoRA inputs from %s", precision, base)
+            header = _build_base(cfg, task, base, tmp, precision)
+        entry = _add_adapter(cfg, task, kind, source, base, tmp, precision)
+        adapters[task.name] = {**entry, "fingerprint": task_fp}
+        write_manifest(tmp, stage="export", fp=base_fp, inputs=base_inputs, config_hash=_settings(cfg),
+                       extra={"format": FORMAT, "target": "edge", "precision": precision, **header,
+                              "adapters": dict(sorted(adapters.items()))})
+    log.info("export %s edge: %s adapter in %s", task.name, kind, root)
+    return root
+
+
+def _task_files(name: str) -> list[str]:
+    return [f"adapters/{name}.", f"merged/{name}."]
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed: copy
+        shutil.copy2(src, dst)
+
+
+def _build_base(cfg: Config, task: TaskConfig, base: Path, out: Path, precision: str) -> dict:
+    """Write the shared base (``model.onnx``) and ``tokenizer.json`` into ``out``; return the manifest header."""
+    import onnx
+
+    from exporters.onnx import export_onnx_fp32, load_onnx_model
+    from exporters.onnx_lora import add_lora_inputs
+    from pipeline.export import quantize_onnx
+    from pipeline.fidelity import gate
+
+    with tempfile.TemporaryDirectory(dir=out, prefix=".work-") as work:
+        fp32 = export_onnx_fp32(base, Path(work) / "fp32")
+        model = onnx.load(str(fp32 / "model.onnx"))
+        add_lora_inputs(model)
+        onnx.save_model(model, str(Path(work) / "lora.onnx"))
+        del model
+        quantize_onnx(cfg, precision, Path(work) / "lora.onnx", out / "model.onnx")
+    tokenizer = load_tokenizer(base)
+    shutil.copy2(base / "tokenizer.json", out / "tokenizer.json")
+    if tokenizer.chat_template:  # for multi-message chats on the server's ONNX backend
+        (out / "chat_template.jinja").write_text(tokenizer.chat_template)
+    fidelity = gate(cfg, task, precision, load_model(base, "cpu"), load_onnx_model(out, set_threads(cfg.num_threads)),
+                    tokenizer, f"edge base ({task.name} rows)")
+    return {"base_name": Path(cfg.base).name if Path(cfg.base).exists() else cfg.base,
+            "model": "model.onnx", "tokenizer": "tokenizer.json", "chat": _chat_format(tokenizer),
+            "stop_token_ids": _stop_ids(base, tokenizer), "pad_token_id": tokenizer.pad_token_id,
+            "context_length": int(getattr(load_model_config(base), "max_position_embeddings", 2048)),
+            "base_fidelity": fidelity}
+
+
+def load_model_config(path: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, local_files_only=True)
+
+
+def _chat_format(tokenizer) -> dict[str, str]:
+    """The chat template rendered around one user turn, as a fixed prefix and suffix.
+
+    A device then needs no template engine: ``prefix + prompt + suffix`` is exactly what the
+    template renders for a single user message (default system prompt included) ready for the answer.
+    """
+    if not tokenizer.chat_template:
+        return {"prefix": "", "suffix": "\n"}  # the pipeline's plain-text prompt format
+    text = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False,
+                                         add_generation_prompt=True)
+    if text.count(_SENTINEL) != 1:
+        raise EdgetuneError("the chat template does not place the user message exactly once; the edge bundle "
+                            "cannot precompute it")
+    prefix, suffix = text.split(_SENTINEL)
+    return {"prefix": prefix, "suffix": suffix}
+
+
+def _stop_ids(base: Path, tokenizer) -> list[int]:
+    """Tokens that end an answer: the tokenizer's end token and the generation config's."""
+    ids = {tokenizer.eos_token_id}
+    generation = base / "generation_config.json"
+    if generation.is_file():
+        eos = json.loads(generation.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos])
+    return sorted(i for i in ids if i is not None)
+
+
+def _add_adapter(cfg: Config, task: TaskConfig, kind: str, source: Path, base: Path, out: Path,
+                 precision: str) -> dict:
+    """Write ``task``'s adapter file into ``out`` and gate it against its PyTorch model; the manifest entry."""
+    from edge.runtime import Decoder
+    from exporters.onnx import OnnxCausalLM
+    from pipeline.fidelity import gate
+
+    threads = set_threads(cfg.num_threads)
+    tokenizer = load_tokenizer(base)
+    if kind == "lora":
+        from exporters.onnx_lora import LoraExportError, write_onnx_adapter
+
+        rel = f"adapters/{task.name}.onnx_adapter"
+        (out / "adapters").mkdir(exist_ok=True)
+        try:
+            write_onnx_adapter(source, out / rel)
+        except LoraExportError as exc:
+            raise EdgetuneError(f"export {task.name} edge: {exc}") from exc
+        decoder = Decoder(out / "model.onnx", threads=threads)
+        decoder.load_adapter(task.name, out / rel)
+        export_model, torch_model = OnnxCausalLM(decoder, adapter=task.name), load_tuned(source, base)
+    elif kind == "prefix":
+        from edge.runtime import Prefix
+        from exporters.kv_prefix import adapter_prefix, save_prefix
+
+        rel = f"adapters/{task.name}.prefix.npz"
+        (out / "adapters").mkdir(exist_ok=True)
+        save_prefix(adapter_prefix(source, base), out / rel)
+        decoder = Decoder(out / "model.onnx", threads=threads)
+        export_model = OnnxCausalLM(decoder, prefix=Prefix.load(out / rel))
+        torch_model = load_tuned(source, base)
+    else:
+        from pipeline.export import fp32_onnx, quantize_onnx
+
+        rel = f"merged/{task.name}.onnx"
+        (out / "merged").mkdir(exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out, prefix=".work-") as work:
+            quantize_onnx(cfg, precision, fp32_onnx(cfg, task, Path(work) / "fp32") / "model.onnx", out / rel)
+        export_model, torch_model = OnnxCausalLM(Decoder(out / rel, threads=threads)), load_model(source, "cpu")
+    fidelity = gate(cfg, task, precision, torch_model, export_model, tokenizer, f"{task.name} edge")
+    return {"kind": kind, "file": rel, "fidelity": fidelity}

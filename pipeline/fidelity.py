@@ -1,0 +1,73 @@
+"""Fidelity gates: an export is checked against the PyTorch model it came from before it is published.
+
+On the first ``export.fidelity_rows`` held-out rows of the task (prompt + reference answer, fixed
+for a given test file) it measures max |Δlogit|, top-1 agreement, mean KL(PyTorch || export) and the
+exact match of both models' greedy answers, then applies ``export.gates.<precision>``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pipeline.config import Config, TaskConfig
+from pipeline.data import load_examples, render_prompt
+from pipeline.errors import EdgetuneError
+
+log = logging.getLogger(__name__)
+
+
+def fidelity_examples(cfg: Config, task: TaskConfig) -> list:
+    """The held-out rows every export of ``task`` is checked on (those with a reference answer)."""
+    rows = [e for e in load_examples(task.test) if e.reference is not None][: cfg.export.fidelity_rows]
+    if not rows:
+        raise EdgetuneError(f"export {task.name}: {task.test} has no rows with a reference answer to check exports "
+                            "against; add prompt/completion or messages rows to the test file")
+    return rows
+
+
+def measure(cfg: Config, task: TaskConfig, torch_model, export_model, tokenizer) -> dict[str, Any]:
+    """Logit and task-score agreement of ``export_model`` (an OnnxCausalLM) with ``torch_model``."""
+    from exporters.onnx import logit_parity
+    from pipeline.evaluate import exact_match
+
+    rows = fidelity_examples(cfg, task)
+    texts = [render_prompt(tokenizer, e) + e.reference + (tokenizer.eos_token or "") for e in rows]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    metrics: dict[str, Any] = logit_parity(torch_model, export_model, batch["input_ids"], batch["attention_mask"])
+    size = max(1, min(cfg.evaluate.batch_size, len(rows)))
+    score_torch, _ = exact_match(torch_model, tokenizer, rows, task.max_new_tokens, size, desc=f"{task.name}/torch")
+    score_export, _ = exact_match(export_model, tokenizer, rows, task.max_new_tokens, size, desc=f"{task.name}/onnx")
+    metrics.update(score_torch=score_torch, score_export=score_export, score_drop=score_torch - score_export,
+                   rows=len(rows))
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
+
+
+def check(cfg: Config, precision: str, metrics: dict[str, Any], what: str) -> None:
+    """Raise :class:`EdgetuneError` naming every gate ``metrics`` fail for ``precision``."""
+    gate = getattr(cfg.export.gates, precision)
+    failed = []
+    if gate.max_abs_logit_diff is not None and metrics["max_abs_logit_diff"] > gate.max_abs_logit_diff:
+        failed.append(f"max |Δlogit| {metrics['max_abs_logit_diff']:.3g} > {gate.max_abs_logit_diff:g} (max_abs_logit_diff)")
+    if metrics["top1_agreement"] < gate.min_top1_agreement:
+        failed.append(f"top-1 agreement {metrics['top1_agreement']:.3f} < {gate.min_top1_agreement:g} (min_top1_agreement)")
+    if gate.max_kl is not None and metrics["kl"] > gate.max_kl:
+        failed.append(f"KL {metrics['kl']:.3g} > {gate.max_kl:g} (max_kl)")
+    if metrics["score_drop"] > gate.max_score_drop + 1e-9:
+        failed.append(f"exact match {metrics['score_export']:.3f} vs PyTorch {metrics['score_torch']:.3f}, a drop of "
+                      f"{metrics['score_drop']:.3f} > {gate.max_score_drop:g} (max_score_drop)")
+    if failed:
+        raise EdgetuneError(
+            f"export {what}: the {precision} fidelity gate failed on {metrics['rows']} held-out rows: "
+            + "; ".join(failed) + ". Nothing was published. If this trade-off is acceptable, loosen the gate, e.g. "
+            f"--set export.gates.{precision}.<setting>=VALUE; for int4 a smaller export.int4_block_size is more accurate")
+    log.info("export %s: %s gate passed: max |Δlogit| %.3g, top-1 %.3f, KL %.3g, exact match %.3f vs %.3f (torch)",
+             what, precision, metrics["max_abs_logit_diff"], metrics["top1_agreement"], metrics["kl"],
+             metrics["score_export"], metrics["score_torch"])
+
+
+def gate(cfg: Config, task: TaskConfig, precision: str, torch_model, export_model, tokenizer, what: str) -> dict:
+    """:func:`measure` then :func:`check`; returns the metrics (recorded in the export's manifest)."""
+    metrics = measure(cfg, task, torch_model, export_model, tokenizer)
+    check(cfg, precision, metrics, what)
+    return {"precision": precision, **metrics}
