@@ -1,7 +1,10 @@
-"""The run report: ``report.json`` (machine-readable, schema in README.md) and ``report.md``."""
+"""The run report: ``report.json`` (machine-readable, schema in README.md), ``report.md``, and for
+people choosing a trade-off, ``report.html`` with one plot per task (``plots/<task>.png``): held-out
+score against size on disk and against decode speed, one labelled point per artifact."""
 
 from __future__ import annotations
 
+import html
 import os
 import platform
 import time
@@ -47,7 +50,81 @@ def write_report(cfg: Config, tasks: dict[str, dict[str, Any]]) -> Path:
     path = cfg.run_dir / "report.json"
     write_json_atomic(path, report)
     write_text_atomic(cfg.run_dir / "report.md", render_markdown(report))
+    plots = write_plots(report, cfg.run_dir / "plots")
+    write_text_atomic(cfg.run_dir / "report.html", render_html(report, plots, cfg.run_dir))
     return path
+
+
+def _score(r: dict[str, Any]) -> tuple[float, str]:
+    """The plotted quality of an artifact: exact match, else (text-only test sets) 1 / perplexity."""
+    if r.get("exact_match") is not None:
+        return r["exact_match"], "held-out exact match"
+    return 1.0 / r["perplexity"], "1 / perplexity (held-out)"
+
+
+def write_plots(report: dict[str, Any], folder: Path) -> dict[str, Path]:
+    """One PNG per task: score vs size on disk (left) and score vs decode tokens/s (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, task in report["tasks"].items():
+        rows = task["artifacts"]
+        if not rows:
+            continue
+        fig, (by_size, by_speed) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+        label = "score"
+        for artifact, r in rows.items():
+            score, label = _score(r)
+            for ax, x in ((by_size, r["size_bytes"] / 1e6), (by_speed, r["decode_tokens_per_s"])):
+                ax.scatter([x], [score], s=36)
+                ax.annotate(artifact, (x, score), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        by_size.set_xscale("log")
+        by_size.set_xlabel("size on disk (MB, log scale): smaller is better")
+        by_speed.set_xlabel("decode tokens/s at batch 1: larger is better")
+        by_size.set_ylabel(label)
+        for ax in (by_size, by_speed):
+            ax.grid(True, alpha=0.3)
+        fig.suptitle(f"{name}: quality vs size and speed ({task['test_rows']} held-out rows, "
+                     f"{report['machine']['cpu']}, {report['machine']['threads']} threads)", fontsize=10)
+        fig.tight_layout()
+        path = folder / f"{name}.png"
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        tmp.replace(path)
+        out[name] = path
+    return out
+
+
+def render_html(report: dict[str, Any], plots: dict[str, Path], run_dir: Path) -> str:
+    """A self-explaining page: per task the plot and the table it was drawn from."""
+    e = html.escape
+    m = report["machine"]
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>edgetune report: {e(report['run'])}</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}</style>",
+             f"</head><body><h1>edgetune report: run <code>{e(report['run'])}</code></h1>",
+             f"<p>Base <code>{e(report['base'])}</code>, method <code>{e(report['method'])}</code>, "
+             f"{e(report['created'])}. Machine: {e(m['cpu'])}, {m['cores']} cores, {m['threads']} threads.</p>"]
+    for name, task in report["tasks"].items():
+        parts.append(f"<h2>{e(name)} ({task['test_rows']} held-out rows)</h2>")
+        if name in plots:
+            parts.append(f"<img src='{e(str(plots[name].relative_to(run_dir)))}' alt='{e(name)} trade-offs' width='100%'>")
+        parts.append("<table><tr><th>artifact</th><th>exact match</th><th>perplexity</th><th>size on disk (MB)</th>"
+                     "<th>decode tok/s</th></tr>")
+        for artifact, r in task["artifacts"].items():
+            em = "n/a" if r["exact_match"] is None else f"{r['exact_match']:.3f}"
+            parts.append(f"<tr><td>{e(artifact)}</td><td>{em}</td><td>{r['perplexity']:.3f}</td>"
+                         f"<td>{r['size_bytes'] / 1e6:.1f}</td><td>{r['decode_tokens_per_s']:.1f}</td></tr>")
+        parts.append("</table>")
+        for artifact, reason in task.get("skipped", {}).items():
+            parts.append(f"<p>Not produced: <code>{e(artifact)}</code>: {e(reason)}.</p>")
+    parts.append("<p><code>report.json</code> is the machine-readable source of these numbers.</p></body></html>")
+    return "\n".join(parts) + "\n"
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -71,5 +148,6 @@ def render_markdown(report: dict[str, Any]) -> str:
                          f"{r['size_bytes'] / 1e6:.1f} MB | {r['decode_tokens_per_s']:.1f} |")
         lines += [f"\nNot produced: `{artifact}`: {reason}." for artifact, reason in task.get("skipped", {}).items()]
         lines.append("")
-    lines.append("Size of `adapter` is the adapter alone (it runs on the shared base); `base` is the base snapshot.")
+    lines.append("Size of `adapter` is the adapter alone (it runs on the shared base); `base` is the base snapshot; "
+                 "`edge` is the bundle's shared base plus this task's adapter file. Plots: `report.html`.")
     return "\n".join(lines) + "\n"

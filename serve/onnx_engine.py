@@ -148,6 +148,8 @@ class OnnxEngine:
         return entry
 
     def unload(self, name: str) -> bool:
+        """Unload ``name``; like the torch engine, it is then unknown until ``POST /v1/adapters`` loads it."""
+        self.known_sources.pop(name, None)
         self.failed.pop(name, None)
         entry = self.adapters.pop(name, None)
         if entry is None:

@@ -13,7 +13,7 @@ from pipeline.artifacts import sha256_file
 from pipeline.cli import main
 from pipeline.config import load_config
 
-ARTIFACTS = ["base", "adapter", "merged", "int8", "nf4", "onnx"]
+ARTIFACTS = ["base", "adapter", "merged", "int8", "nf4", "onnx", "onnx-int8", "onnx-int4", "edge"]
 
 
 def cli(*args: str, sets: list[str] = ()) -> int:
@@ -70,7 +70,13 @@ def test_every_stage_writes_its_artifact_with_a_manifest(tiny_run) -> None:
     for task in ("sentiment", "echo"):
         assert (run / "export" / "onnx" / task / "model.onnx").is_file()
         onnx_manifest = json.loads((run / "export" / "onnx" / task / "manifest.json").read_text())
-        assert onnx_manifest["metrics"]["max_abs_logit_diff"] < 1e-3
+        fidelity = onnx_manifest["metrics"]
+        assert fidelity["precision"] == "fp32" and fidelity["max_abs_logit_diff"] < 1e-3
+        assert fidelity["top1_agreement"] == 1.0 and fidelity["kl"] < 1e-4 and fidelity["score_drop"] == 0
+        for target in ("onnx-int8", "onnx-int4"):
+            quantized = json.loads((run / "export" / target / task / "manifest.json").read_text())
+            assert quantized["metrics"]["precision"] == target[-4:] and quantized["metrics"]["rows"] >= 1
+            assert (run / "export" / target / task / "tokenizer.json").is_file()
         fp16 = AutoModelForCausalLM.from_pretrained(run / "export" / "safetensors" / task, dtype="auto")
         assert fp16.dtype == torch.float16
     base_dir = Path(json.loads((run / "report.json").read_text())["tasks"]["echo"]["artifacts"]["base"]["path"])
@@ -97,6 +103,9 @@ def test_report_scores_every_artifact_and_equivalent_artifacts_agree(tiny_run) -
         assert a["onnx"]["perplexity"] == pytest.approx(a["merged"]["perplexity"], rel=1e-4)
         assert a["adapter"]["size_bytes"] < a["merged"]["size_bytes"]
         assert a["merged"]["perplexity"] != a["base"]["perplexity"]  # the adapter changed the model
+    assert (run / "plots" / "sentiment.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (run / "report.html").read_text()
+    assert "<img src='plots/echo.png'" in page and "onnx-int4" in page
     md = (run / "report.md").read_text()
     assert "| artifact | exact match | perplexity | size on disk | decode tok/s (batch 1) |" in md
     assert "## echo (2 held-out rows)" in md
@@ -224,8 +233,11 @@ def test_unmergeable_and_sparse_methods_flow_through_every_stage(method: str, tm
     task = cfg.task("sentiment")
     if method == "prompt":
         assert not (run / "merged" / "sentiment").exists() and not (run / "export" / "onnx" / "sentiment").exists()
-        assert set(report["skipped"]) == {"merged", "onnx"} and "cannot be merged" in report["skipped"]["onnx"]
-        assert set(report["artifacts"]) == {"base", "adapter", "int8", "nf4"}
+        assert set(report["skipped"]) == {"merged", "onnx", "onnx-int8", "onnx-int4"}
+        assert "cannot be merged" in report["skipped"]["onnx"] and "key/value prefix" in report["skipped"]["onnx"]
+        assert set(report["artifacts"]) == {"base", "adapter", "int8", "nf4", "edge"}
+        edge = json.loads((run / "export" / "edge" / "manifest.json").read_text())["adapters"]["sentiment"]
+        assert edge["kind"] == "prefix" and (run / "export" / "edge" / edge["file"]).is_file()
         bundle = run / "export" / "safetensors" / "sentiment"
         assert (bundle / "model.safetensors").is_file() and (bundle / "adapter" / "adapter_config.json").is_file()
         for fmt in ("int8", "nf4"):  # the quantized base plus the soft prompt
@@ -239,5 +251,92 @@ def test_unmergeable_and_sparse_methods_flow_through_every_stage(method: str, tm
         arts = report["artifacts"]
         assert arts["merged"]["perplexity"] == pytest.approx(arts["adapter"]["perplexity"], rel=1e-4)
         assert arts["onnx"]["perplexity"] == pytest.approx(arts["merged"]["perplexity"], rel=1e-3)
+        edge = json.loads((run / "export" / "edge" / "manifest.json").read_text())["adapters"]["sentiment"]
+        assert edge["kind"] == "merged" and edge["file"] == "merged/sentiment.onnx"  # a sparse delta ships merged
     # the adapter learned something: its perplexity on the held-out completions beats the base's
     assert report["artifacts"]["adapter"]["perplexity"] < report["artifacts"]["base"]["perplexity"]
+
+
+# Everything a device lacks: the edge runtime and the ONNX server backend must not import any of it.
+_BLOCKER = """
+import importlib.abc, sys
+BLOCKED = {"torch", "transformers", "peft", "optimum", "accelerate", "bitsandbytes", "yaml", "onnx"}
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is not installed on this device")
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def _torch_free(code: str) -> str:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _BLOCKER + code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_edge_bundle_runs_without_torch(tiny_run) -> None:
+    from edge.bundle import EdgeRunner, load_bundle
+
+    _, run = tiny_run
+    bundle = run / "export" / "edge"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert set(manifest["adapters"]) == {"sentiment", "echo"}
+    assert all(a["kind"] == "lora" and a["fidelity"]["rows"] >= 1 for a in manifest["adapters"].values())
+    assert {"model.onnx", "tokenizer.json", "adapters/sentiment.onnx_adapter"} <= set(manifest["files"])
+    prompt = "Review: the kettle is great. Label the sentiment."
+    expected = EdgeRunner(load_bundle(bundle)).generate(prompt, adapter="sentiment", max_tokens=4)
+    out = _torch_free(f"""
+from pipeline.cli import main
+rc = main(["run-edge", {str(bundle)!r}, {prompt!r}, "--adapter", "sentiment", "--max-tokens", "4"])
+assert rc == 0
+assert not BLOCKED & set(m.split(".")[0] for m in sys.modules), sorted(BLOCKED & set(sys.modules))
+""")
+    assert out.rstrip("\n") == expected
+
+
+def test_onnx_server_backend_runs_without_torch(tiny_run) -> None:
+    _, run = tiny_run
+    out = _torch_free(f"""
+import json
+from fastapi.testclient import TestClient
+from serve.app import create_app
+from serve.settings import ServeSettings
+app = create_app(ServeSettings(backend="onnx", bundle={str(run / "export" / "edge")!r}))
+with TestClient(app) as client:
+    models = {{m["id"]: m for m in client.get("/v1/models").json()["data"]}}
+    chat = client.post("/v1/chat/completions", json={{"model": "echo", "max_tokens": 3, "temperature": 0,
+                       "messages": [{{"role": "user", "content": "Echo red"}}]}})
+    missing = client.post("/v1/completions", json={{"model": "nope", "prompt": "hi"}})
+    unload = client.delete("/v1/adapters/echo")
+    again = client.post("/v1/chat/completions", json={{"model": "echo", "max_tokens": 3, "temperature": 0,
+                        "messages": [{{"role": "user", "content": "Echo red"}}]}})
+print(json.dumps({{"models": sorted(models), "kinds": sorted(m.get("kind", "") for m in models.values()),
+                  "chat": chat.json(), "missing": missing.status_code, "unload": unload.json(),
+                  "again": again.status_code,
+                  "torch": bool(BLOCKED & set(m.split(".")[0] for m in sys.modules))}}))
+""")
+    result = json.loads(out.strip().splitlines()[-1])
+    base_name = json.loads((run / "export" / "edge" / "manifest.json").read_text())["base_name"]
+    assert set(result["models"]) == {"echo", "sentiment", base_name}
+    assert result["chat"]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert result["chat"]["usage"]["completion_tokens"] >= 1
+    assert result["missing"] == 404 and result["unload"]["deleted"] is True
+    assert result["again"] == 404  # unloaded is gone: the bundle adapter must be loaded again by name
+    assert result["torch"] is False
+
+
+def test_a_failed_fidelity_gate_publishes_nothing(tiny_run, capsys) -> None:
+    """Runs last in this module: it leaves the echo exports made under a stricter (failed) gate setting."""
+    sets, run = tiny_run
+    published = run / "export" / "onnx-int8" / "echo" / "manifest.json"
+    before = published.read_text()
+    assert cli("export", "--config", "configs/tiny.yaml", "--task", "echo",
+               sets=[*sets, "export.gates.int8.min_top1_agreement=1.01"]) == 2
+    err = capsys.readouterr().err
+    assert "int8 fidelity gate failed" in err and "min_top1_agreement" in err and "Nothing was published" in err
+    assert published.read_text() == before  # the earlier export is untouched
+    assert not [p for p in (run / "export").rglob("*") if ".tmp-" in p.name]
