@@ -9,7 +9,7 @@ SMOLLM2_VERSION := 0.1.2
 CONFIG ?= configs/default.yaml
 RUN ?= default
 
-.PHONY: setup pipeline test lint clean data serve bench-methods bench-pir bench-serve
+.PHONY: setup pipeline test lint clean data serve bench-methods bench-pir bench-serve bench-edge serve-edge
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ pipeline: setup
 serve: setup
 	$(VENV)/bin/edgetune serve --adapters runs/$(RUN)/adapters
 
+# The same API over the run's edge bundle on ONNX Runtime (int4 base + .onnx_adapter files; no PyTorch needed).
+serve-edge: setup
+	$(VENV)/bin/edgetune serve --backend onnx --bundle runs/$(RUN)/export/edge
+
 test: setup
 	$(VENV)/bin/pytest -q
 
@@ -42,6 +46,11 @@ bench-methods: setup
 # The server under load: 8 adapters vs 1 vs a naive switching server → benchmarks/results/serve.{json,md}.
 bench-serve: setup
 	$(PY) benchmarks/serve.py
+
+# Every deployable form of one tuned task (torch fp32/int8/NF4, ONNX fp32/int8/int4, int4 + .onnx_adapter):
+# decode and prompt speed, score, size, peak RSS → benchmarks/results/edge.{json,md} (~15 min after `make pipeline`).
+bench-edge: setup
+	$(PY) benchmarks/edge.py
 
 # What each PIR importance scorer costs and picks → benchmarks/results/pir_scorers.{json,md} (~4 min).
 bench-pir: setup

@@ -44,12 +44,18 @@ def bundle_dir(cfg: Config) -> Path:
 def adapter_kind(cfg: Config, task: TaskConfig) -> str:
     """How ``task``'s tune result travels in the bundle: ``lora``, ``prefix`` or ``merged``."""
     from exporters.kv_prefix import PROMPT_LEARNING
+    from exporters.onnx_lora import LoraExportError, lora_factors
 
     tuned = adapter_dir(cfg, task)
     if is_peft_adapter(tuned):
         config = json.loads((tuned / "adapter_config.json").read_text())
-        if config.get("peft_type") == "LORA" and not config.get("use_dora") and not config.get("modules_to_save"):
-            return "lora"
+        if config.get("peft_type") == "LORA":
+            try:  # LoRA outside the decoder layers' projections, DoRA, extra trained modules: ship merged
+                lora_factors(tuned)
+                return "lora"
+            except LoraExportError as exc:
+                log.info("export %s edge: the adapter ships merged: %s", task.name, exc)
+                return "merged"
         if config.get("peft_type") in PROMPT_LEARNING:
             return "prefix"
     return "merged"

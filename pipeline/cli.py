@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="OpenAI-compatible server: one frozen base, many adapters chosen per request",
                         description="Serve the base and every adapter under --adapters over an OpenAI-compatible "
                                     "API (completions, chat, streaming), with /v1/adapters to load, replace and "
-                                    "unload adapters at run time. Each flag can also come from the environment as "
+                                    "unload adapters at run time. With --backend onnx it serves an edge bundle (--bundle) on ONNX "
+                                    "Runtime instead, with the bundle's adapters, and needs no PyTorch. Each flag can "
+                                    "also come from the environment as "
                                     "EDGETUNE_SERVE_<NAME> (e.g. EDGETUNE_SERVE_API_KEY).")
     for flag, kind, what in (
             ("base", str, "base model: embedded name, local HF folder or hub id (default smollm2-135m-instruct)"),

@@ -113,7 +113,7 @@ def _edge_model(cfg: Config, task: TaskConfig, bundle_path: Path):
     return OnnxCausalLM(decoder, adapter=lora, prefix=prefix)
 
 
-def _size(cfg: Config, task: TaskConfig, artifact: str) -> int:
+def artifact_size(cfg: Config, task: TaskConfig, artifact: str) -> int:
     """Bytes on disk needed to run ``artifact`` (an unmerged quantized artifact counts its base too)."""
     from pipeline.quantize import quantized_base_of
 
@@ -209,7 +209,7 @@ def evaluate_artifact(cfg: Config, task: TaskConfig, artifact: str, examples: li
     result = {
         "exact_match": None if em is None else round(em, 4),
         "perplexity": round(ppl, 4),
-        "size_bytes": _size(cfg, task, artifact),
+        "size_bytes": artifact_size(cfg, task, artifact),
         "decode_tokens_per_s": round(speed, 2),
         "rows": len(scored),
         "path": str(artifact_path(cfg, task, artifact)),

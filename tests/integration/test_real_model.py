@@ -36,11 +36,18 @@ def test_real_model_pipeline(tmp_path: Path) -> None:
 
     report = json.loads((run / "report.json").read_text())
     artifacts = report["tasks"]["sentiment"]["artifacts"]
-    assert list(artifacts) == ["base", "adapter", "merged", "int8", "nf4", "onnx"]
+    assert list(artifacts) == ["base", "adapter", "merged", "int8", "nf4", "onnx", "onnx-int8", "onnx-int4", "edge"]
     for name, r in artifacts.items():
         assert r["decode_tokens_per_s"] > 0 and r["size_bytes"] > 0, name
     # Quantized artifacts are smaller on disk than the fp32 merged model.
     assert artifacts["nf4"]["size_bytes"] < artifacts["int8"]["size_bytes"] < artifacts["merged"]["size_bytes"]
+    # int4 stores the tied embedding/head once, in 4 bits: under a fifth of fp32 ONNX
+    assert artifacts["onnx-int4"]["size_bytes"] < 0.2 * artifacts["onnx"]["size_bytes"]
+    assert artifacts["onnx-int4"]["size_bytes"] < artifacts["onnx-int8"]["size_bytes"] < artifacts["onnx"]["size_bytes"]
+    edge = json.loads((run / "export" / "edge" / "manifest.json").read_text())
+    assert edge["adapters"]["sentiment"]["kind"] == "lora" and edge["base_fidelity"]["precision"] == "int4"
+    assert json.loads((run / "export" / "onnx" / "sentiment" / "manifest.json").read_text())[
+        "metrics"]["max_abs_logit_diff"] < 1e-3
 
     cfg = load_config("configs/default.yaml", sets)
     task = cfg.task("sentiment")

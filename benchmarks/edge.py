@@ -1,0 +1,167 @@
+"""`make bench-edge`: every deployable form of one tuned task, side by side, on this CPU.
+
+For the default base merged with a bundled task's adapter (``--task``, default sentiment, from the
+``make pipeline`` run ``runs/<run>``; the stages it needs are run first and are a no-op when up to
+date), each artifact is measured in a child process of its own (so its peak RSS is its own):
+
+  - batch-1 greedy decode tokens/s: exactly ``--new-tokens`` (128) new tokens, median of ``--repeats`` (5)
+  - prompt processing tokens/s: one forward over a ``--prompt-tokens`` (256) token prompt, median of repeats
+  - held-out exact match on the task's test rows, and size on disk (what the artifact needs to run)
+
+Artifacts: torch fp32 (merged), torch int8 (bitsandbytes, merged), torch NF4 (4-bit base + adapter),
+ONNX fp32, ONNX int8, ONNX int4 (merged), and ONNX int4 with the task's ``.onnx_adapter`` active on
+the edge bundle's shared base. Threads: ``--threads`` (2) for torch and ONNX Runtime alike.
+Writes ``benchmarks/results/edge.{json,md}`` and checks the goals of issue 5.
+
+    python benchmarks/edge.py [--task sentiment] [--run default] [--threads 2] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.measure import run_measured  # noqa: E402
+
+# (row label, evaluate artifact name)
+ARTIFACTS = [("torch fp32", "merged"), ("torch int8", "int8"), ("torch NF4", "nf4"), ("ONNX fp32", "onnx"),
+             ("ONNX int8", "onnx-int8"), ("ONNX int4", "onnx-int4"), ("ONNX int4 + .onnx_adapter", "edge")]
+GOALS = {"int4_decode_speedup": 4.0, "int4_size_ratio": 0.2, "int4_score_drop": 0.05}
+
+
+def _config(args):
+    from pipeline.config import load_config
+
+    return load_config(args.config, [f"run={args.run}", f"num_threads={args.threads}"])
+
+
+def child(args) -> None:
+    """Measure one artifact; write its numbers as JSON to ``args.out``."""
+    import torch
+
+    from exporters.onnx import OnnxCausalLM
+    from pipeline.data import load_examples, render_prompt
+    from pipeline.evaluate import artifact_size, decode_speed, exact_match, load_artifact
+    from pipeline.models import set_threads
+
+    cfg = _config(args)
+    task = cfg.task(args.task)
+    set_threads(args.threads)
+    model, tokenizer = load_artifact(cfg, task, args.child)
+    examples = [e for e in load_examples(task.test) if e.reference is not None]
+    score, _ = exact_match(model, tokenizer, examples, task.max_new_tokens, 20, desc=args.child)
+    prompt = render_prompt(tokenizer, examples[0])
+    if isinstance(model, OnnxCausalLM):  # the runtime's own streaming loop, as a device runs it
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        decode = model.decoder.decode_speed(ids, args.new_tokens, args.repeats, adapter=model.adapter,
+                                            prefix=model.prefix)
+    else:
+        decode = decode_speed(model, tokenizer, prompt, args.new_tokens, args.repeats)
+    text = " ".join(render_prompt(tokenizer, e) for e in examples[:40])
+    long_ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, : args.prompt_tokens]
+    assert long_ids.shape[1] == args.prompt_tokens, "the test prompts are too short for --prompt-tokens"
+    rates = []
+    with torch.no_grad():
+        model(input_ids=long_ids, attention_mask=torch.ones_like(long_ids))  # warm-up
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            model(input_ids=long_ids, attention_mask=torch.ones_like(long_ids))
+            rates.append(args.prompt_tokens / (time.perf_counter() - started))
+    Path(args.out).write_text(json.dumps({
+        "decode_tokens_per_s": round(decode, 2), "prompt_tokens_per_s": round(statistics.median(rates), 1),
+        "exact_match": round(score, 4), "rows": len(examples), "size_bytes": artifact_size(cfg, task, args.child)}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/default.yaml")
+    parser.add_argument("--run", default="default", help="pipeline run whose artifacts are measured")
+    parser.add_argument("--task", default="sentiment")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt-tokens", type=int, default=256)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    common = ["--config", args.config, "--run", args.run, "--task", args.task, "--threads", str(args.threads),
+              "--repeats", str(args.repeats), "--new-tokens", str(args.new_tokens),
+              "--prompt-tokens", str(args.prompt_tokens)]
+    # The artifacts: a no-op when `make pipeline` made them with this config.
+    run_measured([sys.executable, "-m", "pipeline.cli", "pipeline", "--config", args.config, "--set",
+                  f"run={args.run}", "--task", args.task, "--stages", "tune,merge,quantize,export"], "pipeline")
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, artifact in ARTIFACTS:
+            out = Path(tmp) / f"{artifact}.json"
+            _, rss = run_measured([sys.executable, __file__, *common, "--child", artifact, "--out", str(out)], label)
+            rows[label] = {"artifact": artifact, **json.loads(out.read_text()), "peak_rss_mb": round(rss)}
+            print(f"{label}: {rows[label]}", flush=True)
+    write_results(args, rows)
+
+
+def write_results(args, rows: dict) -> None:
+    from pipeline.report import machine
+
+    fp32, onnx_fp32, int4 = rows["torch fp32"], rows["ONNX fp32"], rows["ONNX int4"]
+    checks = {
+        "int4_decode_speedup": round(int4["decode_tokens_per_s"] / fp32["decode_tokens_per_s"], 2),
+        "int4_size_ratio": round(int4["size_bytes"] / onnx_fp32["size_bytes"], 3),
+        "int4_score_drop": round(fp32["exact_match"] - int4["exact_match"], 4),
+    }
+    met = {"int4_decode_speedup": checks["int4_decode_speedup"] >= GOALS["int4_decode_speedup"],
+           "int4_size_ratio": checks["int4_size_ratio"] <= GOALS["int4_size_ratio"],
+           "int4_score_drop": checks["int4_score_drop"] <= GOALS["int4_score_drop"]}
+    command = "make bench-edge  # python benchmarks/edge.py " + shlex.join(sys.argv[1:])
+    result = {"command": command.strip(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "machine": machine(), "task": args.task, "run": args.run, "threads": args.threads,
+              "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
+              "artifacts": rows, "checks": checks, "goals": GOALS, "met": met}
+    results = ROOT / "benchmarks" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "edge.json").write_text(json.dumps(result, indent=2) + "\n")
+    m = result["machine"]
+    lines = [
+        f"# bench-edge: `{args.task}` adapter merged into the default base, every deployable form",
+        "",
+        f"`{result['command']}` on {m['cpu']} ({m['cores']} cores), {args.threads} threads, {result['created']}.",
+        f"Decode: batch 1, greedy, exactly {args.new_tokens} new tokens, median of {args.repeats}. Prompt: one "
+        f"forward over {args.prompt_tokens} tokens, median of {args.repeats}. Score: held-out exact match "
+        f"({fp32['rows']} rows). Peak RSS: the measuring child process (load, score, time).",
+        "",
+        "| artifact | decode tok/s | prompt tok/s | exact match | size on disk | peak RSS |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, r in rows.items():
+        lines.append(f"| {label} | {r['decode_tokens_per_s']:.1f} | {r['prompt_tokens_per_s']:.0f} | "
+                     f"{r['exact_match']:.3f} | {r['size_bytes'] / 1e6:.1f} MB | {r['peak_rss_mb']:,} MB |")
+    lines += [
+        "",
+        "| goal | measured | target | met |",
+        "|---|---:|---:|---|",
+        f"| ONNX int4 decode ÷ torch fp32 decode | {checks['int4_decode_speedup']:.2f}× | ≥ 4× | "
+        f"{'yes' if met['int4_decode_speedup'] else 'no'} |",
+        f"| ONNX int4 size ÷ ONNX fp32 size | {checks['int4_size_ratio']:.3f} | ≤ 0.2 | "
+        f"{'yes' if met['int4_size_ratio'] else 'no'} |",
+        f"| exact match drop, ONNX int4 vs torch fp32 | {checks['int4_score_drop']:.3f} | ≤ 0.05 | "
+        f"{'yes' if met['int4_score_drop'] else 'no'} |",
+        "",
+    ]
+    (results / "edge.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
