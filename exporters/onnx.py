@@ -203,8 +203,12 @@ def logit_parity(
     onnx_model: OnnxCausalLM,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
+    score_mask: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Compare the logits of a PyTorch model and an ONNX export over the real tokens of a batch.
+
+    ``score_mask`` (same shape, optional) limits the comparison to some positions, e.g. those that
+    predict a reference answer; by default every real position counts.
 
     Each row is run alone, without its padding, through both models (no cache), so the comparison
     does not depend on how either runtime treats padded positions, and a PEFT prompt-learning model
@@ -217,23 +221,26 @@ def logit_parity(
       - ``kl``: mean KL(p_torch || p_onnx) in nats (0 = same distributions).
     """
     mask = attention_mask.to(torch.bool)
-    if not mask.any():
-        raise ValueError("attention_mask has no real (non-padded) positions to compare")
+    scored = mask if score_mask is None else score_mask.to(torch.bool) & mask
+    if not scored.any():
+        raise ValueError("no real (non-padded) positions to compare")
     was_training = torch_model.training
     torch_model.eval()
     diffs, agree, kls, count = [], 0, 0.0, 0
     try:
-        for row, row_mask in zip(input_ids.to(torch.long), mask):
+        for row, row_mask, row_scored in zip(input_ids.to(torch.long), mask, scored):
             ids = row[row_mask][None]
             ref = torch_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()[0, -ids.shape[1]:]
             got = torch.as_tensor(onnx_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits).float()[0]
             if ref.shape != got.shape:
                 raise RuntimeError(f"logit shape mismatch: torch {tuple(ref.shape)} vs onnx {tuple(got.shape)}")
+            keep = row_scored[row_mask]
+            ref, got = ref[keep], got[keep]
             diffs.append(float((ref - got).abs().max()))
             agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
             log_p, log_q = ref.log_softmax(-1), got.log_softmax(-1)
             kls += float((log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0).sum())
-            count += ids.shape[1]
+            count += int(keep.sum())
     finally:
         torch_model.train(was_training)
     return {"max_abs_logit_diff": max(diffs), "top1_agreement": agree / count, "kl": kls / count}

@@ -62,8 +62,10 @@ def adapter_kind(cfg: Config, task: TaskConfig) -> str:
 
 
 def _settings(cfg: Config) -> str:
+    from exporters.onnx_quant import RECIPE
+
     e = cfg.export
-    return f"{FORMAT}:{e.edge_precision}:{e.int4_block_size}:{e.int4_accuracy_level}"
+    return f"{FORMAT}:{RECIPE}:{e.edge_precision}:{e.int4_block_size}:{e.accuracy_level}"
 
 
 def add_task(cfg: Config, task: TaskConfig, *, force: bool = False) -> Path:
@@ -137,7 +139,7 @@ def _build_base(cfg: Config, task: TaskConfig, base: Path, out: Path, precision:
     if tokenizer.chat_template:  # for multi-message chats on the server's ONNX backend
         (out / "chat_template.jinja").write_text(tokenizer.chat_template)
     fidelity = gate(cfg, task, precision, load_model(base, "cpu"), load_onnx_model(out, set_threads(cfg.num_threads)),
-                    tokenizer, f"edge base ({task.name} rows)")
+                    tokenizer, f"edge base ({task.name} rows)", logits=False)
     return {"base_name": Path(cfg.base).name if Path(cfg.base).exists() else cfg.base,
             "model": "model.onnx", "tokenizer": "tokenizer.json", "chat": _chat_format(tokenizer),
             "stop_token_ids": _stop_ids(base, tokenizer), "pad_token_id": tokenizer.pad_token_id,

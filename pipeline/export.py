@@ -5,7 +5,7 @@ Targets (``export.targets``):
     generation config → ``runs/<run>/export/safetensors/<task>/`` (an unmergeable adapter: the
     base plus ``adapter/``). The bitsandbytes int8/NF4 checkpoints come from the quantize stage.
   - ``onnx``, ``onnx-int8``, ``onnx-int4``: the merged model as an ONNX decoder with KV cache in
-    fp32, int8 (dynamic, per-channel) or int4 (MatMulNBits, embedding and tied head included) →
+    fp32, int8 or int4 (weight-only MatMulNBits, embedding and tied head included) →
     ``runs/<run>/export/<target>/<task>/model.onnx`` plus tokenizer files.
   - ``edge``: the run's edge bundle (:mod:`pipeline.bundle`): one base, every task's adapter.
 
@@ -43,9 +43,10 @@ def _settings(cfg: Config, target: str) -> str:
     """What a target's output depends on besides its input folder."""
     if target == "safetensors":
         return cfg.export.safetensors_dtype
-    precision = ONNX_PRECISIONS[target]
+    from exporters.onnx_quant import RECIPE
+
     gates = cfg.section_hash("export")  # gates, block size, fidelity rows: any change re-checks
-    return f"{target}:{gates}:{cfg.evaluate.batch_size}" if precision != "fp32" else f"{target}:{gates}"
+    return f"{target}:{gates}" if ONNX_PRECISIONS[target] == "fp32" else f"{target}:{gates}:{RECIPE}"
 
 
 def run(cfg: Config, task: TaskConfig, *, force: bool = False) -> list[Path]:
@@ -115,9 +116,9 @@ def quantize_onnx(cfg: Config, precision: str, src: Path, dst: Path) -> Path:
     if precision == "fp32":
         shutil.copy2(src, dst)
     elif precision == "int8":
-        quantize_int8(src, dst)
+        quantize_int8(src, dst, accuracy_level=cfg.export.accuracy_level)
     else:
-        quantize_int4(src, dst, block_size=cfg.export.int4_block_size, accuracy_level=cfg.export.int4_accuracy_level)
+        quantize_int4(src, dst, block_size=cfg.export.int4_block_size, accuracy_level=cfg.export.accuracy_level)
     return dst
 
 
