@@ -194,12 +194,16 @@ def _quiet_quantizer(fn) -> None:
     zero scales (handled: those blocks quantize to 0); keep both out of the user's console."""
     import warnings
 
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.WARNING))
+    # ... and the int4 pass warns that it raises the opset to 21 for int4 types "but the generated model
+    # may not be a valid model": it is (every export is loaded and gated right after).
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")]
+    levels = [lg.level for lg in loggers]
+    loggers[0].setLevel(max(levels[0], logging.WARNING))
+    loggers[1].setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
             warnings.simplefilter("ignore", RuntimeWarning)
             fn()
     finally:
-        root.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

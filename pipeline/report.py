@@ -68,6 +68,7 @@ def write_plots(report: dict[str, Any], folder: Path) -> dict[str, Path]:
 
     matplotlib.use("Agg")  # files only: no display on servers and CI
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
@@ -75,22 +76,27 @@ def write_plots(report: dict[str, Any], folder: Path) -> dict[str, Path]:
         rows = task["artifacts"]
         if not rows:
             continue
-        fig, (by_size, by_speed) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+        fig, (by_size, by_speed) = plt.subplots(1, 2, figsize=(11, 4.8), sharey=True)
         label = "score"
-        for artifact, r in rows.items():
+        markers = "osD^vP*Xh<>"
+        for i, (artifact, r) in enumerate(rows.items()):
             score, label = _score(r)
-            for ax, x in ((by_size, r["size_bytes"] / 1e6), (by_speed, r["decode_tokens_per_s"])):
-                ax.scatter([x], [score], s=36)
-                ax.annotate(artifact, (x, score), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            style = dict(s=48, marker=markers[i % len(markers)], color=f"C{i % 10}", label=artifact, alpha=0.85)
+            by_size.scatter([r["size_bytes"] / 1e6], [score], **style)
+            by_speed.scatter([r["decode_tokens_per_s"]], [score], **{**style, "label": None})
         by_size.set_xscale("log")
-        by_size.set_xlabel("size on disk (MB, log scale): smaller is better")
+        by_size.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        by_size.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        by_size.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        by_size.set_xlabel("size on disk, MB (log scale): smaller is better")
         by_speed.set_xlabel("decode tokens/s at batch 1: larger is better")
         by_size.set_ylabel(label)
         for ax in (by_size, by_speed):
             ax.grid(True, alpha=0.3)
+        fig.legend(loc="lower center", ncol=min(len(rows), 9), fontsize=8, frameon=False)
         fig.suptitle(f"{name}: quality vs size and speed ({task['test_rows']} held-out rows, "
                      f"{report['machine']['cpu']}, {report['machine']['threads']} threads)", fontsize=10)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.08, 1, 1))
         path = folder / f"{name}.png"
         tmp = path.with_name(f".{path.name}.tmp.png")
         fig.savefig(tmp, dpi=110)
