@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from serve.adapters import AdapterError, AdapterInfo, kv_layout
+from serve.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +83,7 @@ class LoadedAdapter:
     """Internal name in the engine's RowAdapters (IA3, PIR); then ``internal`` is ``__base__``."""
 
 
-class Engine:
+class Engine(Worker):
     """Owns the model; ``submit`` generation requests, ``load``/``unload`` adapters (thread-safe)."""
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 16, max_queue: int = 64,
@@ -104,8 +103,6 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_loaded_adapters = max_loaded_adapters
         self.context_length = context_length or getattr(model.config, "max_position_embeddings", 2048)
-        self.pending: queue.Queue[GenRequest] = queue.Queue(maxsize=max_queue)
-        self.commands: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
         self.adapters: OrderedDict[str, LoadedAdapter] = OrderedDict()  # public name -> current version, LRU order
         self.retired: list[LoadedAdapter] = []
         self.known_sources: dict[str, tuple[str, bool]] = {}  # evicted adapters come back from here
@@ -118,35 +115,7 @@ class Engine:
         self._cache = None
         self._mask = None
         self._counter = 0
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="edgetune-engine", daemon=True)
-        self.thread.start()
-
-    # ---- public API (any thread) -------------------------------------------------------------
-    def submit(self, request: GenRequest) -> None:
-        """Queue ``request``; raises ``queue.Full`` when the bounded queue is full (answer 429)."""
-        self.pending.put_nowait(request)
-        self._wake.set()
-
-    def queue_depth(self) -> int:
-        return self.pending.qsize()
-
-    def run_command(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
-        """Run ``fn`` on the worker between decode steps and return its result (re-raising its error)."""
-        future: Future = Future()
-        self.commands.put((fn, future))
-        self._wake.set()
-        return future.result(timeout=timeout)
-
-    def shutdown(self, drain_seconds: float = 30.0) -> None:
-        """Stop admitting, let running requests finish (up to ``drain_seconds``), stop the worker."""
-        deadline = time.monotonic() + drain_seconds
-        while (self.active or not self.pending.empty()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        self._stop.set()
-        self._wake.set()
-        self.thread.join(timeout=5)
+        self._start_worker(max_queue, "edgetune-engine")
 
     # ---- adapter management (worker thread, via run_command) --------------------------------
     def load(self, info: AdapterInfo, source: str, pinned: bool = False) -> LoadedAdapter:
@@ -168,15 +137,11 @@ class Engine:
         entry = LoadedAdapter(info, BASE if info.kind in ("ia3", "pir") else internal, source, pinned,
                               time.perf_counter() - started,
                               row_adapter=internal if info.kind in ("ia3", "pir") else None)
-        old = self.adapters.pop(info.name, None)
+        old = self._register(info.name, entry, source, pinned)
         if old is not None:
             old.retired = True
             self.retired.append(old)
-        self.adapters[info.name] = entry
-        self.known_sources[info.name] = (source, pinned)
-        self.failed.pop(info.name, None)
         self._collect_retired()
-        self._evict(keep=info.name)
         return entry
 
     def _load_rowwise(self, info: AdapterInfo, internal: str) -> None:
@@ -208,18 +173,12 @@ class Engine:
         table = load_file(str(info.path / "adapter_model.safetensors"))["prompt_embeddings"].float()
         entry = LoadedAdapter(info, BASE, source, pinned, time.perf_counter() - started, virtual=table,
                               prefix=info.peft_type == "PREFIX_TUNING")
-        self.adapters.pop(info.name, None)  # running requests keep the table they started with
-        self.adapters[info.name] = entry
-        self.known_sources[info.name] = (source, pinned)
-        self.failed.pop(info.name, None)
-        self._evict(keep=info.name)
+        self._register(info.name, entry, source, pinned)  # running requests keep the table they started with
         return entry
 
     def unload(self, name: str) -> bool:
         """Unload adapter ``name`` (idempotent: False when it was not loaded)."""
-        self.known_sources.pop(name, None)
-        self.failed.pop(name, None)
-        entry = self.adapters.pop(name, None)
+        entry = self._forget(name)
         if entry is None:
             return False
         entry.retired = True
@@ -273,17 +232,6 @@ class Engine:
                 for r in self.active:
                     self._finish(r, "error", str(exc))
                 self.active, self._cache, self._mask = [], None, None
-
-    def _run_commands(self) -> None:
-        while True:
-            try:
-                fn, future = self.commands.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                future.set_result(fn())
-            except Exception as exc:  # delivered to the caller
-                future.set_exception(exc)
 
     def _admit(self) -> None:
         while len(self.active) < self.max_batch_size:

@@ -12,17 +12,15 @@ loads on its first request.
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from serve.adapters import AdapterError, AdapterInfo
+from serve.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +77,7 @@ class BundleTokenizer:
             eos_token=self.decode([self.eos_token_id], skip_special_tokens=False) if self.eos_token_id is not None else "")
 
 
-class OnnxEngine:
+class OnnxEngine(Worker):
     """Generation over an edge bundle; same public interface as :class:`serve.engine.Engine`."""
 
     def __init__(self, runner, *, max_batch_size: int = 16, max_queue: int = 64, max_loaded_adapters: int = 8) -> None:
@@ -88,8 +86,6 @@ class OnnxEngine:
         self.max_batch_size = max_batch_size
         self.max_loaded_adapters = max_loaded_adapters
         self.context_length = runner.context_length
-        self.pending: queue.Queue = queue.Queue(maxsize=max_queue)
-        self.commands: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
         self.adapters: OrderedDict[str, _Loaded] = OrderedDict()
         # every bundle adapter can be asked for by name: it loads on its first request
         self.known_sources: dict[str, tuple[str, bool]] = {name: (name, False) for name in runner.adapter_names}
@@ -97,10 +93,7 @@ class OnnxEngine:
         self.on_step: Callable[[int], None] = lambda batch_size: None
         self.resolver: Callable[[str, str], AdapterInfo] = self.inspect
         self.active: list[_Running] = []
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="edgetune-onnx-engine", daemon=True)
-        self.thread.start()
+        self._start_worker(max_queue, "edgetune-onnx-engine")
 
     # ---- public API (any thread) -------------------------------------------------------------
     def inspect(self, name: str, source: str) -> AdapterInfo:
@@ -112,46 +105,19 @@ class OnnxEngine:
                                "the bundle's adapters, re-export the bundle to add one", status=404)
         return AdapterInfo(name, self.runner.bundle.root / entry.file, entry.kind, None)
 
-    def submit(self, request) -> None:
-        self.pending.put_nowait(request)
-        self._wake.set()
-
-    def queue_depth(self) -> int:
-        return self.pending.qsize()
-
-    def run_command(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
-        future: Future = Future()
-        self.commands.put((fn, future))
-        self._wake.set()
-        return future.result(timeout)
-
-    def shutdown(self, drain_seconds: float = 30.0) -> None:
-        deadline = time.monotonic() + drain_seconds
-        while (self.active or not self.pending.empty()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        self._stop.set()
-        self._wake.set()
-        self.thread.join(timeout=5)
-
     def load(self, info: AdapterInfo, source: str, pinned: bool = False) -> _Loaded:
         """Load bundle adapter ``source`` under ``info.name`` (worker thread, via run_command)."""
         started = time.perf_counter()
         self.runner.resolve(source)  # loads the .onnx_adapter / prefix / merged model
         entry = _Loaded(info, source, pinned, time.time())
-        self.adapters.pop(info.name, None)
-        self.adapters[info.name] = entry
-        self.known_sources[info.name] = (source, pinned)
-        self.failed.pop(info.name, None)
+        self._register(info.name, entry, source, pinned)
         log.info("onnx engine: adapter %s (%s) ready in %.0f ms", info.name, info.kind,
                  1000 * (time.perf_counter() - started))
-        self._evict(keep=info.name)
         return entry
 
     def unload(self, name: str) -> bool:
         """Unload ``name``; like the torch engine, it is then unknown until ``POST /v1/adapters`` loads it."""
-        self.known_sources.pop(name, None)
-        self.failed.pop(name, None)
-        entry = self.adapters.pop(name, None)
+        entry = self._forget(name)
         if entry is None:
             return False
         if not any(r.request.adapter == name for r in self.active):
@@ -169,12 +135,7 @@ class OnnxEngine:
     # ---- the worker loop ---------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
-            while not self.commands.empty():
-                fn, future = self.commands.get_nowait()
-                try:
-                    future.set_result(fn())
-                except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                    future.set_exception(exc)
+            self._run_commands()
             self._admit()
             if not self.active:
                 self._wake.wait(0.05)
