@@ -36,6 +36,8 @@ class _Loaded:
 @dataclass
 class _Running:
     request: Any
+    source: str | None
+    """The bundle adapter it runs (None: the base): not released while this runs."""
     tokens: Iterator[int]
     ids: list
     text: str = ""
@@ -120,17 +122,23 @@ class OnnxEngine(Worker):
         entry = self._forget(name)
         if entry is None:
             return False
-        if not any(r.request.adapter == name for r in self.active):
-            self.runner.release(entry.source)
+        self._release(entry.source)
         return True
 
     def _evict(self, keep: str | None = None) -> None:
-        busy = {r.request.adapter for r in self.active}
+        busy = {r.source for r in self.active}
         while len(self.adapters) > self.max_loaded_adapters:
-            victim = next((n for n, a in self.adapters.items() if not a.pinned and n != keep and n not in busy), None)
+            victim = next((n for n, a in self.adapters.items()
+                           if not a.pinned and n != keep and a.source not in busy), None)
             if victim is None:
                 return
-            self.runner.release(self.adapters.pop(victim).source)
+            self._release(self.adapters.pop(victim).source)
+
+    def _release(self, source: str) -> None:
+        """Free a bundle adapter's memory unless a running request or another loaded name still uses it."""
+        if not any(r.source == source for r in self.active) and \
+                not any(a.source == source for a in self.adapters.values()):
+            self.runner.release(source)
 
     # ---- the worker loop ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -164,7 +172,7 @@ class OnnxEngine(Worker):
                 sampling = Sampling(request.temperature, request.top_p, request.seed)
                 tokens = decoder.stream(request.prompt_ids, request.max_tokens, adapter=lora, prefix=prefix,
                                         sampling=sampling, stop_ids=self.runner.stop_ids)
-                self.active.append(_Running(request, tokens, []))
+                self.active.append(_Running(request, source, tokens, []))
             except Exception as exc:  # noqa: BLE001 - reported to the request, the server goes on
                 log.exception("onnx engine: request failed to start")
                 request.on_done("error", 0, str(exc))
@@ -204,6 +212,8 @@ class OnnxEngine(Worker):
 
     def _finish(self, running: _Running, reason: str, error: str | None) -> None:
         self.active.remove(running)
+        if running.source is not None:  # its adapter may have been unloaded or evicted while it ran
+            self._release(running.source)
         running.request.on_done(reason, len(running.ids), error)
 
 
