@@ -25,7 +25,7 @@ def _peft(tiny: Path, config, out: Path, seed: int, std: float = 0.5) -> Path:
     torch.manual_seed(seed)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32), config)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.normal_(std=std)
     model.save_pretrained(out)
