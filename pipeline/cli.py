@@ -25,6 +25,8 @@ _EPILOG = """examples:
   edgetune tune --config my.yaml --resume        # continue an interrupted training run
   edgetune evaluate --config configs/default.yaml --force
   edgetune methods
+  edgetune run-edge runs/default/export/edge --adapter sentiment "Review: great kettle. Label the sentiment."
+  edgetune serve --backend onnx --bundle runs/default/export/edge
 """
 
 
