@@ -11,7 +11,6 @@ adapter is still activated through ``RunOptions`` (IO binding ignores active ada
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -274,8 +273,3 @@ class Decoder:
 def _ortvalue(array: np.ndarray, dtype) -> ort.OrtValue:
     return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array, dtype=dtype))
 
-
-def default_threads() -> int | None:
-    """``EDGETUNE_THREADS`` if set, else None (ONNX Runtime's default)."""
-    value = os.environ.get("EDGETUNE_THREADS")
-    return int(value) if value else None

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.runtime import LORA_PREFIX
+
 __all__ = ["LoraExportError", "add_lora_inputs", "expose_lora_inputs", "lora_factors", "lora_input_names",
            "write_onnx_adapter"]
 
@@ -34,7 +36,7 @@ class LoraExportError(ValueError):
 
 def lora_input_names(module: str) -> tuple[str, str]:
     """Graph input names of ``module``'s (A, B) factors, e.g. ``lora.model.layers.0.self_attn.q_proj.A``."""
-    return f"lora.{module}.A", f"lora.{module}.B"
+    return f"{LORA_PREFIX}{module}.A", f"{LORA_PREFIX}{module}.B"
 
 
 def add_lora_inputs(model) -> list[str]:
@@ -87,7 +89,7 @@ def expose_lora_inputs(model) -> int:
     listed = {i.name for i in model.graph.input}
     added = 0
     for init in model.graph.initializer:
-        if init.name.startswith("lora.") and init.name not in listed:
+        if init.name.startswith(LORA_PREFIX) and init.name not in listed:
             dims = [d if d else f"rank_{init.name}" for d in init.dims]
             model.graph.input.append(helper.make_tensor_value_info(init.name, TensorProto.FLOAT, dims))
             added += 1
