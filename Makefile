@@ -48,7 +48,7 @@ bench-serve: setup
 	$(PY) benchmarks/serve.py
 
 # Every deployable form of one tuned task (torch fp32/int8/NF4, ONNX fp32/int8/int4, int4 + .onnx_adapter):
-# decode and prompt speed, score, size, peak RSS → benchmarks/results/edge.{json,md} (~15 min after `make pipeline`).
+# decode and prompt speed, score, size, peak RSS → benchmarks/results/edge.{json,md} (~5 min after `make pipeline`).
 bench-edge: setup
 	$(PY) benchmarks/edge.py
 
