@@ -36,6 +36,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from serve.app import wait_ready  # noqa: E402
+
 N_ADAPTERS = 8
 PROMPTS = ["Review: the kettle stopped working after a week.\nLabel the sentiment.",
            "Order from Ana Ruiz: 3 x blue mug, ship to Porto.", "Convert 3 March 2024 to ISO 8601.",
@@ -165,13 +167,7 @@ def main() -> int:
                                    str(port), "--max-batch-size", "16", "--max-queue", "256", "--max-rank", "16"],
                                   stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         try:
-            for _ in range(600):
-                try:
-                    if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.5)
+            wait_ready(url, server, timeout=300)
             loads = []
             for name in names:  # a hot swap of each: validation + load + registration
                 started = time.perf_counter()

@@ -19,7 +19,9 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from edge.bundle import FORMAT
 from pipeline.artifacts import atomic_dir, fingerprint, read_manifest, write_manifest
@@ -68,8 +70,12 @@ def _settings(cfg: Config) -> str:
     return f"{FORMAT}:{RECIPE}:{e.edge_precision}:{e.int4_block_size}:{e.accuracy_level}"
 
 
-def add_task(cfg: Config, task: TaskConfig, *, force: bool = False) -> Path:
-    """Add (or refresh) ``task`` in the run's edge bundle, building the shared base first if needed."""
+def add_task(cfg: Config, task: TaskConfig, *, force: bool = False,
+             merged_model: Callable[[], Any] | None = None) -> Path:
+    """Add (or refresh) ``task`` in the run's edge bundle, building the shared base first if needed.
+
+    ``merged_model`` returns the task's PyTorch merged model when the caller already holds it (the
+    export stage does); otherwise it is loaded here if the task ships merged."""
     root = bundle_dir(cfg)
     base = resolve_base(cfg.base)
     kind = adapter_kind(cfg, task)
@@ -98,7 +104,8 @@ def add_task(cfg: Config, task: TaskConfig, *, force: bool = False) -> Path:
         else:
             log.info("export edge: building the shared %s base with LoRA inputs from %s", precision, base)
             header = _build_base(cfg, task, base, tmp, precision)
-        entry = _add_adapter(cfg, task, kind, source, base, tmp, precision)
+        entry = _add_adapter(cfg, task, kind, source, base, tmp, precision,
+                             merged_model or (lambda: load_model(source, "cpu")))
         adapters[task.name] = {**entry, "fingerprint": task_fp}
         write_manifest(tmp, stage="export", fp=base_fp, inputs=base_inputs, config_hash=_settings(cfg),
                        extra={"format": FORMAT, "target": "edge", "precision": precision, **header,
@@ -138,19 +145,14 @@ def _build_base(cfg: Config, task: TaskConfig, base: Path, out: Path, precision:
     shutil.copy2(base / "tokenizer.json", out / "tokenizer.json")
     if tokenizer.chat_template:  # for multi-message chats on the server's ONNX backend
         (out / "chat_template.jinja").write_text(tokenizer.chat_template)
-    fidelity = gate(cfg, task, precision, load_model(base, "cpu"), load_onnx_model(out, set_threads(cfg.num_threads)),
+    base_model = load_model(base, "cpu")
+    fidelity = gate(cfg, task, precision, base_model, load_onnx_model(out, set_threads(cfg.num_threads)),
                     tokenizer, f"edge base ({task.name} rows)", logits=False)
     return {"base_name": Path(cfg.base).name if Path(cfg.base).exists() else cfg.base,
             "model": "model.onnx", "tokenizer": "tokenizer.json", "chat": _chat_format(tokenizer),
             "stop_token_ids": _stop_ids(base, tokenizer), "pad_token_id": tokenizer.pad_token_id,
-            "context_length": int(getattr(load_model_config(base), "max_position_embeddings", 2048)),
+            "context_length": int(getattr(base_model.config, "max_position_embeddings", 2048)),
             "base_fidelity": fidelity}
-
-
-def load_model_config(path: Path):
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(path, local_files_only=True)
 
 
 def _chat_format(tokenizer) -> dict[str, str]:
@@ -181,7 +183,7 @@ def _stop_ids(base: Path, tokenizer) -> list[int]:
 
 
 def _add_adapter(cfg: Config, task: TaskConfig, kind: str, source: Path, base: Path, out: Path,
-                 precision: str) -> dict:
+                 precision: str, merged_model: Callable[[], Any]) -> dict:
     """Write ``task``'s adapter file into ``out`` and gate it against its PyTorch model; the manifest entry."""
     from edge.runtime import Decoder
     from exporters.onnx import OnnxCausalLM
@@ -218,6 +220,6 @@ def _add_adapter(cfg: Config, task: TaskConfig, kind: str, source: Path, base: P
         (out / "merged").mkdir(exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out, prefix=".work-") as work:
             quantize_onnx(cfg, precision, fp32_onnx(cfg, task, Path(work) / "fp32") / "model.onnx", out / rel)
-        export_model, torch_model = OnnxCausalLM(Decoder(out / rel, threads=threads)), load_model(source, "cpu")
+        export_model, torch_model = OnnxCausalLM(Decoder(out / rel, threads=threads)), merged_model()
     fidelity = gate(cfg, task, precision, torch_model, export_model, tokenizer, f"{task.name} edge")
     return {"kind": kind, "file": rel, "fidelity": fidelity}

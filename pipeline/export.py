@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pipeline.artifacts import atomic_dir, fingerprint, is_fresh, write_manifest
 from pipeline.config import ONNX_PRECISIONS, Config, TaskConfig
@@ -56,12 +58,20 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False) -> list[Path]:
     require_stage_output(src, "merge" if mergeable else "tune", task)
     set_threads(cfg.num_threads)
     outs = []
+    loaded = []
+
+    def merged_model():
+        """The PyTorch merged model every ONNX target of this task is gated against: loaded once, on first use."""
+        if not loaded:
+            loaded.append(load_model(src, "cpu"))
+        return loaded[0]
+
     # fp32 ONNX first: the quantized targets start from it.
     for target in sorted(cfg.export.targets, key=lambda t: (t == "edge", t.startswith("onnx-"))):
         if target == "edge":
             from pipeline.bundle import add_task
 
-            outs.append(add_task(cfg, task, force=force))
+            outs.append(add_task(cfg, task, force=force, merged_model=merged_model if mergeable else None))
             continue
         out = export_dir(cfg, task, target)
         if not mergeable and target in ONNX_PRECISIONS:
@@ -76,7 +86,7 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False) -> list[Path]:
         log.info("export %s: %s", task.name, target)
         with atomic_dir(out) as tmp:
             metrics = _export_safetensors(cfg, task, src, tmp) if target == "safetensors" else \
-                _export_onnx(cfg, task, src, tmp, target)
+                _export_onnx(cfg, task, merged_model, tmp, target)
             write_manifest(tmp, stage="export", fp=fp, inputs=inputs, config_hash=_settings(cfg, target),
                            metrics=metrics, extra={"task": task.name, "target": target})
     return outs
@@ -122,8 +132,10 @@ def quantize_onnx(cfg: Config, precision: str, src: Path, dst: Path) -> Path:
     return dst
 
 
-def _export_onnx(cfg: Config, task: TaskConfig, src: Path, out: Path, target: str) -> dict:
-    """The merged model as ONNX at the target's precision, gated against the PyTorch merged model."""
+def _export_onnx(cfg: Config, task: TaskConfig, merged_model: Callable[[], Any], out: Path, target: str) -> dict:
+    """The merged model as ONNX at the target's precision, gated against the PyTorch merged model
+    (``merged_model()`` returns it)."""
+    src = merged_dir(cfg, task)
     from exporters.onnx import TOKENIZER_FILES, export_onnx_fp32, load_onnx_model
     from pipeline.fidelity import gate
 
@@ -138,6 +150,6 @@ def _export_onnx(cfg: Config, task: TaskConfig, src: Path, out: Path, target: st
             if (fp32 / name).is_file():
                 shutil.copy2(fp32 / name, out / name)
         shutil.rmtree(scratch, ignore_errors=True)
-    return gate(cfg, task, precision, load_model(src, "cpu"), load_onnx_model(out, set_threads(cfg.num_threads)),
+    return gate(cfg, task, precision, merged_model(), load_onnx_model(out, set_threads(cfg.num_threads)),
                 load_tokenizer(src), f"{task.name} {target}")
 

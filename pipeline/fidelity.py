@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 from typing import Any
 
 from pipeline.config import Config, TaskConfig
@@ -19,6 +20,9 @@ from pipeline.data import load_examples, render_prompt
 from pipeline.errors import EdgetuneError
 
 log = logging.getLogger(__name__)
+
+_TORCH_SCORES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""PyTorch model -> {(task, test file, rows, max_new_tokens): exact match}; entries go with the model."""
 
 
 def fidelity_examples(cfg: Config, task: TaskConfig) -> list:
@@ -49,7 +53,12 @@ def measure(cfg: Config, task: TaskConfig, torch_model, export_model, tokenizer)
     metrics: dict[str, Any] = logit_parity(torch_model, export_model, batch["input_ids"], batch["attention_mask"],
                                            answer)
     size = max(1, min(cfg.evaluate.batch_size, len(rows)))
-    score_torch, _ = exact_match(torch_model, tokenizer, rows, task.max_new_tokens, size, desc=f"{task.name}/torch")
+    # the same PyTorch model is the reference of several exports (fp32, int8, int4, edge): score it once
+    key = (task.name, task.test, len(rows), task.max_new_tokens)
+    scores = _TORCH_SCORES.setdefault(torch_model, {})
+    if key not in scores:
+        scores[key], _ = exact_match(torch_model, tokenizer, rows, task.max_new_tokens, size, desc=f"{task.name}/torch")
+    score_torch = scores[key]
     score_export, _ = exact_match(export_model, tokenizer, rows, task.max_new_tokens, size, desc=f"{task.name}/onnx")
     metrics.update(score_torch=score_torch, score_export=score_export, score_drop=score_torch - score_export,
                    rows=len(rows))

@@ -413,6 +413,29 @@ def _load(settings: ServeSettings, state: dict, eng, name: str, source: str, pin
     return info
 
 
+def wait_ready(url: str, proc=None, timeout: float = 120.0) -> None:
+    """Block until ``GET url/ready`` answers 200 (a server started elsewhere, e.g. in a child process).
+
+    Raises ``RuntimeError`` when ``proc`` (a ``subprocess.Popen``, optional) exits first or ``timeout``
+    seconds pass. Uses only the standard library, so scripts need no HTTP client to call it.
+    """
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited with status {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(f"{url}/ready", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"the server at {url} was not ready after {timeout:.0f} s")
+
+
 def serve(settings: ServeSettings) -> int:
     """Run the server until interrupted; SIGTERM/Ctrl-C drain running requests first."""
     import uvicorn

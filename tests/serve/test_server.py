@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from pipeline.models import load_model
+from serve.app import wait_ready
 
 ADAPTERS = ("alpha", "beta")
 
@@ -49,16 +50,10 @@ class Server:
                "--port", str(self.port), "--num-threads", "1", *flags]
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
                                      env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError("server did not become ready:\n" + self.log.read_text()[-3000:])
+        try:
+            wait_ready(self.url, self.proc, timeout=120)
+        except RuntimeError as exc:
+            raise AssertionError(f"{exc}:\n" + self.log.read_text()[-3000:]) from None
 
     def stop(self) -> None:
         self.proc.terminate()
