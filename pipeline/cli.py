@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+import typing
 from collections.abc import Callable, Sequence
 
 from edge import cli as edge_cli  # torch-free, like everything `run-edge` touches
@@ -73,26 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "Runtime instead, with the bundle's adapters, and needs no PyTorch. Each flag can "
                                     "also come from the environment as "
                                     "EDGETUNE_SERVE_<NAME> (e.g. EDGETUNE_SERVE_API_KEY).")
-    for flag, kind, what in (
-            ("base", str, "base model: embedded name, local HF folder or hub id (default smollm2-135m-instruct)"),
-            ("adapters", str, "adapter root; adapters load only from folders under it (default runs/default/adapters)"),
-            ("quantize", str, "precision of the shared base: none, int8 or nf4 (default none; torch backend)"),
-            ("backend", str, "torch (PyTorch + PEFT adapters, default) or onnx (an edge bundle, no PyTorch)"),
-            ("bundle", str, "edge bundle for --backend onnx (default runs/default/export/edge)"),
-            ("host", str, "interface to bind (default 127.0.0.1)"),
-            ("port", int, "port (default 8000)"),
-            ("api-key", str, "require Authorization: Bearer KEY on every /v1 route"),
-            ("max-loaded-adapters", int, "adapters in memory; least recently used unpinned ones are evicted (8)"),
-            ("pinned", str, "comma-separated adapters never evicted"),
-            ("max-rank", int, "largest LoRA rank accepted (64)"),
-            ("max-batch-size", int, "requests decoded together (16)"),
-            ("max-queue", int, "waiting requests beyond the batch before 429 (64)"),
-            ("max-tokens", int, "upper bound of a request's max_tokens (512)"),
-            ("request-timeout-s", float, "end requests running longer than this (120)"),
-            ("num-threads", int, "CPU threads for torch (0: all cores)")):
-        sv.add_argument(f"--{flag}", type=kind, default=None, help=what)
-    sv.add_argument("--no-preload", dest="preload", action="store_const", const=False, default=None,
-                    help="start with no adapters loaded (they load on POST /v1/adapters)")
+    _add_settings_flags(sv)
     edge_cli.add_arguments(sub.add_parser("run-edge", help=edge_cli.HELP, description=edge_cli.DESCRIPTION,
                                           epilog=edge_cli.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter))
     m = sub.add_parser("methods", help="list the fine-tuning methods (with --config: trainable parameters on its base)")
@@ -100,6 +82,48 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (repeatable)")
     return parser
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`ServeSettings` field: ``--kebab-name``, help from its docstring and its default.
+
+    Values are passed on as given (None: not given) and ServeSettings parses and checks them against the
+    field's annotation, so a bad flag reads like a bad environment variable: one ``edgetune: error:``
+    naming the field. A bool field is a switch away from its default (``--no-preload``).
+    """
+    from serve.settings import ServeSettings  # pydantic only: no torch, no yaml
+
+    for name, field in ServeSettings.model_fields.items():
+        flag, doc = name.replace("_", "-"), _help_text(field.description or "")
+        if field.annotation is bool:
+            on = bool(field.default)
+            parser.add_argument(f"--no-{flag}" if on else f"--{flag}", dest=name, action="store_const",
+                                const=not on, default=None,
+                                help=f"{doc} This flag turns it {'off' if on else 'on'} (default: {'on' if on else 'off'})")
+        else:
+            parser.add_argument(f"--{flag}", dest=name, default=None, metavar=_metavar(name, field.annotation),
+                                help=f"{doc} (default: {_shown(field.default)})")
+
+
+def _help_text(doc: str) -> str:
+    """A field docstring as one line of argparse help (no reST markup; ``%`` escaped for argparse)."""
+    return " ".join(doc.replace("``", "").split()).replace("%", "%%")
+
+
+def _metavar(name: str, hint: object) -> str:
+    if typing.get_origin(hint) is typing.Literal:
+        return "{" + ",".join(map(str, typing.get_args(hint))) + "}"
+    if typing.get_origin(hint) is tuple:
+        return "NAME,..."
+    return {int: "N", float: "SECONDS" if name.endswith("_s") else "X"}.get(hint, name.upper())
+
+
+def _shown(default: object) -> str:
+    if default is None:
+        return "unset"
+    if isinstance(default, tuple):
+        return ",".join(default) or "none"
+    return str(default)
 
 
 def _stage_runner(stage: str) -> Callable:
@@ -166,11 +190,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         if args.command == "serve":  # before pipeline.config: the ONNX backend runs without yaml or torch
-            from serve.app import serve
             from serve.settings import ServeSettings
 
             flags = {k: v for k, v in vars(args).items() if k not in ("command", "verbose")}
-            return serve(ServeSettings.from_sources(flags))
+            settings = ServeSettings.from_sources(flags)  # checked before the server's imports
+            from serve.app import serve
+
+            return serve(settings)
         from pipeline.config import load_config
 
         if args.command == "methods":

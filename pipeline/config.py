@@ -1,35 +1,93 @@
 """Typed, frozen pipeline settings read from YAML (plus ``--set key=value`` overrides).
 
-One source of truth: every stage receives the same :class:`Config`. Loading validates the whole
-file and reports every problem at once: unknown keys with the nearest valid name, wrong types,
-and values outside their allowed range.
+One source of truth: every stage receives the same :class:`Config`, a tree of frozen pydantic models.
+Each field carries its type, default, allowed range (``Field(ge=..., le=...)``) and, as its attribute
+docstring, its meaning. Loading validates the whole file and reports every problem at once: unknown
+keys and unknown choices with the nearest valid name, wrong types, and values outside their allowed
+range (with the range, read from the field's own constraints).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import hashlib
 import json
 import types
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from annotated_types import Ge, Gt, Le, Lt
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 
 from pipeline.errors import ConfigError
 
-ARTIFACTS = ("base", "adapter", "merged", "int8", "nf4", "onnx", "onnx-int8", "onnx-int4", "edge")
-QUANT_FORMATS = ("int8", "nf4")
-EXPORT_TARGETS = ("safetensors", "onnx", "onnx-int8", "onnx-int4", "edge")
+QuantFormat = Literal["int8", "nf4"]
+ExportTarget = Literal["safetensors", "onnx", "onnx-int8", "onnx-int4", "edge"]
+Artifact = Literal["base", "adapter", "merged", "int8", "nf4", "onnx", "onnx-int8", "onnx-int4", "edge"]
+ARTIFACTS: tuple[str, ...] = typing.get_args(Artifact)
+QUANT_FORMATS: tuple[str, ...] = typing.get_args(QuantFormat)
+EXPORT_TARGETS: tuple[str, ...] = typing.get_args(ExportTarget)
 ONNX_PRECISIONS = {"onnx": "fp32", "onnx-int8": "int8", "onnx-int4": "int4"}
 """ONNX export target -> its precision (the edge bundle's is ``export.edge_precision``)."""
 
 
-@dataclass(frozen=True)
-class TaskConfig:
+def _yaml_number(value: Any) -> Any:
+    """PyYAML (YAML 1.1) reads ``1e-3`` as a string; accept it as the number it spells."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass  # not a number: the float check reports it as the wrong type
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_yaml_number)]
+"""A float setting (an integer is accepted too)."""
+
+
+def _power_of_two(value: int) -> int:
+    if value & (value - 1):
+        raise PydanticCustomError("out_of_range", "must be a power of two", {"allowed": "a power of two"})
+    return value
+
+
+def _problem(message: str) -> PydanticCustomError:
+    """A validation error shown as written, after its key."""
+    return PydanticCustomError("edgetune", message)
+
+
+def _unknown(what: str, value: Any, choices: Sequence[Any]) -> str:
+    """``unknown <what> 'x' (allowed: ...); did you mean 'y'?``"""
+    names = [str(c) for c in choices]
+    near = difflib.get_close_matches(str(value), names, n=1)
+    did = f"; did you mean {near[0]!r}?" if near else ""
+    return f"unknown {what} {value!r} (allowed: {', '.join(names)}){did}"
+
+
+def _plain_name(value: str, extra: str = "") -> bool:
+    return bool(value) and all(c.isalnum() or c in "-_" + extra for c in value)
+
+
+class _Section(BaseModel):
+    """Frozen and closed (unknown keys are errors); strict, so YAML's ``"3"`` is not taken for 3."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, use_attribute_docstrings=True)
+
+
+class TaskConfig(_Section):
     """One task-specialist adapter to train and evaluate."""
 
     name: str
@@ -38,60 +96,63 @@ class TaskConfig:
     """Training data: a JSONL or CSV file (prompt/completion, messages, or text rows)."""
     test: str
     """Held-out data in the same formats; used for exact match and perplexity."""
-    max_new_tokens: int = 32
+    max_new_tokens: int = Field(32, ge=1, le=4096)
     """Generation budget when scoring a test row; a little above the longest expected answer."""
-    max_steps: int | None = None
+    max_steps: int | None = Field(None, ge=1)
     """Optimizer steps for this task (null: ``tune.max_steps``); harder tasks can train longer."""
 
+    @field_validator("name")
+    @classmethod
+    def _name_is_plain(cls, value: str) -> str:
+        if not _plain_name(value):
+            raise _problem(f"{value!r} must be letters, digits, '-' or '_'")
+        return value
 
-@dataclass(frozen=True)
-class LoraConfig:
+
+class LoraConfig(_Section):
     """LoRA hyper-parameters (PEFT)."""
 
-    r: int = 16
+    r: int = Field(16, ge=1, le=1024)
     """Rank of the update matrices."""
-    alpha: int = 32
+    alpha: int = Field(32, gt=0)
     """Scaling numerator: the update is scaled by ``alpha / r``."""
-    dropout: float = 0.0
+    dropout: Number = Field(0.0, ge=0, lt=1)
     """Dropout on the LoRA input."""
     target_modules: str | list[str] = "all-linear"
     """Module names to adapt, or ``all-linear`` (every linear layer except the output head)."""
 
 
-@dataclass(frozen=True)
-class UlmfitConfig:
+class UlmfitConfig(_Section):
     """ULMFiT (Howard & Ruder, 2018) applied to a decoder LLM."""
 
-    phases: int = 4
+    phases: int = Field(4, ge=1)
     """Layer groups, unfrozen top first, one more per phase; training steps are split evenly over phases."""
-    lr_decay: float = 2.6
+    lr_decay: Number = Field(2.6, ge=1)
     """Discriminative learning rates: each lower group's rate is the one above divided by this."""
-    cut_frac: float = 0.1
+    cut_frac: Number = Field(0.1, gt=0, lt=1)
     """Slanted triangular schedule: share of steps spent warming up linearly."""
-    ratio: float = 32.0
+    ratio: Number = Field(32.0, ge=1)
     """Slanted triangular schedule: peak rate / lowest rate."""
 
 
-@dataclass(frozen=True)
-class PromptConfig:
+class PromptConfig(_Section):
     """Prompt-learning methods (PEFT): ``prompt`` tuning, ``ptuning`` (P-tuning) and ``prefix`` tuning."""
 
-    num_virtual_tokens: int = 20
+    num_virtual_tokens: int = Field(20, ge=1, le=512)
     """Learned virtual tokens prepended to every input (``prefix``: per layer, as key/value pairs)."""
     init_text: str | None = None
     """Start from a text (null: random): ``prompt`` from its token embeddings, ``prefix`` from the keys
     and values the base computes for it (``ptuning``'s encoder always starts random)."""
-    encoder_hidden_size: int = 128
+    encoder_hidden_size: int = Field(128, ge=1)
     """``ptuning`` only: hidden size of the MLP prompt encoder."""
     prefix_projection: bool = False
     """``prefix`` only: reparameterise the prefix through an MLP (P-tuning v2 trains it directly)."""
 
 
-@dataclass(frozen=True)
-class PirConfig:
+class PirConfig(_Section):
     """Parameter-importance ranking: train only the top-k most important individual weights."""
 
-    k: float = 0.01
+    k: Number = Field(0.01, gt=0, le=1)
     """Share of the chosen modules' weights to train, selected globally across layers (0.01 = 1%)."""
     scorer: Literal["taylor", "fisher", "forest"] = "taylor"
     """Importance: ``taylor`` |g·w| (first-order Taylor), ``fisher`` g² (diagonal Fisher), or ``forest``
@@ -99,140 +160,136 @@ class PirConfig:
     target_modules: str | list[str] = "all-linear"
     """Modules whose weights may be chosen: ``all-linear`` (every linear layer of the transformer
     blocks) or a list of module name suffixes such as ``[q_proj, v_proj]``."""
-    calibration_batches: int = 8
+    calibration_batches: int = Field(8, ge=1)
     """Training batches (``tune.batch_size`` each) whose gradients are accumulated into the scores."""
-    forest_keep: float = 0.5
+    forest_keep: Number = Field(0.5, gt=0, le=1)
     """``forest`` only: share of modules whose weights stay eligible for the top-k selection."""
-    forest_probes: float = 0.3
+    forest_probes: Number = Field(0.3, gt=0, le=1)
     """``forest`` only: share of modules probed (one-module gradient step, loss drop measured) to fit the forest."""
 
 
-@dataclass(frozen=True)
-class TuneConfig:
+class TuneConfig(_Section):
     """Training loop settings (transformers ``Trainer``)."""
 
-    max_steps: int = 60
+    max_steps: int = Field(60, ge=1)
     """Optimizer steps per task."""
-    batch_size: int = 8
+    batch_size: int = Field(8, ge=1)
     """Examples per device per step."""
-    grad_accum: int = 1
+    grad_accum: int = Field(1, ge=1)
     """Gradient accumulation steps (effective batch = batch_size * grad_accum * devices)."""
-    learning_rate: float | None = None
+    learning_rate: Number | None = Field(None, gt=0, le=1)
     """Peak learning rate (null: the method's own default, e.g. 1e-3 for adapters, 5e-5 for full)."""
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
     """Learning-rate schedule after warm-up."""
-    warmup_steps: int = 10
+    warmup_steps: int = Field(10, ge=0)
     """Linear warm-up steps."""
-    weight_decay: float = 0.0
+    weight_decay: Number = Field(0.0, ge=0)
     """AdamW weight decay."""
-    max_seq_len: int = 256
+    max_seq_len: int = Field(256, ge=8, le=131072)
     """Longer examples are truncated (with a warning that counts them)."""
-    logging_steps: int = 10
+    logging_steps: int = Field(10, ge=1)
     """Log the training loss every N steps."""
-    save_steps: int = 50
+    save_steps: int = Field(50, ge=1)
     """Write a resumable checkpoint every N steps (``--resume`` continues from the last one)."""
 
 
-@dataclass(frozen=True)
-class QuantizeConfig:
+class QuantizeConfig(_Section):
     """bitsandbytes quantization of each merged model."""
 
-    formats: list[str] = field(default_factory=lambda: list(QUANT_FORMATS))
+    formats: list[QuantFormat] = Field(default_factory=lambda: list(QUANT_FORMATS))
     """Formats to produce: ``int8`` (LLM.int8) and/or ``nf4`` (4-bit NormalFloat, double quantization)."""
-    unmerged: list[str] = field(default_factory=lambda: ["nf4"])
+    unmerged: list[QuantFormat] = Field(default_factory=lambda: ["nf4"])
     """Formats whose artifact is the quantized *base* plus the task adapter kept unmerged in full
     precision (QLoRA-style inference). 4-bit rounding of merged weights erases much of a small LoRA
     delta (measured on the extract task: 0.94 exact match merged-then-NF4 against 0.97 this way)."""
 
 
-@dataclass(frozen=True)
-class GateConfig:
-    """Fidelity gate of an fp32 ONNX export against the PyTorch model it came from (null: not checked)."""
+class MergeConfig(_Section):
+    """The merge stage's fidelity gate: merged weights must give the adapter's logits."""
 
-    max_abs_logit_diff: float | None = 1e-3
+    max_abs_logit_diff: Number = Field(1e-3, gt=0)
+    """Largest |logit difference| (fp32) between the merged model and base + adapter on the gate prompts."""
+    fidelity_prompts: int = Field(4, ge=1, le=256)
+    """Held-out prompts (the task's first test rows) the merged logits are compared on."""
+
+
+class GateConfig(_Section):
+    """Fidelity gate of an ONNX export against the PyTorch model it came from (null: not checked)."""
+
+    max_abs_logit_diff: Number | None = Field(1e-3, gt=0)
     """Largest |logit difference| allowed at any position of the fidelity rows."""
-    min_top1_agreement: float = 0.99
+    min_top1_agreement: Number = Field(0.99, ge=0, le=1)
     """Smallest share of positions whose most likely token must be the same."""
-    max_kl: float | None = 1e-4
+    max_kl: Number | None = Field(1e-4, ge=0)
     """Largest mean KL(PyTorch || ONNX) per position, in nats."""
-    max_score_drop: float = 0.0
+    max_score_drop: Number = Field(0.0, ge=0, le=1)
     """Largest drop in held-out exact match (PyTorch minus ONNX) on the fidelity rows."""
 
 
-@dataclass(frozen=True)
-class Int8GateConfig(GateConfig):
+class GatesConfig(_Section):
+    """One fidelity gate per ONNX precision; a gate given in part keeps its precision's other defaults."""
+
+    fp32: GateConfig = Field(default_factory=GateConfig)
+    """Gate of fp32 exports: the export should compute what PyTorch computes."""
+    int8: GateConfig = Field(default_factory=lambda: GateConfig(
+        max_abs_logit_diff=None, min_top1_agreement=0.98, max_kl=0.01, max_score_drop=0.05))
     """Gate of int8 exports (8-bit weights; measured on SmolLM2-135M's three bundled tasks at the answer
     positions: top-1 1.000, KL at most 6e-5, no exact-match change)."""
-
-    max_abs_logit_diff: float | None = None
-    min_top1_agreement: float = 0.98
-    max_kl: float | None = 0.01
-    max_score_drop: float = 0.05
-
-
-@dataclass(frozen=True)
-class Int4GateConfig(GateConfig):
+    int4: GateConfig = Field(default_factory=lambda: GateConfig(
+        max_abs_logit_diff=None, min_top1_agreement=0.95, max_kl=0.25, max_score_drop=0.07))
     """Gate of int4 exports (4-bit weights move a 135M model more: top-1 0.98-1.00 and KL up to 0.12 at
     the answer positions of the bundled tasks; one of 32 rows lost is a drop of 0.031)."""
 
-    max_abs_logit_diff: float | None = None
-    min_top1_agreement: float = 0.95
-    max_kl: float | None = 0.25
-    max_score_drop: float = 0.07
+    @field_validator("fp32", "int8", "int4", mode="before")
+    @classmethod
+    def _over_precision_defaults(cls, value: Any, info: Any) -> Any:
+        """``int8: {max_kl: 0.02}`` changes max_kl only; the rest stays int8's default, not fp32's."""
+        if isinstance(value, dict):
+            default = cls.model_fields[info.field_name].get_default(call_default_factory=True)
+            return {**default.model_dump(), **value}
+        return value
 
 
-@dataclass(frozen=True)
-class GatesConfig:
-    """One fidelity gate per ONNX precision."""
-
-    fp32: GateConfig = field(default_factory=GateConfig)
-    int8: Int8GateConfig = field(default_factory=Int8GateConfig)
-    int4: Int4GateConfig = field(default_factory=Int4GateConfig)
-
-
-@dataclass(frozen=True)
-class ExportConfig:
+class ExportConfig(_Section):
     """Export targets for each task, and the checks an export must pass to be published."""
 
-    targets: list[str] = field(default_factory=lambda: list(EXPORT_TARGETS))
+    targets: list[ExportTarget] = Field(default_factory=lambda: list(EXPORT_TARGETS))
     """``safetensors`` (merged model, tokenizer, generation config), ``onnx`` (fp32 with KV cache),
     ``onnx-int8`` (dynamic, per-channel), ``onnx-int4`` (MatMulNBits, embedding and head too) and
     ``edge`` (the run's bundle: one base, every task's adapter, runnable without PyTorch)."""
     safetensors_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     """Weight dtype of the safetensors bundle."""
-    int4_block_size: int = 32
+    int4_block_size: Annotated[int, AfterValidator(_power_of_two)] = Field(32, ge=16, le=256)
     """Weights per int4 scale (16-256, a power of two): smaller is more accurate and larger on disk."""
-    accuracy_level: int = 4
+    accuracy_level: int = Field(4, ge=0, le=4)
     """MatMulNBits compute type of int8 and int4: 4 = int8 (fast on x86 CPUs), 0 = fp32 activations (slower here)."""
     edge_precision: Literal["fp32", "int8", "int4"] = "int4"
     """Precision of the edge bundle's shared base (and of its merged-only task models)."""
-    fidelity_rows: int = 32
+    fidelity_rows: int = Field(32, ge=1, le=1000)
     """Held-out rows (prompt + reference answer) each export is checked on."""
-    gates: GatesConfig = field(default_factory=GatesConfig)
+    gates: GatesConfig = Field(default_factory=GatesConfig)
     """Fidelity gate per precision; an export that fails its gate fails loudly and is not published."""
 
 
-@dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(_Section):
     """What evaluate measures and how."""
 
-    artifacts: list[str] = field(default_factory=lambda: list(ARTIFACTS))
+    artifacts: list[Artifact] = Field(default_factory=lambda: list(ARTIFACTS))
     """Artifacts to score per task (the base model is scored on every task)."""
-    max_rows: int | None = None
+    max_rows: int | None = Field(None, ge=1)
     """Score at most this many test rows per task (``null``: all)."""
-    batch_size: int = 16
+    batch_size: int = Field(16, ge=1)
     """Rows generated together when scoring."""
-    speed_new_tokens: int = 32
+    speed_new_tokens: int = Field(32, ge=1)
     """Tokens generated per decode-speed measurement (batch 1, greedy)."""
-    speed_repeats: int = 3
+    speed_repeats: int = Field(3, ge=1)
     """Decode-speed repeats; the median is reported."""
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(_Section):
     """Everything a pipeline run needs. Paths are relative to the working directory."""
 
-    tasks: list[TaskConfig]
+    tasks: list[TaskConfig] = Field(min_length=1)
     """Task-specialist adapters to build (at least one)."""
     run: str = "default"
     """Run name: artifacts go to ``<out_dir>/<run>/``."""
@@ -246,16 +303,43 @@ class Config:
     """``auto`` uses CUDA when available, else the CPU."""
     seed: int = 0
     """Seed for data order, initialisation and anything random."""
-    num_threads: int = 0
+    num_threads: int = Field(0, ge=0)
     """CPU threads for torch and ONNX Runtime (0: all cores)."""
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    ulmfit: UlmfitConfig = field(default_factory=UlmfitConfig)
-    prompt: PromptConfig = field(default_factory=PromptConfig)
-    pir: PirConfig = field(default_factory=PirConfig)
-    tune: TuneConfig = field(default_factory=TuneConfig)
-    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    ulmfit: UlmfitConfig = Field(default_factory=UlmfitConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    pir: PirConfig = Field(default_factory=PirConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_task_names(cls, tasks: list[TaskConfig]) -> list[TaskConfig]:
+        names = [t.name for t in tasks]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise _problem(f"task name(s) {', '.join(map(repr, repeated))} appear more than once")
+        return tasks
+
+    @field_validator("run")
+    @classmethod
+    def _run_is_a_folder_name(cls, value: str) -> str:
+        if not _plain_name(value, ".") or value.startswith("."):
+            raise _problem(f"{value!r} must be a plain folder name (letters, digits, '-', '_', '.')")
+        return value
+
+    @field_validator("method")
+    @classmethod
+    def _method_is_registered(cls, value: str) -> str:
+        # Imported here, not at the top: importing the config need not register every method module.
+        from pipeline.methods import METHODS
+
+        if value not in METHODS:
+            raise _problem(_unknown("method", value, list(METHODS)))
+        return value
 
     @property
     def run_dir(self) -> Path:
@@ -268,175 +352,13 @@ class Config:
         raise ConfigError(f"unknown task {name!r}; the config has: {', '.join(t.name for t in self.tasks)}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
     def section_hash(self, *keys: str) -> str:
         """Stable hash of the named top-level settings: what a stage's output depends on."""
         data = self.to_dict()
         blob = json.dumps({k: data[k] for k in keys}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-# Range checks: (dotted key suffix, predicate, allowed range in words).
-_RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
-    ("lora.r", lambda v: 1 <= v <= 1024, "1..1024"),
-    ("ulmfit.phases", lambda v: v >= 1, ">= 1"),
-    ("ulmfit.lr_decay", lambda v: v >= 1, ">= 1"),
-    ("ulmfit.cut_frac", lambda v: 0 < v < 1, "0 < cut_frac < 1"),
-    ("ulmfit.ratio", lambda v: v >= 1, ">= 1"),
-    ("lora.alpha", lambda v: v > 0, "> 0"),
-    ("prompt.num_virtual_tokens", lambda v: 1 <= v <= 512, "1..512"),
-    ("prompt.encoder_hidden_size", lambda v: v >= 1, ">= 1"),
-    ("pir.k", lambda v: 0 < v <= 1, "0 < k <= 1"),
-    ("pir.calibration_batches", lambda v: v >= 1, ">= 1"),
-    ("pir.forest_keep", lambda v: 0 < v <= 1, "0 < forest_keep <= 1"),
-    ("pir.forest_probes", lambda v: 0 < v <= 1, "0 < forest_probes <= 1"),
-    ("lora.dropout", lambda v: 0 <= v < 1, "0 <= dropout < 1"),
-    ("tune.max_steps", lambda v: v >= 1, ">= 1"),
-    ("tune.batch_size", lambda v: v >= 1, ">= 1"),
-    ("tune.grad_accum", lambda v: v >= 1, ">= 1"),
-    ("tune.learning_rate", lambda v: v is None or 0 < v <= 1, "0 < lr <= 1, or null"),
-    ("tune.warmup_steps", lambda v: v >= 0, ">= 0"),
-    ("tune.weight_decay", lambda v: v >= 0, ">= 0"),
-    ("tune.max_seq_len", lambda v: 8 <= v <= 131072, "8..131072"),
-    ("tune.logging_steps", lambda v: v >= 1, ">= 1"),
-    ("tune.save_steps", lambda v: v >= 1, ">= 1"),
-    ("evaluate.batch_size", lambda v: v >= 1, ">= 1"),
-    ("evaluate.max_rows", lambda v: v is None or v >= 1, ">= 1 or null"),
-    ("evaluate.speed_new_tokens", lambda v: v >= 1, ">= 1"),
-    ("evaluate.speed_repeats", lambda v: v >= 1, ">= 1"),
-    ("export.int4_block_size", lambda v: 16 <= v <= 256 and not v & (v - 1), "16..256, a power of two"),
-    ("export.accuracy_level", lambda v: v in (0, 1, 2, 3, 4), "0..4"),
-    ("export.fidelity_rows", lambda v: 1 <= v <= 1000, "1..1000"),
-    ("tasks[].max_new_tokens", lambda v: 1 <= v <= 4096, "1..4096"),
-    ("tasks[].max_steps", lambda v: v is None or v >= 1, ">= 1 or null"),
-    ("num_threads", lambda v: v >= 0, ">= 0 (0: all cores)"),
-]
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "quantize.formats": QUANT_FORMATS,
-    "quantize.unmerged": QUANT_FORMATS,
-    "export.targets": EXPORT_TARGETS,
-    "evaluate.artifacts": ARTIFACTS,
-}
-
-
-def _type_ok(value: Any, hint: Any) -> bool:
-    """Whether ``value`` (parsed YAML) fits the annotation ``hint``."""
-    origin = typing.get_origin(hint)
-    if hint is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, h) for h in typing.get_args(hint))
-    if origin is Literal:
-        return value in typing.get_args(hint)
-    if origin is list:
-        (inner,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
-
-
-def _describe(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(h) for h in typing.get_args(hint))
-    if origin is list:
-        return f"a list of {_describe(typing.get_args(hint)[0])}"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
-        hint, "null" if hint is type(None) else str(hint)
-    )
-
-
-def _build(cls: type, data: Any, where: str, errors: list[str]) -> Any:
-    """Build dataclass ``cls`` from ``data``, appending every problem to ``errors``."""
-    if not isinstance(data, dict):
-        errors.append(f"{where or 'config'}: expected a mapping of settings, got {type(data).__name__}")
-        return None
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in fields:
-            near = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean '{where}{near[0]}'?)" if near else f" (valid: {', '.join(fields)})"
-            errors.append(f"{where}{key}: unknown setting{hint}")
-    kwargs: dict[str, Any] = {}
-    for name, f in fields.items():
-        key = f"{where}{name}"
-        if name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                errors.append(f"{key}: required setting is missing")
-            continue
-        value, hint = data[name], hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, f"{key}.", errors)
-        elif name == "tasks" and cls is Config:
-            if not isinstance(value, list) or not value:
-                errors.append(f"{key}: expected a non-empty list of tasks (name, train, test)")
-                continue
-            tasks = [_build(TaskConfig, t, f"tasks[{i}].", errors) for i, t in enumerate(value)]
-            if all(t is not None for t in tasks):
-                kwargs[name] = tasks
-        elif float in typing.get_args(hint) + (hint,) and isinstance(value, str):
-            try:  # YAML 1.1 reads 1e-3 as a string; accept it as the number it looks like.
-                kwargs[name] = float(value)
-            except ValueError:
-                errors.append(f"{key}: expected {_describe(hint)}, got {value!r}")
-        elif not _type_ok(value, hint):
-            errors.append(f"{key}: expected {_describe(hint)}, got {value!r}")
-        else:
-            kwargs[name] = value
-    if any(v is None and dataclasses.is_dataclass(hints[k]) for k, v in kwargs.items()):
-        return None
-    # Invalid values were left out above, so their (valid) defaults stand in and the range
-    # checks can still run over the rest: every problem is reported in one go.
-    try:
-        return cls(**kwargs)
-    except TypeError:  # a required field was missing; already reported
-        return None
-
-
-def _check_values(cfg: Config, errors: list[str]) -> None:
-    """Range and choice checks that need the whole object; append problems to ``errors``."""
-    from pipeline.methods import METHODS
-
-    flat: dict[str, Any] = {}
-    for section in ("lora", "ulmfit", "prompt", "pir", "tune", "quantize", "export", "evaluate"):
-        for k, v in dataclasses.asdict(getattr(cfg, section)).items():
-            flat[f"{section}.{k}"] = v
-    flat["num_threads"] = cfg.num_threads
-    for key, ok, allowed in _RANGES:
-        if key.startswith("tasks[]."):
-            attr = key.split(".", 1)[1]
-            for i, task in enumerate(cfg.tasks):
-                if not ok(getattr(task, attr)):
-                    errors.append(f"tasks[{i}].{attr}: {getattr(task, attr)!r} is out of range (allowed: {allowed})")
-        elif not ok(flat[key]):
-            errors.append(f"{key}: {flat[key]!r} is out of range (allowed: {allowed})")
-    for key, choices in _CHOICES.items():
-        for item in flat[key]:
-            if item not in choices:
-                near = difflib.get_close_matches(item, choices, n=1)
-                did = f"; did you mean {near[0]!r}?" if near else ""
-                errors.append(f"{key}: unknown value {item!r} (allowed: {', '.join(choices)}){did}")
-    if cfg.method not in METHODS:
-        near = difflib.get_close_matches(cfg.method, list(METHODS), n=1)
-        did = f"; did you mean {near[0]!r}?" if near else ""
-        errors.append(f"method: unknown method {cfg.method!r} (available: {', '.join(METHODS)}){did}")
-    names = [t.name for t in cfg.tasks]
-    for i, task in enumerate(cfg.tasks):
-        if not task.name or not all(c.isalnum() or c in "-_" for c in task.name):
-            errors.append(f"tasks[{i}].name: {task.name!r} must be letters, digits, '-' or '_'")
-        if names.count(task.name) > 1:
-            errors.append(f"tasks[{i}].name: {task.name!r} appears more than once")
-    if not cfg.run or not all(c.isalnum() or c in "-_." for c in cfg.run) or cfg.run.startswith("."):
-        errors.append(f"run: {cfg.run!r} must be a plain folder name (letters, digits, '-', '_', '.')")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -447,7 +369,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
 
 
-def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Read ``path`` (YAML), apply ``overrides``, validate everything, return a frozen Config.
 
     Raises :class:`ConfigError` listing every problem (not just the first).
@@ -471,11 +393,130 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
                 node[k] = {}
             node = node[k]
         node[keys[-1]] = value
-    errors: list[str] = []
-    cfg = _build(Config, data, "", errors)
-    if cfg is not None:
-        _check_values(cfg, errors)
-    if errors:
-        where = f" in {path}" if path else ""
-        raise ConfigError(f"{len(errors)} problem(s){where}:\n  - " + "\n  - ".join(errors))
-    return cfg
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        errors = _problems(exc)
+    where = f" in {path}" if path else ""
+    raise ConfigError(f"{len(errors)} problem(s){where}:\n  - " + "\n  - ".join(errors))
+
+
+# --- Turning pydantic's errors into ``key.path: message`` lines --------------------------------------------
+
+_OUT_OF_RANGE = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "out_of_range"}
+
+
+def _problems(exc: ValidationError) -> list[str]:
+    """One ``key.path: message`` line per problem of a :class:`Config` validation, in file order.
+
+    A value that fits no alternative of a union (``str | list[str]``) is one problem, not one per
+    alternative.
+    """
+    lines: dict[str, None] = {}
+    typed: set[str] = set()
+    for err in exc.errors():
+        key, owner, field, rest = _locate(err["loc"])
+        kind, value = err["type"], err["input"]
+        if kind == "extra_forbidden":
+            prefix = f"{key}." if key else ""
+            near = difflib.get_close_matches(str(rest[0]), list(owner.model_fields), n=1)
+            hint = f"did you mean '{prefix}{near[0]}'?" if near else f"valid: {', '.join(owner.model_fields)}"
+            lines[f"{prefix}{rest[0]}: unknown setting ({hint})"] = None
+            continue
+        if kind == "missing":
+            message = "required setting is missing"
+        elif kind in _OUT_OF_RANGE:
+            message = f"{value!r} is out of range (allowed: {_allowed(key, field, err.get('ctx') or {})})"
+        elif kind == "literal_error" and field is not None:
+            message = _unknown("value", value, _choices(field.annotation))
+        elif kind in ("model_type", "dict_type"):
+            message = f"expected a mapping of settings, got {type(value).__name__}"
+        elif kind == "too_short":
+            message = "expected a non-empty list"
+        elif kind == "edgetune" or field is None:
+            message = err["msg"]
+        elif key in typed:  # another alternative of the same union: already reported
+            continue
+        else:
+            typed.add(key)
+            message = f"expected {_describe(field.annotation)}, got {value!r}"
+        lines[f"{key or 'config'}: {message}"] = None
+    return list(lines)
+
+
+def _locate(loc: tuple[str | int, ...]) -> tuple[str, type[BaseModel], FieldInfo | None, tuple[str | int, ...]]:
+    """Split an error location into the YAML key (``tasks[0].name``), the model the walk ended in, the
+    last field passed (None after a list index) and the rest (an unknown key, union tags, list indexes)."""
+    owner: type[BaseModel] = Config
+    key, field, i = "", None, 0
+    while i < len(loc) and isinstance(loc[i], str) and loc[i] in owner.model_fields:
+        field = owner.model_fields[loc[i]]
+        key = f"{key}.{loc[i]}" if key else str(loc[i])
+        i += 1
+        hint = field.annotation
+        if typing.get_origin(hint) is list and _is_model(typing.get_args(hint)[0]) and i < len(loc) \
+                and isinstance(loc[i], int):
+            key, field, hint = f"{key}[{loc[i]}]", None, typing.get_args(hint)[0]
+            i += 1
+        if not _is_model(hint):
+            break
+        owner = hint
+    return key, owner, field, loc[i:]
+
+
+def _is_model(hint: Any) -> bool:
+    return isinstance(hint, type) and issubclass(hint, BaseModel)
+
+
+def _allowed(key: str, field: FieldInfo | None, ctx: dict[str, Any]) -> str:
+    """The allowed values of ``field`` in words, from the constraints declared on it (``1..1024``)."""
+    low = high = None
+    for bound in field.metadata if field else ():
+        if isinstance(bound, (Ge, Gt)):
+            low = (bound.ge, "<=") if isinstance(bound, Ge) else (bound.gt, "<")
+        elif isinstance(bound, (Le, Lt)):
+            high = (bound.le, "<=") if isinstance(bound, Le) else (bound.lt, "<")
+    name = key.rsplit(".", 1)[-1]
+    if low and high:
+        words = f"{low[0]}..{high[0]}" if low[1] == high[1] == "<=" else f"{low[0]} {low[1]} {name} {high[1]} {high[0]}"
+    elif low:
+        words = f"{'>=' if low[1] == '<=' else '>'} {low[0]}"
+    elif high:
+        words = f"{high[1]} {high[0]}"
+    else:
+        words = ""
+    if words and field is not None and type(None) in typing.get_args(field.annotation):
+        words += " or null"
+    return ", ".join(w for w in (words, ctx.get("allowed", "")) if w)
+
+
+def _choices(hint: Any) -> tuple[Any, ...]:
+    """The values of the ``Literal`` inside ``hint`` (``list[Literal[...]]``, ``Literal[...] | None``...)."""
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    for arg in typing.get_args(hint):
+        if found := _choices(arg):
+            return found
+    return ()
+
+
+_NOUNS = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings"),
+          bool: ("true/false", "true/false values")}
+
+
+def _describe(hint: Any, plural: bool = False) -> str:
+    """``hint`` in words for a wrong-type message: ``an integer``, ``a string or a list of strings``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        return _describe(args[0], plural)
+    if origin is Literal:
+        return ("values from " if plural else "one of ") + ", ".join(map(str, args))
+    if origin is list:
+        return "a list of " + _describe(args[0], plural=True)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a, plural) for a in args)
+    if hint is type(None):
+        return "null"
+    if _is_model(hint):
+        return "mappings of settings" if plural else "a mapping of settings"
+    return _NOUNS.get(hint, (str(hint), str(hint)))[plural]

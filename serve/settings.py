@@ -1,23 +1,37 @@
 """Server settings: one typed object, from command-line flags or ``EDGETUNE_SERVE_*`` environment variables.
 
-Precedence: a flag given on the command line, else the environment variable, else the default.
+Precedence: a flag given on the command line, else the environment variable, else the default. Each
+field's type, default, allowed values and docstring are declared here once; ``edgetune serve``'s
+flags and their help are generated from these fields (``pipeline/cli.py``). Imports neither torch nor
+yaml: the ONNX backend serves where neither is installed.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
 
 from pipeline.errors import ConfigError
 
 ENV_PREFIX = "EDGETUNE_SERVE_"
 
 
-@dataclass(frozen=True)
-class ServeSettings:
+def _comma_list(value: Any) -> Any:
+    """``"a, b"`` (a flag or an environment variable) -> ``("a", "b")``; sequences pass through."""
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+class ServeSettings(BaseSettings):
     """Everything ``edgetune serve`` needs."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid",
+                                      use_attribute_docstrings=True)
 
     base: str = "smollm2-135m-instruct"
     """Base model: the embedded name, a local HF folder, or a hub id."""
@@ -31,83 +45,71 @@ class ServeSettings:
     bundle: str = "runs/default/export/edge"
     """Edge bundle served by the ONNX backend."""
     host: str = "127.0.0.1"
-    port: int = 8000
+    """Interface to bind."""
+    port: int = Field(8000, ge=1, le=65535)
+    """TCP port to listen on."""
     api_key: str | None = None
     """When set, every /v1 route needs ``Authorization: Bearer <key>`` (health, ready, metrics stay open)."""
-    max_loaded_adapters: int = 8
+    max_loaded_adapters: int = Field(8, ge=1)
     """Adapters held in memory at once; the least recently used unpinned one is evicted beyond this."""
-    pinned: tuple[str, ...] = ()
-    """Adapters never evicted."""
-    max_rank: int = 64
+    pinned: Annotated[tuple[str, ...], NoDecode, BeforeValidator(_comma_list)] = ()
+    """Adapters never evicted (comma-separated)."""
+    max_rank: int = Field(64, ge=1)
     """Largest LoRA rank accepted."""
-    max_batch_size: int = 16
+    max_batch_size: int = Field(16, ge=1)
     """Requests decoded together."""
-    max_queue: int = 64
+    max_queue: int = Field(64, ge=1)
     """Requests waiting beyond the running batch; more get 429 with Retry-After."""
-    max_tokens: int = 512
+    max_tokens: int = Field(512, ge=1)
     """Upper bound of a request's ``max_tokens``."""
-    request_timeout_s: float = 120.0
+    request_timeout_s: float = Field(120.0, gt=0)
     """A request running longer is ended (504 or a final stream error)."""
     preload: bool = True
-    """Load every adapter folder under the root at start-up (up to ``max_loaded_adapters``)."""
-    num_threads: int = 0
+    """Load every adapter folder under the root at start-up (up to ``max_loaded_adapters``); without it,
+    adapters load on ``POST /v1/adapters``."""
+    num_threads: int = Field(0, ge=0)
     """CPU threads for torch (0: all cores)."""
 
-    @classmethod
-    def from_sources(cls, flags: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> ServeSettings:
-        """Build from ``flags`` (None values mean "not given") over ``env`` (default ``os.environ``)."""
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        errors = []
-        for f in dataclasses.fields(cls):
-            raw = (flags or {}).get(f.name)
-            if raw is None and ENV_PREFIX + f.name.upper() in env:
-                raw = env[ENV_PREFIX + f.name.upper()]
-            if raw is None:
-                continue
-            try:
-                values[f.name] = _coerce(f, raw)
-            except ValueError as exc:
-                errors.append(f"{f.name}: {exc}")
-        settings = None
-        if not errors:
-            settings = cls(**values)
-            errors = settings.problems()
-        if errors:
-            raise ConfigError("serve settings:\n  - " + "\n  - ".join(errors))
-        return settings
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.quantize not in ("none", "int8", "nf4"):
-            out.append(f"quantize: {self.quantize!r} is not one of none, int8, nf4")
-        if self.backend not in ("torch", "onnx"):
-            out.append(f"backend: {self.backend!r} is not one of torch, onnx")
+    @model_validator(mode="after")
+    def _quantize_is_for_torch(self) -> ServeSettings:
         if self.backend == "onnx" and self.quantize != "none":
-            out.append("quantize: applies to the torch backend; the ONNX backend runs the bundle's own precision "
-                       "(export.edge_precision)")
-        for name, low in (("port", 1), ("max_loaded_adapters", 1), ("max_rank", 1), ("max_batch_size", 1),
-                          ("max_queue", 1), ("max_tokens", 1)):
-            if getattr(self, name) < low:
-                out.append(f"{name}: must be >= {low}")
-        if self.request_timeout_s <= 0:
-            out.append("request_timeout_s: must be > 0")
-        return out
+            raise PydanticCustomError(
+                "torch_only", "quantize: applies to the torch backend; the ONNX backend runs the bundle's own "
+                              "precision (export.edge_precision)")
+        return self
+
+    @classmethod
+    def from_sources(cls, flags: Mapping[str, Any] | None = None,
+                     env: Mapping[str, str] | None = None) -> ServeSettings:
+        """Build from ``flags`` (None values mean "not given") over ``env`` (default ``os.environ``).
+
+        Raises :class:`ConfigError` naming every bad field, one ``field: message`` line each.
+        """
+        given = {name: value for name, value in (flags or {}).items() if value is not None}
+        if env is not None:
+            # Only ``env``, never os.environ: every field is passed in (values given to the constructor
+            # beat the environment it reads), from the flag, else ``env``, else the field's default.
+            defaults = {name: f.get_default(call_default_factory=True) for name, f in cls.model_fields.items()}
+            given = {**defaults, **_EnvironmentSource(cls, env)(), **given}
+        try:
+            return cls(**given)
+        except ValidationError as exc:
+            raise ConfigError("serve settings:\n  - " + "\n  - ".join(_lines(exc))) from None
 
 
-def _coerce(f: dataclasses.Field, raw: Any) -> Any:
-    kind = f.type if isinstance(f.type, str) else str(f.type)
-    if isinstance(raw, str):
-        if kind.startswith("int"):
-            return int(raw)
-        if kind.startswith("float"):
-            return float(raw)
-        if kind.startswith("bool"):
-            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError(f"expected true/false, got {raw!r}")
-            return raw.lower() in ("1", "true", "yes")
-        if kind.startswith("tuple"):
-            return tuple(p.strip() for p in raw.split(",") if p.strip())
-    if kind.startswith("tuple"):
-        return tuple(raw)
-    return raw
+class _EnvironmentSource(EnvSettingsSource):
+    """pydantic-settings' environment source (prefix, case, parsing) reading ``env`` instead of os.environ."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
+        super().__init__(settings_cls)
+        # Variable names match case-insensitively, as the source does with os.environ.
+        self.env_vars = {name.lower(): value for name, value in env.items()}
+
+
+def _lines(exc: ValidationError) -> list[str]:
+    """``field: message (got value)`` per problem; a cross-field message names its field itself."""
+    out = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err["loc"] else ""  # pinned's item errors: the field is enough
+        out.append(f"{field}: {err['msg']} (got {err['input']!r})" if field else err["msg"])
+    return out
