@@ -50,8 +50,9 @@ def child(args) -> None:
 
     from exporters.onnx import OnnxCausalLM
     from pipeline.data import load_examples, render_prompt
-    from pipeline.evaluate import artifact_size, decode_speed, exact_match, load_artifact
+    from pipeline.evaluate import artifact_size, load_artifact
     from pipeline.models import set_threads
+    from pipeline.scoring import decode_speed, exact_match
 
     cfg = _config(args)
     task = cfg.task(args.task)

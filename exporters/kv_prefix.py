@@ -15,12 +15,10 @@ PEFT saves the table after its prompt encoder (P-tuning's MLP, prefix projection
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from edge.runtime import Prefix
-
-PROMPT_LEARNING = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
+from pipeline.adapter_spec import ADAPTER_WEIGHTS, kv_layout, read_spec
 
 
 def adapter_prefix(adapter_dir: Path, base_dir: Path) -> Prefix:
@@ -29,15 +27,15 @@ def adapter_prefix(adapter_dir: Path, base_dir: Path) -> Prefix:
     from safetensors.torch import load_file
 
     from pipeline.models import load_model
-    from serve.adapters import kv_layout
 
-    kind = json.loads((adapter_dir / "adapter_config.json").read_text()).get("peft_type")
-    if kind not in PROMPT_LEARNING:
-        raise ValueError(f"{adapter_dir} is a {kind} adapter; a key/value prefix needs one of {PROMPT_LEARNING}")
-    table = load_file(str(adapter_dir / "adapter_model.safetensors"))["prompt_embeddings"].float()
+    spec = read_spec(adapter_dir)
+    if not spec.prompt_learning:
+        raise ValueError(f"{adapter_dir} is a {spec.kind} adapter; a key/value prefix needs prefix tuning, prompt "
+                         "tuning or P-tuning")
+    table = load_file(str(adapter_dir / ADAPTER_WEIGHTS))["prompt_embeddings"].float()
     virtual = table.shape[0]
     model = load_model(base_dir, "cpu")
-    if kind == "PREFIX_TUNING":
+    if spec.kind == "prefix":
         layers, kv_heads, head_dim = kv_layout(model.config)
         kv = table.view(virtual, layers * 2, kv_heads, head_dim).permute(1, 2, 0, 3).numpy()
         return Prefix([kv[2 * i] for i in range(layers)], [kv[2 * i + 1] for i in range(layers)])
@@ -56,4 +54,4 @@ def save_prefix(prefix: Prefix, path: Path) -> None:
         raise RuntimeError(f"prefix file {path} was not written (name it *.npz)")
 
 
-__all__ = ["PROMPT_LEARNING", "adapter_prefix", "save_prefix"]
+__all__ = ["adapter_prefix", "save_prefix"]

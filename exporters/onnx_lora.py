@@ -15,13 +15,13 @@ scaling, not an additive update): those are exported merged.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import numpy as np
 
 from edge.runtime import LORA_PREFIX
+from pipeline.adapter_spec import ADAPTER_WEIGHTS, read_spec
 
 __all__ = ["LoraExportError", "add_lora_inputs", "expose_lora_inputs", "lora_factors", "lora_input_names",
            "write_onnx_adapter"]
@@ -104,15 +104,15 @@ def lora_factors(adapter_dir: Path) -> dict[str, np.ndarray]:
     """
     from safetensors.numpy import load_file
 
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    if config.get("peft_type") != "LORA":
-        raise LoraExportError(f"{adapter_dir} is a {config.get('peft_type')} adapter, not LoRA")
-    if config.get("use_dora"):
+    spec = read_spec(adapter_dir)
+    if spec.kind not in ("lora", "dora"):
+        raise LoraExportError(f"{adapter_dir} is a {spec.peft_type or spec.kind} adapter, not LoRA")
+    if spec.kind == "dora":
         raise LoraExportError("DoRA rescales the merged weight, which an additive ONNX LoRA input cannot express; "
                               "export the merged model instead")
-    if config.get("fan_in_fan_out"):
+    if spec.fan_in_fan_out:
         raise LoraExportError("fan_in_fan_out (Conv1D) LoRA is not supported for ONNX adapters; export merged")
-    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    tensors = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
     out: dict[str, np.ndarray] = {}
     for key, a in tensors.items():
         if ".lora_A." not in key:
@@ -125,9 +125,9 @@ def lora_factors(adapter_dir: Path) -> dict[str, np.ndarray]:
             raise LoraExportError(f"LoRA on {module} is outside the decoder-layer projections; export merged")
         b = tensors[key.replace(".lora_A.", ".lora_B.")]
         r = a.shape[0]  # the trained rank (rank_pattern already shaped the tensors)
-        alphas = config.get("alpha_pattern") or {}
-        alpha = next((v for k, v in alphas.items() if module.endswith(k)), config.get("lora_alpha", r))
-        scaling = alpha / (r ** 0.5 if config.get("use_rslora") else r)
+        default = r if spec.alpha is None else spec.alpha
+        alpha = next((v for k, v in spec.alpha_pattern if module.endswith(k)), default)
+        scaling = alpha / (r ** 0.5 if spec.rslora else r)
         a_name, b_name = lora_input_names(module)
         out[a_name] = np.ascontiguousarray(a.T, dtype=np.float32)
         out[b_name] = np.ascontiguousarray(b.T * scaling, dtype=np.float32)

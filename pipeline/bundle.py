@@ -27,9 +27,11 @@ from edge.bundle import FORMAT
 from pipeline.artifacts import atomic_dir, fingerprint, read_manifest, write_manifest
 from pipeline.config import Config, TaskConfig
 from pipeline.errors import EdgetuneError
-from pipeline.merge import merged_dir, require_stage_output
 from pipeline.models import load_model, load_tokenizer, resolve_base, set_threads
-from pipeline.tune import adapter_dir, is_peft_adapter, load_tuned
+from pipeline.onnx_build import fp32_onnx, quantize_onnx
+from pipeline.paths import adapter_dir, bundle_dir, merged_dir
+from pipeline.stage_outputs import require_stage_output, tuned_spec
+from pipeline.tuned import load_tuned
 
 log = logging.getLogger(__name__)
 
@@ -39,28 +41,19 @@ _HEADER = ("base_name", "model", "tokenizer", "chat", "stop_token_ids", "pad_tok
 """Manifest keys that describe the shared base (kept when a task is added to an existing bundle)."""
 
 
-def bundle_dir(cfg: Config) -> Path:
-    return cfg.run_dir / "export" / "edge"
-
-
 def adapter_kind(cfg: Config, task: TaskConfig) -> str:
     """How ``task``'s tune result travels in the bundle: ``lora``, ``prefix`` or ``merged``."""
-    from exporters.kv_prefix import PROMPT_LEARNING
     from exporters.onnx_lora import LoraExportError, lora_factors
 
-    tuned = adapter_dir(cfg, task)
-    if is_peft_adapter(tuned):
-        config = json.loads((tuned / "adapter_config.json").read_text())
-        if config.get("peft_type") == "LORA":
-            try:  # LoRA outside the decoder layers' projections, DoRA, extra trained modules: ship merged
-                lora_factors(tuned)
-                return "lora"
-            except LoraExportError as exc:
-                log.info("export %s edge: the adapter ships merged: %s", task.name, exc)
-                return "merged"
-        if config.get("peft_type") in PROMPT_LEARNING:
-            return "prefix"
-    return "merged"
+    spec = tuned_spec(cfg, task)
+    if spec.kind in ("lora", "dora"):
+        try:  # LoRA outside the decoder layers' projections, DoRA, extra trained modules: ship merged
+            lora_factors(adapter_dir(cfg, task))
+            return "lora"
+        except LoraExportError as exc:
+            log.info("export %s edge: the adapter ships merged: %s", task.name, exc)
+            return "merged"
+    return "prefix" if spec.prompt_learning else "merged"
 
 
 def _settings(cfg: Config) -> str:
@@ -131,7 +124,6 @@ def _build_base(cfg: Config, task: TaskConfig, base: Path, out: Path, precision:
 
     from exporters.onnx import export_onnx_fp32, load_onnx_model
     from exporters.onnx_lora import add_lora_inputs
-    from pipeline.export import quantize_onnx
     from pipeline.fidelity import gate
 
     with tempfile.TemporaryDirectory(dir=out, prefix=".work-") as work:
@@ -214,8 +206,6 @@ def _add_adapter(cfg: Config, task: TaskConfig, kind: str, source: Path, base: P
         export_model = OnnxCausalLM(decoder, prefix=Prefix.load(out / rel))
         torch_model = load_tuned(source, base)
     else:
-        from pipeline.export import fp32_onnx, quantize_onnx
-
         rel = f"merged/{task.name}.onnx"
         (out / "merged").mkdir(exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out, prefix=".work-") as work:

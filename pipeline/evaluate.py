@@ -10,21 +10,18 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from pipeline.artifacts import dir_size, fingerprint, write_json_atomic
 from pipeline.config import ONNX_PRECISIONS, Config, TaskConfig
-from pipeline.data import IGNORE_INDEX, Example, encode, load_examples, render_prompt
+from pipeline.data import Example, load_examples, render_prompt
 from pipeline.errors import EdgetuneError
-from pipeline.merge import merged_dir, require_stage_output
 from pipeline.models import load_model, load_tokenizer, resolve_base, set_threads
-from pipeline.tune import adapter_dir
+from pipeline.paths import adapter_dir, eval_file, export_dir, merged_dir, quantized_dir
+from pipeline.scoring import decode_speed, exact_match, perplexity
+from pipeline.stage_outputs import export_skips, quantized_base_of, require_stage_output, tuned_spec
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +32,6 @@ _PRODUCER = {"adapter": "tune", "merged": "merge", "int8": "quantize", "nf4": "q
 
 def artifact_path(cfg: Config, task: TaskConfig, artifact: str) -> Path:
     """Where ``artifact`` of ``task`` lives (for ``base``: the base model itself)."""
-    from pipeline.export import export_dir
-    from pipeline.quantize import quantized_dir
-
     if artifact == "base":
         return resolve_base(cfg.base)
     if artifact == "adapter":
@@ -52,10 +46,8 @@ def artifact_path(cfg: Config, task: TaskConfig, artifact: str) -> Path:
 
 
 def skip_reason(cfg: Config, task: TaskConfig, artifact: str) -> str | None:
-    """Why the configured stages produce no ``artifact`` for ``task`` (None: they do)."""
-    from pipeline.export import ONNX_SKIP_REASON
-    from pipeline.merge import is_mergeable
-
+    """Why the configured stages produce no ``artifact`` for ``task`` (None: they do): the config leaves it
+    out, the tune result's spec cannot be merged, or the export stage's record says why it skipped it."""
     if artifact == "base":
         return None
     if artifact in ("int8", "nf4") and artifact not in cfg.quantize.formats:
@@ -63,9 +55,8 @@ def skip_reason(cfg: Config, task: TaskConfig, artifact: str) -> str | None:
     if artifact in ONNX_PRECISIONS or artifact == "edge":
         if artifact not in cfg.export.targets:
             return "not in export.targets"
-    if artifact in ONNX_PRECISIONS and not is_mergeable(cfg, task):
-        return ONNX_SKIP_REASON
-    if artifact == "merged" and not is_mergeable(cfg, task):
+        return export_skips(cfg, task).get(artifact)
+    if artifact == "merged" and not tuned_spec(cfg, task).mergeable:
         return "the method's adapter cannot be merged; it is the artifact"
     return None
 
@@ -78,15 +69,13 @@ def load_artifact(cfg: Config, task: TaskConfig, artifact: str):
     if artifact == "base":
         return load_model(path, "cpu"), load_tokenizer(path)
     if artifact == "adapter":
-        from pipeline.tune import load_tuned
+        from pipeline.tuned import load_tuned
 
         return load_tuned(path, resolve_base(cfg.base)), load_tokenizer(path)
     if artifact == "merged":
         return load_model(path, "cpu"), load_tokenizer(path)
     if artifact in ("int8", "nf4"):
         from exporters.bnb import load_quantized
-        from pipeline.quantize import quantized_base_of
-
         base_q = quantized_base_of(path)
         if base_q is None:
             return load_quantized(path), load_tokenizer(path)
@@ -115,8 +104,6 @@ def _edge_model(cfg: Config, task: TaskConfig, bundle_path: Path):
 
 def artifact_size(cfg: Config, task: TaskConfig, artifact: str) -> int:
     """Bytes on disk needed to run ``artifact`` (an unmerged quantized artifact counts its base too)."""
-    from pipeline.quantize import quantized_base_of
-
     path = artifact_path(cfg, task, artifact)
     if artifact == "edge":  # what a device needs for this task: the shared base and the task's file
         from edge.bundle import load_bundle
@@ -127,70 +114,6 @@ def artifact_size(cfg: Config, task: TaskConfig, artifact: str) -> int:
         return own if entry.kind == "merged" else own + dir_size(bundle.model_path)
     base_q = quantized_base_of(path) if artifact in ("int8", "nf4") else None
     return dir_size(path) + (dir_size(base_q) if base_q else 0)
-
-
-def exact_match(model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int,
-                desc: str) -> tuple[float, list[dict[str, str]]]:
-    """Share of examples whose greedy answer equals the reference (whitespace-stripped).
-
-    Also returns every (prompt, expected, got) triple so a report can show mistakes.
-    """
-    import torch
-
-    outputs = []
-    for start in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch", leave=False):
-        chunk = examples[start:start + batch_size]
-        batch = tokenizer([render_prompt(tokenizer, e) for e in chunk], return_tensors="pt", padding=True,
-                          add_special_tokens=False)
-        with torch.no_grad():
-            generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        new = generated[:, batch["input_ids"].shape[1]:]
-        for e, ids in zip(chunk, new):
-            outputs.append({"prompt": e.prompt_messages[-1]["content"], "expected": e.reference,
-                            "got": tokenizer.decode(ids, skip_special_tokens=True).strip()})
-    hits = sum(o["got"] == (o["expected"] or "").strip() for o in outputs)
-    return hits / max(len(outputs), 1), outputs
-
-
-def perplexity(model, tokenizer, examples: list[Example], max_len: int, batch_size: int) -> float:
-    """exp(mean negative log-likelihood) of the reference completion tokens given their prompts."""
-    import torch
-    import torch.nn.functional as F
-
-    from pipeline.data import collate
-
-    encoded = [encode(tokenizer, e, max_len)[0] for e in examples]
-    nll, count = 0.0, 0
-    for start in range(0, len(encoded), batch_size):
-        batch = collate(encoded[start:start + batch_size], tokenizer.pad_token_id)
-        with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        # prompt tuning and P-tuning return logits for their virtual tokens too, in front: drop them
-        logits = logits[:, logits.shape[1] - batch["input_ids"].shape[1]:]
-        labels = batch["labels"][:, 1:]
-        losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                 ignore_index=IGNORE_INDEX, reduction="sum")
-        nll += losses.item()
-        count += int((labels != IGNORE_INDEX).sum())
-    return math.exp(nll / count) if count else float("nan")
-
-
-def decode_speed(model, tokenizer, prompt: str, new_tokens: int, repeats: int) -> float:
-    """Median greedy decode tokens/s at batch 1, generating exactly ``new_tokens`` (after a warm-up)."""
-    import torch
-
-    batch = tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    rates = []
-    with torch.no_grad():
-        model.generate(**batch, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
-        for _ in range(repeats):
-            started = time.perf_counter()
-            out = model.generate(**batch, **kwargs)
-            rates.append((out.shape[1] - batch["input_ids"].shape[1]) / (time.perf_counter() - started))
-    return statistics.median(rates)
 
 
 def evaluate_artifact(cfg: Config, task: TaskConfig, artifact: str, examples: list[Example]) -> dict[str, Any]:
@@ -227,7 +150,7 @@ def evaluate_cached(cfg: Config, task: TaskConfig, artifact: str, examples: list
     inputs = {"artifact": artifact_path(cfg, task, artifact), "test": Path(task.test)}
     fp, _ = fingerprint("evaluate", inputs, cfg.section_hash("evaluate", "num_threads") + json.dumps(
         [task.name, task.max_new_tokens, cfg.tune.max_seq_len]))
-    file = cfg.run_dir / "eval" / task.name / f"{artifact}.json"
+    file = eval_file(cfg, task, artifact)
     if not force and file.is_file():
         cached = json.loads(file.read_text())
         if cached.get("fingerprint") == fp:

@@ -11,6 +11,10 @@ Targets (``export.targets``):
 
 Every ONNX export passes the fidelity gate of its precision (:mod:`pipeline.fidelity`) inside a
 temporary folder first: one that fails is not published, and what was there stays.
+
+When every configured target of a task is done, ``runs/<run>/export/records/<task>.json`` records
+which were written where and which were skipped, and why (a prompt-learning adapter has no ONNX
+merged export); evaluate reads the reasons from there.
 """
 
 from __future__ import annotations
@@ -23,9 +27,16 @@ from typing import Any
 
 from pipeline.artifacts import atomic_dir, fingerprint, is_fresh, write_manifest
 from pipeline.config import ONNX_PRECISIONS, Config, TaskConfig
-from pipeline.merge import is_mergeable, merged_dir, remove_stale, require_stage_output
 from pipeline.models import load_model, load_tokenizer, resolve_base, set_threads
-from pipeline.tune import adapter_dir, copy_adapter
+from pipeline.onnx_build import export_settings, fp32_onnx, quantize_onnx
+from pipeline.paths import adapter_dir, export_dir, merged_dir
+from pipeline.stage_outputs import (
+    copy_adapter,
+    remove_stale,
+    require_stage_output,
+    tuned_spec,
+    write_export_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,32 +44,16 @@ ONNX_SKIP_REASON = ("the method learns virtual tokens (soft prompt or key/value 
                     "the weights; on ONNX it runs from the edge bundle, as a key/value prefix over the shared base")
 
 
-def export_dir(cfg: Config, task: TaskConfig, target: str) -> Path:
-    if target == "edge":
-        from pipeline.bundle import bundle_dir
-
-        return bundle_dir(cfg)
-    return cfg.run_dir / "export" / target / task.name
-
-
-def _settings(cfg: Config, target: str) -> str:
-    """What a target's output depends on besides its input folder."""
-    if target == "safetensors":
-        return cfg.export.safetensors_dtype
-    from exporters.onnx_quant import RECIPE
-
-    gates = cfg.section_hash("export")  # gates, block size, fidelity rows: any change re-checks
-    return f"{target}:{gates}" if ONNX_PRECISIONS[target] == "fp32" else f"{target}:{gates}:{RECIPE}"
-
-
 def run(cfg: Config, task: TaskConfig, *, force: bool = False) -> list[Path]:
     """Write every configured export target for ``task``; return their folders."""
-    mergeable = is_mergeable(cfg, task)
+    mergeable = tuned_spec(cfg, task).mergeable
     src = merged_dir(cfg, task) if mergeable else adapter_dir(cfg, task)
     require_stage_output(src, "merge" if mergeable else "tune", task)
     set_threads(cfg.num_threads)
     outs = []
     loaded = []
+    exported: dict[str, str] = {}
+    skipped: dict[str, str] = {}
 
     def merged_model():
         """The PyTorch merged model every ONNX target of this task is gated against: loaded once, on first use."""
@@ -72,14 +67,17 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False) -> list[Path]:
             from pipeline.bundle import add_task
 
             outs.append(add_task(cfg, task, force=force, merged_model=merged_model if mergeable else None))
+            exported[target] = str(outs[-1])
             continue
         out = export_dir(cfg, task, target)
         if not mergeable and target in ONNX_PRECISIONS:
             log.info("export %s: %s skipped: %s", task.name, target, ONNX_SKIP_REASON)
             remove_stale(out, f"export {task.name}")
+            skipped[target] = ONNX_SKIP_REASON
             continue
-        fp, inputs = fingerprint("export", {"merged" if mergeable else "adapter": src}, _settings(cfg, target))
+        fp, inputs = fingerprint("export", {"merged" if mergeable else "adapter": src}, export_settings(cfg, target))
         outs.append(out)
+        exported[target] = str(out)
         if not force and is_fresh(out, fp):
             log.info("export %s %s: up to date (%s), nothing to do; --force redoes it", task.name, target, out)
             continue
@@ -87,8 +85,9 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False) -> list[Path]:
         with atomic_dir(out) as tmp:
             metrics = _export_safetensors(cfg, task, src, tmp) if target == "safetensors" else \
                 _export_onnx(cfg, task, merged_model, tmp, target)
-            write_manifest(tmp, stage="export", fp=fp, inputs=inputs, config_hash=_settings(cfg, target),
+            write_manifest(tmp, stage="export", fp=fp, inputs=inputs, config_hash=export_settings(cfg, target),
                            metrics=metrics, extra={"task": task.name, "target": target})
+    write_export_record(cfg, task, exported, skipped)
     return outs
 
 
@@ -104,32 +103,6 @@ def _export_safetensors(cfg: Config, task: TaskConfig, src: Path, out: Path) -> 
     if adapter:
         copy_adapter(src, out / "adapter")
     return {"dtype": cfg.export.safetensors_dtype, "kind": "base+adapter" if adapter else "merged"}
-
-
-def fp32_onnx(cfg: Config, task: TaskConfig, scratch: Path) -> Path:
-    """The fp32 ONNX folder of ``task``'s merged model: the published ``onnx`` export when it is current,
-    else a fresh export into ``scratch`` (which the caller deletes)."""
-    from exporters.onnx import export_onnx_fp32
-
-    published = export_dir(cfg, task, "onnx")
-    fp, _ = fingerprint("export", {"merged": merged_dir(cfg, task)}, _settings(cfg, "onnx"))
-    if is_fresh(published, fp):
-        return published
-    log.info("export %s: exporting the merged model to fp32 ONNX first", task.name)
-    return export_onnx_fp32(merged_dir(cfg, task), scratch)
-
-
-def quantize_onnx(cfg: Config, precision: str, src: Path, dst: Path) -> Path:
-    """``src`` (an fp32 ONNX file) at ``precision`` into ``dst`` (a file path)."""
-    from exporters.onnx_quant import quantize_int4, quantize_int8
-
-    if precision == "fp32":
-        shutil.copy2(src, dst)
-    elif precision == "int8":
-        quantize_int8(src, dst, accuracy_level=cfg.export.accuracy_level)
-    else:
-        quantize_int4(src, dst, block_size=cfg.export.int4_block_size, accuracy_level=cfg.export.accuracy_level)
-    return dst
 
 
 def _export_onnx(cfg: Config, task: TaskConfig, merged_model: Callable[[], Any], out: Path, target: str) -> dict:

@@ -10,7 +10,6 @@ inside a long generic system prompt (mean KL above 1 nat there) while its answer
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import weakref
 from typing import Any
@@ -39,7 +38,7 @@ def measure(cfg: Config, task: TaskConfig, torch_model, export_model, tokenizer)
     import torch
 
     from exporters.onnx import logit_parity
-    from pipeline.evaluate import exact_match
+    from pipeline.scoring import exact_match
 
     rows = fidelity_examples(cfg, task)
     prompts = [render_prompt(tokenizer, e) for e in rows]
@@ -75,7 +74,7 @@ def check(cfg: Config, precision: str, metrics: dict[str, Any], what: str, *, lo
     gate = getattr(cfg.export.gates, precision)
     failed = []
     if not logits:
-        gate = dataclasses.replace(gate, max_abs_logit_diff=None, min_top1_agreement=0.0, max_kl=None)
+        gate = gate.model_copy(update={"max_abs_logit_diff": None, "min_top1_agreement": 0.0, "max_kl": None})
     if gate.max_abs_logit_diff is not None and metrics["max_abs_logit_diff"] > gate.max_abs_logit_diff:
         failed.append(f"max |Δlogit| {metrics['max_abs_logit_diff']:.3g} > {gate.max_abs_logit_diff:g} (max_abs_logit_diff)")
     if metrics["top1_agreement"] < gate.min_top1_agreement:

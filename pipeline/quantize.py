@@ -17,21 +17,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline.artifacts import atomic_dir, fingerprint, is_fresh, read_manifest, write_manifest
+from pipeline.artifacts import atomic_dir, fingerprint, is_fresh, write_manifest
 from pipeline.config import Config, TaskConfig
-from pipeline.merge import is_mergeable, merged_dir, require_stage_output
 from pipeline.models import resolve_base, set_threads
-from pipeline.tune import adapter_dir, copy_adapter, is_peft_adapter
+from pipeline.paths import adapter_dir, merged_dir, quantized_base_dir, quantized_dir
+from pipeline.stage_outputs import copy_adapter, require_stage_output, tuned_spec
 
 log = logging.getLogger(__name__)
-
-
-def quantized_dir(cfg: Config, task: TaskConfig, fmt: str) -> Path:
-    return cfg.run_dir / "quantized" / f"{task.name}-{fmt}"
-
-
-def quantized_base_dir(cfg: Config, fmt: str) -> Path:
-    return cfg.run_dir / "quantized" / f"base-{fmt}"
 
 
 def run(cfg: Config, task: TaskConfig, *, force: bool = False) -> list[Path]:
@@ -39,8 +31,8 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False) -> list[Path]:
     set_threads(cfg.num_threads)
     # A whole model (full, ULMFiT) or a PIR delta has no PEFT adapter to keep apart: it is quantized
     # merged. A prompt-learning adapter cannot be merged: every format is quantized base + adapter.
-    has_adapter = is_peft_adapter(adapter_dir(cfg, task))
-    mergeable = is_mergeable(cfg, task)
+    spec = tuned_spec(cfg, task)
+    has_adapter, mergeable = spec.peft, spec.mergeable
     if not mergeable:
         log.info("quantize %s: the adapter cannot be merged; each format is the quantized base plus the adapter",
                  task.name)
@@ -89,9 +81,3 @@ def _unmerged(cfg: Config, task: TaskConfig, fmt: str, force: bool) -> Path:
                               "quantized_base": str(base_q)})
     log.info("quantize %s %s: adapter on the %s base in %s", task.name, fmt, fmt, base_q)
     return out
-
-
-def quantized_base_of(folder: Path) -> Path | None:
-    """For an unmerged quantized artifact, the quantized base folder it runs on (else None)."""
-    manifest = read_manifest(folder) or {}
-    return Path(manifest["quantized_base"]) if manifest.get("kind") == "unmerged" else None

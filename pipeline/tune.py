@@ -5,8 +5,9 @@ out under ``accelerate launch`` or ``torchrun``. Methods plug in by preparing th
 layers, trainable parameters); method-specific behaviour beyond that belongs in callbacks and
 optimizer parameter groups, not in a loop of our own.
 
-Output: ``runs/<run>/adapters/<task>/`` in PEFT's format (adapter_config.json,
-adapter_model.safetensors) plus the tokenizer and ``manifest.json``.
+Output: ``runs/<run>/adapters/<task>/``: the method's result (a PEFT adapter, a PIR sparse delta or a
+whole model) plus the tokenizer and ``manifest.json``, whose ``adapter`` entry is the result's
+:class:`~pipeline.adapter_spec.AdapterSpec`, the description every later stage reads.
 """
 
 from __future__ import annotations
@@ -18,17 +19,16 @@ import time
 from functools import partial
 from pathlib import Path
 
+from pipeline.adapter_spec import MANIFEST_KEY, AdapterSpec, spec_from_files
 from pipeline.artifacts import atomic_dir, fingerprint, is_fresh, write_manifest
 from pipeline.config import Config, TaskConfig
 from pipeline.data import collate_for_training, encode_all, load_examples
+from pipeline.errors import EdgetuneError
 from pipeline.methods import Method, get_method
 from pipeline.models import load_model, load_tokenizer, resolve_base, resolve_device, set_threads
+from pipeline.paths import adapter_dir, checkpoints_dir
 
 log = logging.getLogger(__name__)
-
-
-def adapter_dir(cfg: Config, task: TaskConfig) -> Path:
-    return cfg.run_dir / "adapters" / task.name
 
 
 def _plan(cfg: Config, task: TaskConfig) -> tuple[Path, str, dict, str]:
@@ -66,7 +66,7 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
     log.info("tune %s: method=%s, %d examples, %d trainable of %d parameters (%.3f%%), device=%s",
              task.name, method.name, len(examples), trainable, total, 100 * trainable / total, device)
 
-    checkpoints = cfg.run_dir / "checkpoints" / task.name
+    checkpoints = checkpoints_dir(cfg, task)
     resume_from = _last_checkpoint(checkpoints) if resume else None
     if resume and resume_from is None:
         log.info("tune %s: --resume given but no checkpoint in %s; starting from scratch", task.name, checkpoints)
@@ -120,6 +120,7 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
             else:
                 model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+            spec = describe(method, tmp)
             write_manifest(
                 tmp,
                 stage="tune",
@@ -140,7 +141,7 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
                        "full_model": method.full_model, "prompt_learning": method.prompt_learning,
                        "learning_rate": args.learning_rate,
                        "base_quantization": method.base_quantization, "optimizer": optimizer,
-                       "optimizer_note": optimizer_note},
+                       "optimizer_note": optimizer_note, MANIFEST_KEY: spec.to_manifest()},
             )
         shutil.rmtree(checkpoints, ignore_errors=True)
         log.info("tune %s: done in %.0f s, loss %.3f -> %.3f, adapter in %s", task.name, seconds,
@@ -186,50 +187,17 @@ def load_base_for_training(method: Method, base: Path, device: str):
     return load_quantizing(base, method.base_quantization, device)
 
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "chat_template.jinja")
-"""What a PEFT adapter folder needs to be loaded on a base and prompted (checkpoints and manifests excluded)."""
-
-
-def copy_adapter(src: Path, dst: Path) -> None:
-    """Copy the PEFT adapter files of ``src`` into ``dst`` (created if missing)."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in ADAPTER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-
-
-def is_peft_adapter(tuned: Path) -> bool:
-    """Whether a tune output is a PEFT adapter (else a PIR sparse delta or a whole model)."""
-    return (tuned / "adapter_config.json").is_file()
-
-
-def load_tuned(tuned: Path, base: Path):
-    """The trained model in ``tuned``, unmerged, in eval mode: a PEFT adapter or a PIR sparse delta on
-    ``base``, or a whole model (full fine-tuning, ULMFiT)."""
-    from pipeline.methods.pir import is_sparse_delta, load_sparse_delta
-
-    if is_peft_adapter(tuned):
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(load_model(base, "cpu"), tuned).eval()
-    if is_sparse_delta(tuned):
-        return load_sparse_delta(load_model(base, "cpu"), tuned).eval()
-    return load_model(tuned, "cpu")
-
-
-def merge_tuned(model):
-    """Fold a loaded tune result into plain weights (PEFT ``safe_merge`` or PIR's exact index-add);
-    a whole model passes through. Raises ValueError when PEFT finds the merged weights non-finite."""
-    from peft import PeftModel
-
-    from pipeline.methods.pir import delta_layers, merge_sparse_delta
-
-    if isinstance(model, PeftModel):
-        return model.merge_and_unload(safe_merge=True)
-    if delta_layers(model):
-        return merge_sparse_delta(model)
-    return model
+def describe(method: Method, folder: Path) -> AdapterSpec:
+    """The spec of the tune result ``method`` saved in ``folder`` (read from its files), checked against
+    what the method declares: later stages trust the spec, so a disagreement stops here."""
+    spec = spec_from_files(folder)
+    declared = {"mergeable": method.mergeable, "prompt_learning": method.prompt_learning,
+                "full_model": method.full_model}
+    found = {k: getattr(spec, k) for k in declared}
+    if found != declared:
+        raise EdgetuneError(f"tune: method {method.name!r} declares {declared} but saved a {spec.kind} result "
+                            f"({found}); the method's registration is wrong")
+    return spec
 
 
 def choose_optimizer(method: Method, device: str) -> tuple[str, str | None]:

@@ -6,22 +6,32 @@ with a path separator or ``..`` is refused, and the resolved folder must stay in
 Its config and every tensor are validated against the base (module exists, shapes fit, rank within
 ``max_rank``, values finite) so a bad adapter is a clear 4xx and never a crash mid-request.
 
-Kinds: ``lora`` (LoRA, DoRA, QLoRA adapters: PEFT ``LORA``), ``ia3``, ``prompt`` (PEFT prompt
-tuning, P-tuning, prefix tuning) and ``pir`` (edgetune's sparse delta).
+What the folder is comes from :func:`pipeline.adapter_spec.read_spec` on its files (never on a
+manifest a client could have written: the server loads what PEFT reads). Server kinds: ``lora``
+(LoRA, DoRA, QLoRA adapters: PEFT ``LORA``), ``ia3``, ``prompt`` (PEFT prompt tuning, P-tuning,
+prefix tuning) and ``pir`` (edgetune's sparse delta).
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.adapter_spec import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    SPARSE_DELTA_CONFIG,
+    SPARSE_DELTA_WEIGHTS,
+    AdapterSpec,
+    AdapterSpecError,
+    kv_layout,
+    read_spec,
+)
 from pipeline.errors import EdgetuneError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-PROMPT_TYPES = {"PROMPT_TUNING": "prompt", "P_TUNING": "ptuning", "PREFIX_TUNING": "prefix"}
 
 
 class AdapterError(EdgetuneError):
@@ -43,6 +53,8 @@ class AdapterInfo:
     peft_type: str | None
     rank: int | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    spec: AdapterSpec | None = None
+    """What the folder holds (set by :func:`inspect_adapter`; engines read kind details from it)."""
 
 
 def check_name(name: Any) -> str:
@@ -70,36 +82,33 @@ def resolve_source(root: Path, source: Any) -> Path:
 
 def inspect_adapter(name: str, folder: Path, base_model, max_rank: int) -> AdapterInfo:
     """Validate the adapter in ``folder`` against ``base_model`` (a loaded HF model); AdapterError if unfit."""
-    if (folder / "sparse_delta_config.json").is_file():
-        return _inspect_pir(name, folder, base_model)
-    config_file = folder / "adapter_config.json"
-    if not config_file.is_file():
-        raise AdapterError(f"adapter {name!r}: {folder.name}/ has no adapter_config.json (PEFT) or "
-                           "sparse_delta_config.json (PIR); it is not an adapter", status=422)
-    weights = folder / "adapter_model.safetensors"
+    try:
+        spec = read_spec(folder, trust_manifest=False)
+    except AdapterSpecError as exc:  # name the file relative to the root: no server paths in answers
+        where = exc.path.name if exc.path == folder else f"{folder.name}/{exc.path.name}"
+        raise AdapterError(f"adapter {name!r}: {where}: {exc.problem}", status=422) from None
+    if spec.kind == "pir":
+        return _inspect_pir(name, folder, base_model, spec)
+    if not spec.peft:
+        raise AdapterError(f"adapter {name!r}: {folder.name}/ has no {ADAPTER_CONFIG} (PEFT) or "
+                           f"{SPARSE_DELTA_CONFIG} (PIR); it is not an adapter", status=422)
+    weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
         pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
         hint = (f" it has {', '.join(pickled)}: pickle files can run code when loaded and are refused; re-save with "
                 "save_pretrained(..., safe_serialization=True)") if pickled else ""
-        raise AdapterError(f"adapter {name!r}: no adapter_model.safetensors;{hint}", status=422)
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"adapter {name!r}: adapter_config.json is not valid JSON ({exc})", status=422) from None
-    peft_type = str(config.get("peft_type", "")).upper()
+        raise AdapterError(f"adapter {name!r}: no {ADAPTER_WEIGHTS};{hint}", status=422)
     tensors = _read_tensors(name, weights)
-    if peft_type == "LORA":
-        rank = _check_lora(name, config, tensors, base_model, max_rank)
-        return AdapterInfo(name, folder, "lora", peft_type, rank, {"dora": bool(config.get("use_dora"))})
-    if peft_type == "IA3":
+    if spec.kind in ("lora", "dora"):
+        _check_lora(name, spec, tensors, base_model, max_rank)
+        return AdapterInfo(name, folder, "lora", spec.peft_type, spec.rank, {"dora": spec.kind == "dora"}, spec)
+    if spec.kind == "ia3":
         _check_shapes_against_modules(name, tensors, base_model, ("ia3_l",))
-        return AdapterInfo(name, folder, "ia3", peft_type)
-    if peft_type in PROMPT_TYPES:
-        _check_prompt(name, config, tensors, base_model)
-        return AdapterInfo(name, folder, "prompt", peft_type, None,
-                           {"method": PROMPT_TYPES[peft_type], "num_virtual_tokens": config.get("num_virtual_tokens")})
-    raise AdapterError(f"adapter {name!r}: PEFT type {peft_type or '(missing)'} is not servable; the server takes "
-                       "LORA, IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING and PIR sparse deltas", status=422)
+        return AdapterInfo(name, folder, "ia3", spec.peft_type, spec=spec)
+    # the kinds left are prompt learning (prompt tuning, P-tuning, prefix tuning)
+    _check_prompt(name, spec, tensors, base_model)
+    return AdapterInfo(name, folder, "prompt", spec.peft_type, None,
+                       {"method": spec.kind, "num_virtual_tokens": spec.num_virtual_tokens}, spec)
 
 
 def _read_tensors(name: str, weights: Path) -> dict[str, Any]:
@@ -131,12 +140,9 @@ def _base_module(name: str, base_model, module: str):
                            "trained on another architecture", status=422) from None
 
 
-def _check_lora(name: str, config: dict, tensors: dict, base_model, max_rank: int) -> int:
-    rank = int(config.get("r") or 0)
-    pattern = config.get("rank_pattern") or {}
-    ranks = [rank, *(int(r) for r in pattern.values())]
-    if max(ranks) > max_rank:
-        raise AdapterError(f"adapter {name!r}: rank {max(ranks)} exceeds the server's max_rank {max_rank}; raise "
+def _check_lora(name: str, spec: AdapterSpec, tensors: dict, base_model, max_rank: int) -> None:
+    if spec.rank > max_rank:
+        raise AdapterError(f"adapter {name!r}: rank {spec.rank} exceeds the server's max_rank {max_rank}; raise "
                            "--max-rank or retrain with a smaller lora.r", status=422)
     for key, t in tensors.items():
         for marker, check in (("lora_A", lambda m, t: t.dim() == 2 and t.shape[1] == m.in_features
@@ -151,7 +157,6 @@ def _check_lora(name: str, config: dict, tensors: dict, base_model, max_rank: in
                     raise AdapterError(f"adapter {name!r}: {key} has shape {tuple(t.shape)}, which does not fit "
                                        f"{_module_of(key, marker)} of the base; it was trained on another model",
                                        status=422)
-    return max(ranks)
 
 
 def _check_shapes_against_modules(name: str, tensors: dict, base_model, markers: tuple[str, ...]) -> None:
@@ -165,15 +170,15 @@ def _check_shapes_against_modules(name: str, tensors: dict, base_model, markers:
                                        f"{_module_of(key, marker)} of the base", status=422)
 
 
-def _check_prompt(name: str, config: dict, tensors: dict, base_model) -> None:
+def _check_prompt(name: str, spec: AdapterSpec, tensors: dict, base_model) -> None:
     """The saved virtual tokens must fit the base: [V, hidden] (prompt, P-tuning) or, for a prefix,
     [V, layers * 2 * kv_heads * head_dim] (a key and a value per layer)."""
     cfg = base_model.config
     table = tensors.get("prompt_embeddings")
     if table is None or table.dim() != 2:
-        raise AdapterError(f"adapter {name!r}: no prompt_embeddings table in adapter_model.safetensors", status=422)
+        raise AdapterError(f"adapter {name!r}: no prompt_embeddings table in {ADAPTER_WEIGHTS}", status=422)
     width = cfg.hidden_size
-    if str(config.get("peft_type", "")).upper() == "PREFIX_TUNING":
+    if spec.kind == "prefix":
         layers, kv_heads, head_dim = kv_layout(cfg)
         width = layers * 2 * kv_heads * head_dim
     if table.shape[1] != width:
@@ -181,19 +186,10 @@ def _check_prompt(name: str, config: dict, tensors: dict, base_model) -> None:
                            f"(expected {width}); it was trained on another model", status=422)
 
 
-def kv_layout(config) -> tuple[int, int, int]:
-    """(layers, key/value heads, head size) of a transformer config: the shape of a prefix's keys and values."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return config.num_hidden_layers, kv_heads, head_dim
-
-
-def _inspect_pir(name: str, folder: Path, base_model) -> AdapterInfo:
-    from pipeline.methods.pir import WEIGHTS_FILE
-
-    if not (folder / WEIGHTS_FILE).is_file():
-        raise AdapterError(f"adapter {name!r}: sparse delta without {WEIGHTS_FILE}", status=422)
-    tensors = _read_tensors(name, folder / WEIGHTS_FILE)
+def _inspect_pir(name: str, folder: Path, base_model, spec: AdapterSpec) -> AdapterInfo:
+    if not (folder / SPARSE_DELTA_WEIGHTS).is_file():
+        raise AdapterError(f"adapter {name!r}: sparse delta without {SPARSE_DELTA_WEIGHTS}", status=422)
+    tensors = _read_tensors(name, folder / SPARSE_DELTA_WEIGHTS)
     for key, t in tensors.items():
         if key.endswith(".indices"):
             module = _base_module(name, base_model, key.rsplit(".", 1)[0])
@@ -201,4 +197,4 @@ def _inspect_pir(name: str, folder: Path, base_model) -> AdapterInfo:
             if t.numel() and (int(t.min()) < 0 or int(t.max()) >= numel):
                 raise AdapterError(f"adapter {name!r}: sparse delta indices of {key.rsplit('.', 1)[0]} fall outside "
                                    "its weight; it was trained on another model", status=422)
-    return AdapterInfo(name, folder, "pir", None)
+    return AdapterInfo(name, folder, "pir", None, spec=spec)

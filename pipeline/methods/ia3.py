@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pipeline.methods import Method, register
+from pipeline.methods.registry import Method, register
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

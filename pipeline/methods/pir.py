@@ -31,7 +31,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.methods import Method, register
+from pipeline.adapter_spec import (
+    SPARSE_DELTA_CONFIG,
+    SPARSE_DELTA_FORMAT,
+    SPARSE_DELTA_WEIGHTS,
+    spec_from_files,
+)
+from pipeline.methods.registry import Method, register
 
 if TYPE_CHECKING:
     import torch
@@ -40,10 +46,6 @@ if TYPE_CHECKING:
     from pipeline.config import Config
 
 log = logging.getLogger(__name__)
-
-CONFIG_FILE = "sparse_delta_config.json"
-WEIGHTS_FILE = "sparse_delta.safetensors"
-FORMAT = "edgetune-sparse-delta"
 
 
 def _delta_linear_class():
@@ -275,18 +277,14 @@ def save_sparse_delta(model: PreTrainedModel, out: Path) -> None:
         numel = layer.base_layer.weight.numel()
         tensors[f"{name}.indices"] = layer.indices.to(torch.int32 if numel < 2**31 else torch.int64).contiguous()
         tensors[f"{name}.values"] = layer.values.detach().float().contiguous()
-    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": FORMAT, "version": "1"})
+    save_file(tensors, str(out / SPARSE_DELTA_WEIGHTS), metadata={"format": SPARSE_DELTA_FORMAT, "version": "1"})
     info = dict(getattr(model, "pir_info", {}))
     shapes = info.pop("shapes", {n: list(m.base_layer.weight.shape) for n, m in layers.items()})
-    config = {"format": FORMAT, "version": 1, "method": "pir", "base_model_name_or_path": model.name_or_path,
+    config = {"format": SPARSE_DELTA_FORMAT, "version": 1, "method": "pir", "base_model_name_or_path": model.name_or_path,
               **info, "selected_share": info.get("selected", 0) / max(info.get("eligible", 1), 1),
               "modules": {n: {"shape": shapes[n], "selected": int(layers[n].indices.numel()) if n in layers else 0}
                           for n in shapes}}
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-
-
-def is_sparse_delta(folder: Path) -> bool:
-    return (Path(folder) / CONFIG_FILE).is_file()
+    (out / SPARSE_DELTA_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 
 def load_sparse_delta(model: PreTrainedModel, folder: Path) -> PreTrainedModel:
@@ -295,11 +293,10 @@ def load_sparse_delta(model: PreTrainedModel, folder: Path) -> PreTrainedModel:
 
     from pipeline.errors import EdgetuneError
 
-    config = json.loads((Path(folder) / CONFIG_FILE).read_text())
-    if config.get("format") != FORMAT:
-        raise EdgetuneError(f"{folder}: {CONFIG_FILE} is not an {FORMAT} config")
+    if spec_from_files(folder).kind != "pir":  # raises AdapterSpecError for a malformed sparse-delta config
+        raise EdgetuneError(f"{folder}: no {SPARSE_DELTA_CONFIG}; it is not a sparse delta")
     selection, values = {}, {}
-    with safe_open(str(Path(folder) / WEIGHTS_FILE), framework="pt") as f:
+    with safe_open(str(Path(folder) / SPARSE_DELTA_WEIGHTS), framework="pt") as f:
         for name in {k.rsplit(".", 1)[0] for k in f.keys()}:
             try:
                 layer = model.get_submodule(name)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pipeline.methods import Method, TrainingPlan, register
+from pipeline.methods.registry import Method, TrainingPlan, register
 
 if TYPE_CHECKING:
     import torch

@@ -93,3 +93,25 @@ def test_a_folder_that_is_not_an_adapter_is_refused(tmp_path: Path, base) -> Non
     (tmp_path / "empty").mkdir()
     with pytest.raises(AdapterError, match="not an adapter"):
         inspect_adapter("empty", tmp_path / "empty", base, max_rank=8)
+
+
+def test_a_malformed_config_is_a_422_naming_the_file_not_the_server_path(tiny_model_dir: Path, tmp_path: Path,
+                                                                        base) -> None:
+    import json
+
+    folder = _save_lora(tiny_model_dir, tmp_path / "bad")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "r": "abc"}))
+    with pytest.raises(AdapterError, match="bad/adapter_config.json: r must be a positive integer") as err:
+        inspect_adapter("bad", folder, base, max_rank=8)
+    assert err.value.status == 422 and str(tmp_path) not in str(err.value)
+
+
+def test_a_manifest_in_an_uploaded_folder_is_not_trusted(tiny_model_dir: Path, tmp_path: Path, base) -> None:
+    """The server describes what PEFT will load (the folder's files), not what a manifest claims."""
+    import json
+
+    folder = _save_lora(tiny_model_dir, tmp_path / "liar", r=16)
+    (folder / "manifest.json").write_text(json.dumps({"adapter": {"kind": "lora", "peft_type": "LORA", "rank": 4}}))
+    with pytest.raises(AdapterError, match="rank 16 exceeds the server's max_rank 8"):
+        inspect_adapter("liar", folder, base, max_rank=8)

@@ -14,7 +14,8 @@ from pipeline.data import collate_for_training, encode_all, load_examples
 from pipeline.methods import METHODS, get_method
 from pipeline.methods.pir import delta_layers, target_linears
 from pipeline.models import load_model, load_tokenizer
-from pipeline.tune import load_base_for_training, load_tuned, merge_tuned
+from pipeline.tune import load_base_for_training
+from pipeline.tuned import load_tuned, merge_tuned
 
 
 def _train_two_steps(model, tokenizer, out: Path, prompt_learning: bool) -> None:

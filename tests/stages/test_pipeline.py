@@ -25,13 +25,16 @@ def cli(*args: str, sets: list[str] = ()) -> int:
 
 @pytest.fixture(scope="module")
 def user_task(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A user's own task: JSONL train and CSV test, named only in the config."""
+    """A user's own task: JSONL train and CSV test, named only in the config.
+
+    Its one-token answer is one the random tiny model learns within the run's 4 steps, so the
+    scores the report compares are real answers, not every artifact's 0.0."""
     folder = tmp_path_factory.mktemp("user-task")
     train = folder / "train.jsonl"
-    train.write_text("".join(json.dumps({"prompt": f"Echo {w}", "completion": w}) + "\n"
+    train.write_text("".join(json.dumps({"prompt": f"Describe {w}", "completion": "great"}) + "\n"
                              for w in ["red", "green", "blue", "cyan"] * 4))
     test = folder / "test.csv"
-    test.write_text("prompt,completion\nEcho red,red\nEcho blue,blue\n")
+    test.write_text("prompt,completion\nDescribe red,great\nDescribe blue,great\n")
     return train, test
 
 
@@ -41,7 +44,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, use
     train, test = user_task
     sets = [f"base={tiny_model_dir}", f"out_dir={out}",
             f"tasks=[{{name: sentiment, train: data/tasks/sentiment/train.jsonl, test: data/tasks/sentiment/test.jsonl,"
-            f" max_new_tokens: 4}}, {{name: echo, train: '{train}', test: '{test}', max_new_tokens: 3}}]"]
+            f" max_new_tokens: 4}}, {{name: praise, train: '{train}', test: '{test}', max_new_tokens: 1}}]"]
     assert cli("pipeline", "--config", "configs/tiny.yaml", sets=sets) == 0
     return sets, out / "tiny"
 
@@ -51,11 +54,16 @@ def test_every_stage_writes_its_artifact_with_a_manifest(tiny_run) -> None:
     from transformers import AutoModelForCausalLM
 
     _, run = tiny_run
-    for task in ("sentiment", "echo"):
+    for task in ("sentiment", "praise"):
         adapter = run / "adapters" / task
         assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
         manifest = json.loads((adapter / "manifest.json").read_text())
         assert manifest["metrics"]["steps"] == 4 and manifest["method"] == "lora"
+        spec = manifest["adapter"]  # the AdapterSpec every later stage reads
+        assert spec["kind"] == "lora" and spec["rank"] == 4 and spec["alpha"] == 8 and len(spec["targets"]) == 14
+        record = json.loads((run / "export" / "records" / f"{task}.json").read_text())
+        assert record["skipped"] == {} and record["tune_fingerprint"] == manifest["fingerprint"]
+        assert set(record["exported"]) == {"safetensors", "onnx", "onnx-int8", "onnx-int4", "edge"}
         train_file = Path(manifest["inputs"]["train"]["path"])
         assert manifest["inputs"]["train"]["sha256"] == sha256_file(train_file)
         assert manifest["versions"]["torch"] and manifest["config_hash"]
@@ -67,7 +75,7 @@ def test_every_stage_writes_its_artifact_with_a_manifest(tiny_run) -> None:
         assert nf4["kind"] == "unmerged" and (run / "quantized" / f"{task}-nf4" / "adapter_model.safetensors").is_file()
     base_nf4 = json.loads((run / "quantized" / "base-nf4" / "config.json").read_text())
     assert base_nf4["quantization_config"]["load_in_4bit"]  # one quantized base shared by every task
-    for task in ("sentiment", "echo"):
+    for task in ("sentiment", "praise"):
         assert (run / "export" / "onnx" / task / "model.onnx").is_file()
         onnx_manifest = json.loads((run / "export" / "onnx" / task / "manifest.json").read_text())
         fidelity = onnx_manifest["metrics"]
@@ -79,17 +87,17 @@ def test_every_stage_writes_its_artifact_with_a_manifest(tiny_run) -> None:
             assert (run / "export" / target / task / "tokenizer.json").is_file()
         fp16 = AutoModelForCausalLM.from_pretrained(run / "export" / "safetensors" / task, dtype="auto")
         assert fp16.dtype == torch.float16
-    base_dir = Path(json.loads((run / "report.json").read_text())["tasks"]["echo"]["artifacts"]["base"]["path"])
-    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), run / "adapters" / "echo")
+    base_dir = Path(json.loads((run / "report.json").read_text())["tasks"]["praise"]["artifacts"]["base"]["path"])
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), run / "adapters" / "praise")
     leftovers = [p for p in run.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
-    assert leftovers == [] and not (run / "checkpoints" / "echo").exists()
+    assert leftovers == [] and not (run / "checkpoints" / "praise").exists()
 
 
 def test_report_scores_every_artifact_and_equivalent_artifacts_agree(tiny_run) -> None:
     _, run = tiny_run
     report = json.loads((run / "report.json").read_text())
     assert report["schema_version"] == 1 and report["machine"]["cores"] >= 1
-    for task, rows in (("sentiment", 6), ("echo", 2)):
+    for task, rows in (("sentiment", 6), ("praise", 2)):
         entry = report["tasks"][task]
         assert entry["test_rows"] == rows and list(entry["artifacts"]) == ARTIFACTS
         for name, r in entry["artifacts"].items():
@@ -103,25 +111,31 @@ def test_report_scores_every_artifact_and_equivalent_artifacts_agree(tiny_run) -
         assert a["onnx"]["perplexity"] == pytest.approx(a["merged"]["perplexity"], rel=1e-4)
         assert a["adapter"]["size_bytes"] < a["merged"]["size_bytes"]
         assert a["merged"]["perplexity"] != a["base"]["perplexity"]  # the adapter changed the model
+    # ... and on praise it learned the task, so the agreement above is over answers that are right
+    praise = report["tasks"]["praise"]["artifacts"]
+    assert praise["adapter"]["exact_match"] == 1.0 > praise["base"]["exact_match"]
     assert (run / "plots" / "sentiment.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (run / "report.html").read_text()
-    assert "<img src='plots/echo.png'" in page and "onnx-int4" in page
+    assert "<img src='plots/praise.png'" in page and "onnx-int4" in page
     md = (run / "report.md").read_text()
     assert "| artifact | exact match | perplexity | size on disk | decode tok/s (batch 1) |" in md
-    assert "## echo (2 held-out rows)" in md
+    assert "## praise (2 held-out rows)" in md
 
 
 def test_rerun_is_a_noop_and_force_redoes(tiny_run, caplog) -> None:
     sets, run = tiny_run
     manifests = {p: p.read_text() for p in run.rglob("manifest.json")}
-    with caplog.at_level("INFO"):
-        assert cli("pipeline", "--config", "configs/tiny.yaml", "--task", "echo", sets=sets) == 0
+    tasks = json.loads((run / "report.json").read_text())["tasks"]
+    with caplog.at_level("INFO"):  # every task: a --task run would leave a report of that task alone
+        assert cli("pipeline", "--config", "configs/tiny.yaml", sets=sets) == 0
     assert {p: p.read_text() for p in run.rglob("manifest.json")} == manifests
-    assert "tune echo: up to date" in caplog.text and "evaluate echo/onnx: up to date" in caplog.text
-    merged = run / "merged" / "echo" / "manifest.json"
+    assert json.loads((run / "report.json").read_text())["tasks"] == tasks  # the cached scores, unchanged
+    assert "tune praise: up to date" in caplog.text and "evaluate praise/onnx: up to date" in caplog.text
+    assert "tune sentiment: up to date" in caplog.text
+    merged = run / "merged" / "praise" / "manifest.json"
     before = json.loads(merged.read_text())
     before_inode = merged.stat().st_ino
-    assert cli("merge", "--config", "configs/tiny.yaml", "--task", "echo", "--force", sets=sets) == 0
+    assert cli("merge", "--config", "configs/tiny.yaml", "--task", "praise", "--force", sets=sets) == 0
     after = json.loads(merged.read_text())
     assert merged.stat().st_ino != before_inode  # rewritten through a new folder
     assert after["fingerprint"] == before["fingerprint"] and after["outputs_sha256"] == before["outputs_sha256"]
@@ -202,6 +216,22 @@ def test_text_only_test_set_reports_perplexity_without_exact_match(tmp_path: Pat
     assert math.isfinite(result["perplexity"]) and result["perplexity"] > 1.0
 
 
+def test_a_too_strict_merge_gate_fails_the_merge_and_publishes_nothing(tmp_path: Path, tiny_model_dir: Path,
+                                                                       capsys) -> None:
+    sets = [f"base={tiny_model_dir}", f"out_dir={tmp_path}", "tune.max_steps=1"]
+    assert cli("tune", "--config", "configs/tiny.yaml", "--task", "sentiment", sets=sets) == 0
+    merged = tmp_path / "tiny" / "merged" / "sentiment"
+    assert cli("merge", "--config", "configs/tiny.yaml", "--task", "sentiment",
+               sets=[*sets, "merge.max_abs_logit_diff=1e-12", "merge.fidelity_prompts=2"]) == 2
+    err = capsys.readouterr().err
+    assert "merged logits differ from the adapter's" in err and "merge.max_abs_logit_diff=1e-12" in err
+    assert "not publishing" in err and not merged.exists()
+    assert cli("merge", "--config", "configs/tiny.yaml", "--task", "sentiment", sets=sets) == 0  # the default gate
+    manifest = json.loads((merged / "manifest.json").read_text())
+    assert 1e-12 < manifest["metrics"]["max_abs_logit_diff_vs_adapter"] < 1e-3
+    assert manifest["metrics"]["fidelity_prompts"] == 4  # merge.fidelity_prompts' default
+
+
 def test_merge_rejects_non_finite_adapter_weights(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -235,6 +265,11 @@ def test_unmergeable_and_sparse_methods_flow_through_every_stage(method: str, tm
         assert not (run / "merged" / "sentiment").exists() and not (run / "export" / "onnx" / "sentiment").exists()
         assert set(report["skipped"]) == {"merged", "onnx", "onnx-int8", "onnx-int4"}
         assert "cannot be merged" in report["skipped"]["onnx"] and "key/value prefix" in report["skipped"]["onnx"]
+        record = json.loads((run / "export" / "records" / "sentiment.json").read_text())
+        assert record["adapter_kind"] == "prompt" and record["skipped"]["onnx-int4"] == report["skipped"]["onnx-int4"]
+        assert set(record["exported"]) == {"safetensors", "edge"}
+        spec = json.loads((run / "adapters" / "sentiment" / "manifest.json").read_text())["adapter"]
+        assert spec["kind"] == "prompt" and spec["num_virtual_tokens"] == cfg.prompt.num_virtual_tokens
         assert set(report["artifacts"]) == {"base", "adapter", "int8", "nf4", "edge"}
         edge = json.loads((run / "export" / "edge" / "manifest.json").read_text())["adapters"]["sentiment"]
         assert edge["kind"] == "prefix" and (run / "export" / "edge" / edge["file"]).is_file()
@@ -284,7 +319,7 @@ def test_edge_bundle_runs_without_torch(tiny_run) -> None:
     _, run = tiny_run
     bundle = run / "export" / "edge"
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert set(manifest["adapters"]) == {"sentiment", "echo"}
+    assert set(manifest["adapters"]) == {"sentiment", "praise"}
     assert all(a["kind"] == "lora" and a["fidelity"]["rows"] >= 1 for a in manifest["adapters"].values())
     assert {"model.onnx", "tokenizer.json", "adapters/sentiment.onnx_adapter"} <= set(manifest["files"])
     prompt = "Review: the kettle is great. Label the sentiment."
@@ -308,12 +343,12 @@ from serve.settings import ServeSettings
 app = create_app(ServeSettings(backend="onnx", bundle={str(run / "export" / "edge")!r}))
 with TestClient(app) as client:
     models = {{m["id"]: m for m in client.get("/v1/models").json()["data"]}}
-    chat = client.post("/v1/chat/completions", json={{"model": "echo", "max_tokens": 3, "temperature": 0,
-                       "messages": [{{"role": "user", "content": "Echo red"}}]}})
+    chat = client.post("/v1/chat/completions", json={{"model": "praise", "max_tokens": 3, "temperature": 0,
+                       "messages": [{{"role": "user", "content": "Describe red"}}]}})
     missing = client.post("/v1/completions", json={{"model": "nope", "prompt": "hi"}})
-    unload = client.delete("/v1/adapters/echo")
-    again = client.post("/v1/chat/completions", json={{"model": "echo", "max_tokens": 3, "temperature": 0,
-                        "messages": [{{"role": "user", "content": "Echo red"}}]}})
+    unload = client.delete("/v1/adapters/praise")
+    again = client.post("/v1/chat/completions", json={{"model": "praise", "max_tokens": 3, "temperature": 0,
+                        "messages": [{{"role": "user", "content": "Describe red"}}]}})
 print(json.dumps({{"models": sorted(models), "kinds": sorted(m.get("kind", "") for m in models.values()),
                   "chat": chat.json(), "missing": missing.status_code, "unload": unload.json(),
                   "again": again.status_code,
@@ -321,7 +356,7 @@ print(json.dumps({{"models": sorted(models), "kinds": sorted(m.get("kind", "") f
 """)
     result = json.loads(out.strip().splitlines()[-1])
     base_name = json.loads((run / "export" / "edge" / "manifest.json").read_text())["base_name"]
-    assert set(result["models"]) == {"echo", "sentiment", base_name}
+    assert set(result["models"]) == {"praise", "sentiment", base_name}
     assert result["chat"]["choices"][0]["finish_reason"] in ("stop", "length")
     assert result["chat"]["usage"]["completion_tokens"] >= 1
     assert result["missing"] == 404 and result["unload"]["deleted"] is True
@@ -330,13 +365,16 @@ print(json.dumps({{"models": sorted(models), "kinds": sorted(m.get("kind", "") f
 
 
 def test_a_failed_fidelity_gate_publishes_nothing(tiny_run, capsys) -> None:
-    """Runs last in this module: it leaves the echo exports made under a stricter (failed) gate setting."""
+    """An export that fails its gate leaves the run as it was: every manifest and export record unchanged
+    (so this test changes nothing the others see, whatever order they run in)."""
     sets, run = tiny_run
-    published = run / "export" / "onnx-int8" / "echo" / "manifest.json"
-    before = published.read_text()
-    assert cli("export", "--config", "configs/tiny.yaml", "--task", "echo",
-               sets=[*sets, "export.gates.int8.min_top1_agreement=1.01"]) == 2
+    published = run / "export" / "onnx-int8" / "praise" / "manifest.json"
+    before = {p: p.read_text() for p in [*run.rglob("manifest.json"), *(run / "export" / "records").iterdir()]}
+    assert cli("export", "--config", "configs/tiny.yaml", "--task", "praise",
+               sets=[*sets, "export.targets=[onnx-int8]", "export.gates.int8.max_abs_logit_diff=1e-9"]) == 2
     err = capsys.readouterr().err
-    assert "int8 fidelity gate failed" in err and "min_top1_agreement" in err and "Nothing was published" in err
-    assert published.read_text() == before  # the earlier export is untouched
+    assert "int8 fidelity gate failed" in err and "max_abs_logit_diff" in err and "Nothing was published" in err
+    assert published in before
+    after = {p: p.read_text() for p in [*run.rglob("manifest.json"), *(run / "export" / "records").iterdir()]}
+    assert after == before  # the earlier exports and records are untouched
     assert not [p for p in (run / "export").rglob("*") if ".tmp-" in p.name]

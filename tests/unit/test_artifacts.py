@@ -44,3 +44,32 @@ def test_check_writable_under_a_file(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(EdgetuneError, match="not writable"):
         check_writable(blocker / "run")
+
+
+def test_export_record_is_read_back_and_refused_once_the_adapter_changed(tmp_path: Path) -> None:
+    """Evaluate reads why export skipped a target from export's record, never from a record of an older adapter."""
+    from pipeline.adapter_spec import MANIFEST_KEY, AdapterSpec
+    from pipeline.config import load_config
+    from pipeline.paths import adapter_dir, export_record
+    from pipeline.stage_outputs import export_skips, is_mergeable, write_export_record
+
+    cfg = load_config("configs/tiny.yaml", [f"out_dir={tmp_path}"])
+    task = cfg.task("sentiment")
+
+    def tune_output(fp: str) -> None:
+        with atomic_dir(adapter_dir(cfg, task)) as tmp:
+            write_manifest(tmp, stage="tune", fp=fp, inputs={}, config_hash="",
+                           extra={MANIFEST_KEY: AdapterSpec(kind="prefix", num_virtual_tokens=4).to_manifest()})
+
+    with pytest.raises(EdgetuneError, match="run `edgetune tune`"):
+        is_mergeable(cfg, task)
+    tune_output("first")
+    assert export_skips(cfg, task) == {} and not is_mergeable(cfg, task)  # export has not run yet
+    write_export_record(cfg, task, {"edge": "bundle"}, {"onnx": "virtual tokens"})
+    assert export_skips(cfg, task) == {"onnx": "virtual tokens"}
+    written = export_record(cfg, task).stat().st_mtime_ns
+    write_export_record(cfg, task, {"edge": "bundle"}, {"onnx": "virtual tokens"})
+    assert export_record(cfg, task).stat().st_mtime_ns == written  # unchanged: not rewritten
+    tune_output("second")  # retrained with other settings: the record no longer describes it
+    with pytest.raises(EdgetuneError, match="describes an earlier tune result"):
+        export_skips(cfg, task)

@@ -1,0 +1,52 @@
+"""Building a task's ONNX files, shared by the export stage and the edge bundle: the fp32 export of
+the merged model (the published one when it is current), its quantization, and what an ONNX
+export's fingerprint covers.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from pipeline.artifacts import fingerprint, is_fresh
+from pipeline.config import ONNX_PRECISIONS, Config, TaskConfig
+from pipeline.paths import export_dir, merged_dir
+
+log = logging.getLogger(__name__)
+
+
+def export_settings(cfg: Config, target: str) -> str:
+    """What an export target's output depends on besides its input folder."""
+    if target == "safetensors":
+        return cfg.export.safetensors_dtype
+    from exporters.onnx_quant import RECIPE
+
+    gates = cfg.section_hash("export")  # gates, block size, fidelity rows: any change re-checks
+    return f"{target}:{gates}" if ONNX_PRECISIONS[target] == "fp32" else f"{target}:{gates}:{RECIPE}"
+
+
+def fp32_onnx(cfg: Config, task: TaskConfig, scratch: Path) -> Path:
+    """The fp32 ONNX folder of ``task``'s merged model: the published ``onnx`` export when it is current,
+    else a fresh export into ``scratch`` (which the caller deletes)."""
+    from exporters.onnx import export_onnx_fp32
+
+    published = export_dir(cfg, task, "onnx")
+    fp, _ = fingerprint("export", {"merged": merged_dir(cfg, task)}, export_settings(cfg, "onnx"))
+    if is_fresh(published, fp):
+        return published
+    log.info("export %s: exporting the merged model to fp32 ONNX first", task.name)
+    return export_onnx_fp32(merged_dir(cfg, task), scratch)
+
+
+def quantize_onnx(cfg: Config, precision: str, src: Path, dst: Path) -> Path:
+    """``src`` (an fp32 ONNX file) at ``precision`` into ``dst`` (a file path)."""
+    from exporters.onnx_quant import quantize_int4, quantize_int8
+
+    if precision == "fp32":
+        shutil.copy2(src, dst)
+    elif precision == "int8":
+        quantize_int8(src, dst, accuracy_level=cfg.export.accuracy_level)
+    else:
+        quantize_int4(src, dst, block_size=cfg.export.int4_block_size, accuracy_level=cfg.export.accuracy_level)
+    return dst
