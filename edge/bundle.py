@@ -17,12 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge.runtime import Decoder, Prefix, Sampling
+from edge.generation import Sampling, TextStream, token_budget
+from edge.runtime import Decoder, Prefix
 
 MANIFEST = "manifest.json"
 FORMAT = "edgetune-edge/1"
@@ -158,22 +159,27 @@ class EdgeRunner:
     def encode_chat(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(self.bundle.render(prompt), add_special_tokens=False).ids
 
-    def stream_text(self, prompt_ids: list[int], max_tokens: int, *, adapter: str | None = None,
-                    sampling: Sampling | None = None) -> Iterator[str]:
-        """Yield decoded text pieces as tokens arrive (a piece ends only on whole characters)."""
+    def start(self, prompt_ids: list[int], max_tokens: int, *, adapter: str | None = None,
+              sampling: Sampling | None = None, stop: Sequence[str] = ()) -> tuple[Iterator[int], TextStream]:
+        """One generation, not run yet: its token ids (lazily, one forward each) and the :class:`TextStream`
+        that turns them into text and says when to stop. ``max_tokens`` is clipped to the context
+        (:func:`edge.generation.token_budget`, which raises ``ContextOverflow`` when the prompt fills it)."""
         decoder, lora, prefix = self.resolve(adapter)
-        budget = min(max_tokens, self.context_length - len(prompt_ids) - (prefix.length if prefix else 0))
-        if budget < 1:
-            raise BundleError(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.context_length}")
-        tokens: list[int] = []
-        sent = ""
-        for token in decoder.stream(prompt_ids, budget, adapter=lora, prefix=prefix, sampling=sampling,
-                                    stop_ids=self.stop_ids):
-            tokens.append(token)
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            if not text.endswith("\ufffd") and len(text) > len(sent):
-                yield text[len(sent):]
-                sent = text
+        budget = token_budget(len(prompt_ids), prefix.length if prefix else 0, max_tokens, self.context_length)
+        tokens = decoder.stream(prompt_ids, budget, adapter=lora, prefix=prefix, sampling=sampling)
+        return tokens, TextStream(self.tokenizer, max_tokens=budget, stop=stop, stop_ids=self.stop_ids)
+
+    def stream_text(self, prompt_ids: list[int], max_tokens: int, *, adapter: str | None = None,
+                    sampling: Sampling | None = None, stop: Sequence[str] = ()) -> Iterator[str]:
+        """Yield decoded text pieces as tokens arrive (a piece ends only on whole characters), up to a stop
+        token, a ``stop`` string (cut before it) or the token budget."""
+        tokens, text = self.start(prompt_ids, max_tokens, adapter=adapter, sampling=sampling, stop=stop)
+        for token in tokens:
+            piece = text.push(token)
+            if piece:
+                yield piece
+            if text.finish_reason is not None:
+                return
 
     def generate(self, prompt: str, *, adapter: str | None = None, max_tokens: int = 128,
                  sampling: Sampling | None = None, chat: bool = True) -> str:

@@ -38,13 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Execute the parsed command; user errors print one ``edgetune: error:`` line and return 2."""
     from edge.bundle import BundleError, EdgeRunner, load_bundle
-    from edge.runtime import Sampling
+    from edge.generation import Sampling
 
     try:
         if args.max_tokens < 1:
             raise BundleError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-        if args.temperature < 0 or not 0 < args.top_p <= 1:
-            raise BundleError("--temperature must be >= 0 and --top-p in (0, 1]")
+        sampling = Sampling(args.temperature, args.top_p, args.seed)  # checks --temperature and --top-p
         bundle = load_bundle(args.bundle, verify=args.verify)
         if args.list:
             for name, entry in sorted(bundle.adapters.items()):
@@ -55,7 +54,6 @@ def run(args: argparse.Namespace) -> int:
             raise BundleError("the prompt is empty: pass it as an argument or on stdin")
         runner = EdgeRunner(bundle, threads=args.threads)
         ids = runner.tokenizer.encode(prompt, add_special_tokens=False).ids if args.raw else runner.encode_chat(prompt)
-        sampling = Sampling(args.temperature, args.top_p, args.seed)
         for piece in runner.stream_text(ids, args.max_tokens, adapter=args.adapter, sampling=sampling):
             sys.stdout.write(piece)
             sys.stdout.flush()

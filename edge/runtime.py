@@ -1,5 +1,6 @@
 """Run an exported ONNX decoder with ONNX Runtime: greedy or sampled generation, over the bare base,
-a LoRA ``.onnx_adapter`` or a key/value prefix. Imports only numpy and onnxruntime.
+a LoRA ``.onnx_adapter`` or a key/value prefix. Imports only numpy, onnxruntime and the sampler of
+:mod:`edge.generation` (which adds tokenizers).
 
 The decoder is the optimum-onnx layout: inputs ``input_ids``, ``attention_mask``, ``position_ids``,
 ``past_key_values.<i>.key|value`` (and, for a multi-LoRA base, ``lora.*`` inputs); outputs
@@ -13,13 +14,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-__all__ = ["Decoder", "Prefix", "Sampling"]
+from edge.generation import Sampling
+
+__all__ = ["Decoder", "Prefix"]
 
 LORA_PREFIX = "lora."
 """Graph inputs that start with this are LoRA factors a ``.onnx_adapter`` overrides (see exporters.onnx_lora)."""
@@ -51,34 +54,6 @@ class Prefix:
         arrays = {f"key.{i}": k for i, k in enumerate(self.keys)}
         arrays.update({f"value.{i}": v for i, v in enumerate(self.values)})
         np.savez(path, **arrays)
-
-
-@dataclass
-class Sampling:
-    """How the next token is picked: greedy when ``temperature`` is 0."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    rng: np.random.Generator = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.rng = np.random.default_rng(self.seed)
-
-    def pick(self, logits: np.ndarray) -> int:
-        if self.temperature <= 0:
-            return int(logits.argmax())
-        z = logits.astype(np.float64) / self.temperature
-        probs = np.exp(z - z.max())
-        probs /= probs.sum()
-        if self.top_p < 1.0:
-            order = np.argsort(-probs)
-            sorted_probs = probs[order]
-            keep = np.cumsum(sorted_probs) - sorted_probs < self.top_p
-            probs = np.zeros_like(probs)
-            probs[order[keep]] = sorted_probs[keep]
-            probs /= probs.sum()
-        return int(self.rng.choice(len(probs), p=probs))
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:
@@ -205,9 +180,12 @@ class Decoder:
 
     # ---- generation --------------------------------------------------------------------------
     def stream(self, prompt_ids: Sequence[int], max_new_tokens: int, *, adapter: str | None = None,
-               prefix: Prefix | None = None, sampling: Sampling | None = None,
-               stop_ids: Sequence[int] = ()) -> Iterator[int]:
-        """Yield new token ids one at a time (batch 1); ends at a stop id (not yielded) or the limit."""
+               prefix: Prefix | None = None, sampling: Sampling | None = None) -> Iterator[int]:
+        """Yield up to ``max_new_tokens`` new token ids, one forward each (batch 1).
+
+        It never stops early: stop tokens, stop strings and the context budget are the caller's
+        :class:`edge.generation.TextStream` and :func:`edge.generation.token_budget` (see ``EdgeRunner.start``).
+        """
         if not prompt_ids:
             raise ValueError("the prompt is empty: give at least one token")
         sampling = sampling or Sampling()
@@ -216,12 +194,9 @@ class Decoder:
         ids = np.asarray([prompt_ids], dtype=np.int64)
         positions = np.arange(n, n + ids.shape[1], dtype=np.int64)[None]
         total = n + ids.shape[1]
-        stops = set(stop_ids)
         for _ in range(max_new_tokens):
             logits, past = self.forward(ids, np.ones((1, total), np.int64), positions, past, adapter)
             token = sampling.pick(logits[0, -1])
-            if token in stops:
-                return
             yield token
             ids = np.asarray([[token]], dtype=np.int64)
             positions = np.asarray([[total]], dtype=np.int64)
