@@ -19,13 +19,16 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serve.adapters import AdapterError, AdapterInfo, kv_layout
+from edge.generation import ContextOverflow, FinishReason, TextStream, token_budget
+from pipeline.adapter_spec import ADAPTER_WEIGHTS, SPARSE_DELTA_WEIGHTS, kv_layout
+from serve.adapters import AdapterError, AdapterInfo
+from serve.registry import AdapterRegistry
+from serve.sampling import TorchSampling
 from serve.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -49,12 +52,15 @@ class GenRequest:
     on_text: Callable[[str], None] = lambda text: None
     """Called from the worker with each new piece of text."""
     on_done: Callable[[str, int, str | None], None] = lambda reason, n, error: None
-    """Called once: finish reason (``stop``, ``length``, ``error``), generated token count, error message."""
+    """Called once: finish reason (a :class:`edge.generation.FinishReason`, a ``str``), generated token count,
+    error message."""
     deadline: float | None = None
     """``time.monotonic()`` after which the request is ended with reason ``timeout``."""
     # worker state
     tokens: list[int] = field(default_factory=list)
-    text: str = ""
+    """Generated tokens (the stop token excluded); once generation starts, the list its ``stream`` fills."""
+    stream: TextStream | None = None
+    """Its text, stop rules and token budget (made at its first token)."""
     internal: str = BASE
     """The PEFT LoRA adapter this row uses in a mixed batch (``__base__``: none)."""
     row_adapter: str | None = None
@@ -65,18 +71,18 @@ class GenRequest:
     prefix: bool = False
     finished: bool = False
     released: bool = False
-    generator: Any = None
+    sampler: TorchSampling | None = None
+    """Its sampler (made at its first token)."""
 
 
 @dataclass
 class LoadedAdapter:
+    """One loaded version of an adapter (the registry's handle); a replaced one lives on in ``retired``."""
+
     info: AdapterInfo
     internal: str
-    source: str
-    pinned: bool
-    loaded_at: float
+    """The PEFT LoRA adapter its rows use (``__base__``: none)."""
     in_flight: int = 0
-    retired: bool = False
     virtual: Any = None
     prefix: bool = False
     row_adapter: str | None = None
@@ -84,7 +90,9 @@ class LoadedAdapter:
 
 
 class Engine(Worker):
-    """Owns the model; ``submit`` generation requests, ``load``/``unload`` adapters (thread-safe)."""
+    """Owns the model; ``submit`` generation requests, ``load``/``unload`` adapters (thread-safe).
+
+    Satisfies :class:`serve.protocol.GenerationEngine`; adapters live in ``registry`` (LRU order)."""
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 16, max_queue: int = 64,
                  max_loaded_adapters: int = 8, context_length: int | None = None) -> None:
@@ -103,10 +111,9 @@ class Engine(Worker):
         self.max_batch_size = max_batch_size
         self.max_loaded_adapters = max_loaded_adapters
         self.context_length = context_length or getattr(model.config, "max_position_embeddings", 2048)
-        self.adapters: OrderedDict[str, LoadedAdapter] = OrderedDict()  # public name -> current version, LRU order
+        self.registry: AdapterRegistry[LoadedAdapter] = AdapterRegistry()
         self.retired: list[LoadedAdapter] = []
-        self.known_sources: dict[str, tuple[str, bool]] = {}  # evicted adapters come back from here
-        self.failed: dict[str, str] = {}
+        """Replaced, unloaded or evicted versions that running requests still use; freed when idle."""
         self.on_step: Callable[[int], None] = lambda batch_size: None
         """Called after every decode step with the number of rows it decoded (metrics)."""
         self.resolver: Callable[[str, str], AdapterInfo] | None = None
@@ -115,88 +122,73 @@ class Engine(Worker):
         self._cache = None
         self._mask = None
         self._counter = 0
-        self._start_worker(max_queue, "edgetune-engine")
+        self._start_worker(max_queue, "edgetune-engine", self._run)
 
     # ---- adapter management (worker thread, via run_command) --------------------------------
     def load(self, info: AdapterInfo, source: str, pinned: bool = False) -> LoadedAdapter:
-        """Load (or replace) adapter ``info.name``; evict LRU unpinned ones beyond capacity."""
+        """Load (or replace) adapter ``info.name``, registered READY; evict LRU unpinned ones beyond capacity."""
         if info.kind == "prompt":
             return self._load_virtual(info, source, pinned)
         self._counter += 1
         internal = f"a{self._counter}"
-        started = time.perf_counter()
         try:
             if info.kind in ("ia3", "pir"):
                 self._load_rowwise(info, internal)
             else:
                 self.model.load_adapter(str(info.path), adapter_name=internal)
-        except Exception as exc:  # a library error must not take the server down
-            self.failed[info.name] = str(exc)
+        except Exception as exc:  # a library error must not take the server down (the caller marks it failed)
             raise AdapterError(f"adapter {info.name!r} failed to load: {exc}", status=422) from None
         self.batched.refresh()
-        entry = LoadedAdapter(info, BASE if info.kind in ("ia3", "pir") else internal, source, pinned,
-                              time.perf_counter() - started,
+        entry = LoadedAdapter(info, BASE if info.kind in ("ia3", "pir") else internal,
                               row_adapter=internal if info.kind in ("ia3", "pir") else None)
-        old = self._register(info.name, entry, source, pinned)
+        old = self.registry.ready(info.name, entry, source, pinned, info.kind)
         if old is not None:
-            old.retired = True
-            self.retired.append(old)
-        self._collect_retired()
+            self._retire(old)
+        self._evict(keep=info.name)
         return entry
 
     def _load_rowwise(self, info: AdapterInfo, internal: str) -> None:
         """IA3 vectors or a PIR sparse delta, applied per row by hooks (see serve/rowwise.py)."""
-        import json
-
         from safetensors.torch import load_file
 
         if info.kind == "pir":
-            from pipeline.methods.pir import WEIGHTS_FILE
-
-            tensors = load_file(str(info.path / WEIGHTS_FILE))
+            tensors = load_file(str(info.path / SPARSE_DELTA_WEIGHTS))
             deltas = {k.rsplit(".", 1)[0]: (tensors[k].long(), tensors[k.rsplit(".", 1)[0] + ".values"])
                       for k in tensors if k.endswith(".indices")}
             self.rowwise.add(internal, "pir", deltas)
             return
-        config = json.loads((info.path / "adapter_config.json").read_text())
-        feedforward = config.get("feedforward_modules") or []
-        tensors = load_file(str(info.path / "adapter_model.safetensors"))
+        tensors = load_file(str(info.path / ADAPTER_WEIGHTS))
         vectors = {k.removeprefix("base_model.model.").split(".ia3_l")[0]: t for k, t in tensors.items() if ".ia3_l" in k}
-        self.rowwise.add(internal, "ia3", vectors, set([feedforward] if isinstance(feedforward, str) else feedforward))
+        self.rowwise.add(internal, "ia3", vectors, set(info.spec.feedforward_modules))
 
     def _load_virtual(self, info: AdapterInfo, source: str, pinned: bool) -> LoadedAdapter:
         """A prompt-learning adapter is data, not layers: its rows run as base rows whose prefill starts
         from the virtual tokens (embeddings prepended, or a key/value prefix as the initial cache)."""
         from safetensors.torch import load_file
 
-        started = time.perf_counter()
-        table = load_file(str(info.path / "adapter_model.safetensors"))["prompt_embeddings"].float()
-        entry = LoadedAdapter(info, BASE, source, pinned, time.perf_counter() - started, virtual=table,
-                              prefix=info.peft_type == "PREFIX_TUNING")
-        self._register(info.name, entry, source, pinned)  # running requests keep the table they started with
+        table = load_file(str(info.path / ADAPTER_WEIGHTS))["prompt_embeddings"].float()
+        entry = LoadedAdapter(info, BASE, virtual=table, prefix=info.spec.kind == "prefix")
+        self.registry.ready(info.name, entry, source, pinned, info.kind)  # running requests keep their table
+        self._evict(keep=info.name)
         return entry
 
     def unload(self, name: str) -> bool:
-        """Unload adapter ``name`` (idempotent: False when it was not loaded)."""
-        entry = self._forget(name)
+        """Unload adapter ``name``: it is unknown until loaded again (idempotent: False when it was not loaded)."""
+        entry = self.registry.forget(name)
         if entry is None:
             return False
-        entry.retired = True
-        self.retired.append(entry)
-        self._collect_retired()
+        self._retire(entry)
         return True
 
     def _evict(self, keep: str | None = None) -> None:
         """Unload least recently used unpinned, idle adapters beyond capacity (never ``keep``, just loaded)."""
-        while len(self.adapters) > self.max_loaded_adapters:
-            victim = next((n for n, a in self.adapters.items()
-                           if not a.pinned and a.in_flight == 0 and n != keep), None)
-            if victim is None:
-                return  # everything is pinned or busy: stay over capacity rather than break a request
-            entry = self.adapters.pop(victim)
-            entry.retired = True
-            self.retired.append(entry)
-            log.info("adapter %s evicted (least recently used); it reloads on its next request", victim)
+        for name, entry in self.registry.evict_beyond(self.max_loaded_adapters, keep, lambda a: a.in_flight == 0):
+            self._retire(entry)
+            log.info("adapter %s evicted (least recently used); it reloads on its next request", name)
+
+    def _retire(self, entry: LoadedAdapter) -> None:
+        """``entry`` takes no new requests; its weights go once its running requests have finished."""
+        self.retired.append(entry)
         self._collect_retired()
 
     def _collect_retired(self) -> None:
@@ -230,7 +222,7 @@ class Engine(Worker):
             except Exception as exc:  # never let one bad step kill the worker: fail the batch, go on
                 log.exception("decode step failed")
                 for r in self.active:
-                    self._finish(r, "error", str(exc))
+                    self._finish(r, FinishReason.ERROR, str(exc))
                 self.active, self._cache, self._mask = [], None, None
 
     def _admit(self) -> None:
@@ -241,19 +233,12 @@ class Engine(Worker):
                 return
             if request.cancelled:
                 continue
-            entry = self.adapters.get(request.adapter) if request.adapter else None
-            if request.adapter and entry is None and request.adapter in self.known_sources and self.resolver:
-                try:  # evicted earlier: reload it from the root, transparently
-                    source, pinned = self.known_sources[request.adapter]
-                    entry = self.load(self.resolver(request.adapter, source), source, pinned)
-                except AdapterError as exc:
-                    self._finish(request, "error", str(exc))
-                    continue
-            if request.adapter and entry is None:
-                self._finish(request, "error", f"adapter {request.adapter!r} is not loaded")
+            try:  # an evicted adapter reloads here, transparently
+                entry = self._checkout(request.adapter) if request.adapter else None
+            except AdapterError as exc:
+                self._finish(request, FinishReason.ERROR, str(exc))
                 continue
             if entry is not None:
-                self.adapters.move_to_end(request.adapter)  # most recently used
                 if entry.internal != BASE or entry.row_adapter:  # weights in the model: keep them while it runs
                     entry.in_flight += 1
                 request.internal, request.virtual, request.prefix = entry.internal, entry.virtual, entry.prefix
@@ -263,7 +248,7 @@ class Engine(Worker):
             except Exception as exc:
                 log.exception("prefill failed")
                 self._release(request)
-                self._finish(request, "error", str(exc))
+                self._finish(request, FinishReason.ERROR, str(exc))
 
     def _forward(self, input_ids, attention_mask, position_ids, cache, adapters: list[str],
                  row_adapters: list[str | None] | None = None, **inputs):
@@ -326,7 +311,7 @@ class Engine(Worker):
         if len(rows) != len(self.active):
             for r in self.active:
                 if r not in rows:
-                    self._finish(r, "timeout" if _expired(r) else "cancelled", None)
+                    self._finish(r, FinishReason.TIMEOUT if _expired(r) else FinishReason.CANCELLED)
             self._keep(rows)
             if not rows:
                 return
@@ -361,56 +346,48 @@ class Engine(Worker):
         self._cache, self._mask, self.active = cache, mask[:, first:], rows
 
     def _sample(self, request: GenRequest, logits) -> int:
-        import torch
-
-        if request.temperature <= 0:
-            return int(logits.argmax())
-        if request.generator is None:
-            request.generator = torch.Generator()
-            request.generator.manual_seed(request.seed if request.seed is not None else time.time_ns() % 2**63)
-        probs = torch.softmax(logits.float() / request.temperature, dim=-1)
-        if request.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            keep = sorted_probs.cumsum(0) - sorted_probs < request.top_p
-            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-        return int(torch.multinomial(probs, 1, generator=request.generator))
+        """The request's next token from its row of logits (see :class:`edge.generation.SamplingParams`)."""
+        if request.sampler is None:
+            request.sampler = TorchSampling(request.temperature, request.top_p, request.seed)
+        return request.sampler.pick(logits)
 
     def _emit(self, request: GenRequest, token: int) -> None:
-        eos = self.tokenizer.eos_token_id
-        if token == eos:
-            self._finish(request, "stop", None)
+        """Hand ``token`` to the request's :class:`TextStream`: send the text it completes, end the request
+        when the stream says so (end of sequence, a stop string, its token budget)."""
+        if request.finished:  # ended at its prefill, yet still a row of the step that drops it
             return
-        request.tokens.append(token)
-        text = self.tokenizer.decode(request.tokens, skip_special_tokens=True)
-        for stop in request.stop:
-            cut = text.find(stop)
-            if cut != -1:
-                if cut > len(request.text):
-                    request.on_text(text[len(request.text):cut])
-                request.text = text[:cut]
-                self._finish(request, "stop", None)
+        if request.stream is None:
+            n_virtual = 0 if request.virtual is None else request.virtual.shape[0]
+            try:
+                budget = token_budget(len(request.prompt_ids), n_virtual, request.max_tokens, self.context_length)
+            except ContextOverflow as exc:
+                self._finish(request, FinishReason.ERROR, str(exc))
                 return
-        if not text.endswith("\ufffd"):  # an incomplete UTF-8 character waits for its next token
-            if len(text) > len(request.text):
-                request.on_text(text[len(request.text):])
-            request.text = text
-        if len(request.tokens) >= request.max_tokens:
-            self._finish(request, "length", None)
-        elif len(request.prompt_ids) + len(request.tokens) >= self.context_length:
-            self._finish(request, "length", None)
+            request.stream = TextStream(self.tokenizer, max_tokens=budget, stop=request.stop,
+                                        stop_ids=[self.tokenizer.eos_token_id])
+            request.tokens = request.stream.tokens  # one list: the stream appends, the decode step reads
+        piece = request.stream.push(token)
+        if piece:
+            request.on_text(piece)
+        if request.stream.finish_reason is not None:
+            self._finish(request, request.stream.finish_reason)
 
-    def _finish(self, request: GenRequest, reason: str, error: str | None) -> None:
+    def _finish(self, request: GenRequest, reason: FinishReason, error: str | None = None) -> None:
+        """End ``request`` once: free its adapter, send any held-back text, report ``reason``."""
         if request.finished:
             return
         request.finished = True
         self._release(request)
+        rest = request.stream.flush() if request.stream is not None else ""
+        if rest:
+            request.on_text(rest)
         request.on_done(reason, len(request.tokens), error)
 
     def _release(self, request: GenRequest) -> None:
         if (request.internal == BASE and not request.row_adapter) or request.released:
             return
         request.released = True
-        for entry in [*self.adapters.values(), *self.retired]:
+        for entry in [*self.registry.handles(), *self.retired]:
             if (entry.row_adapter or entry.internal) == (request.row_adapter or request.internal):
                 entry.in_flight -= 1
         self._collect_retired()

@@ -1,7 +1,7 @@
 """The ONNX backend of the server: an edge bundle's base and adapters on ONNX Runtime, no PyTorch.
 
-It offers the torch engine's interface to :mod:`serve.app` (``submit``, ``load``, ``unload``,
-``adapters``, ``known_sources``...), so routes, auth, metrics and back-pressure are the same. One
+It satisfies the same :class:`serve.protocol.GenerationEngine` as the torch engine (``submit``, ``load``,
+``unload``, ``registry``...), so routes, auth, metrics and back-pressure are the same. One
 worker thread owns generation: it admits up to ``max_batch_size`` requests and advances each by
 one token in turn, so concurrent requests all stream (interleaved, batch-1 forwards: a LoRA
 adapter is a per-run setting in ONNX Runtime, so rows of different adapters cannot share a run).
@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge.generation import ContextOverflow, FinishReason, Sampling, TextStream
 from serve.adapters import AdapterError, AdapterInfo
+from serve.registry import AdapterRegistry
 from serve.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -27,20 +28,22 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Loaded:
+    """A loaded bundle adapter (the registry's handle)."""
+
     info: AdapterInfo
     source: str
-    pinned: bool
-    loaded_at: float
+    """Its name in the bundle (several public names may share one)."""
 
 
 @dataclass
 class _Running:
+    """A request being generated: its tokens (one forward per ``next``) and their text."""
+
     request: Any
     source: str | None
     """The bundle adapter it runs (None: the base): not released while this runs."""
     tokens: Iterator[int]
-    ids: list
-    text: str = ""
+    text: TextStream
 
 
 class BundleTokenizer:
@@ -52,6 +55,11 @@ class BundleTokenizer:
         template = runner.bundle.root / "chat_template.jinja"
         self.chat_template = template.read_text() if template.is_file() else None
         self.eos_token_id = runner.stop_ids[0] if runner.stop_ids else None
+
+    @property
+    def backend_tokenizer(self):
+        """The ``tokenizers.Tokenizer`` (as on a Hugging Face fast tokenizer): streaming decode uses it."""
+        return self.inner
 
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
         return {"input_ids": self.inner.encode(text, add_special_tokens=add_special_tokens).ids}
@@ -88,14 +96,13 @@ class OnnxEngine(Worker):
         self.max_batch_size = max_batch_size
         self.max_loaded_adapters = max_loaded_adapters
         self.context_length = runner.context_length
-        self.adapters: OrderedDict[str, _Loaded] = OrderedDict()
-        # every bundle adapter can be asked for by name: it loads on its first request
-        self.known_sources: dict[str, tuple[str, bool]] = {name: (name, False) for name in runner.adapter_names}
-        self.failed: dict[str, str] = {}
+        self.registry: AdapterRegistry[_Loaded] = AdapterRegistry()
+        for name in runner.adapter_names:  # every bundle adapter can be asked for by name: it loads on first use
+            self.registry.known(name, name, runner.bundle.adapters[name].kind)
         self.on_step: Callable[[int], None] = lambda batch_size: None
         self.resolver: Callable[[str, str], AdapterInfo] = self.inspect
         self.active: list[_Running] = []
-        self._start_worker(max_queue, "edgetune-onnx-engine")
+        self._start_worker(max_queue, "edgetune-onnx-engine", self._run)
 
     # ---- public API (any thread) -------------------------------------------------------------
     def inspect(self, name: str, source: str) -> AdapterInfo:
@@ -108,36 +115,36 @@ class OnnxEngine(Worker):
         return AdapterInfo(name, self.runner.bundle.root / entry.file, entry.kind, None)
 
     def load(self, info: AdapterInfo, source: str, pinned: bool = False) -> _Loaded:
-        """Load bundle adapter ``source`` under ``info.name`` (worker thread, via run_command)."""
+        """Load bundle adapter ``source`` under ``info.name``, registered READY (worker thread, via run_command)."""
         started = time.perf_counter()
         self.runner.resolve(source)  # loads the .onnx_adapter / prefix / merged model
-        entry = _Loaded(info, source, pinned, time.time())
-        self._register(info.name, entry, source, pinned)
+        entry = _Loaded(info, source)
+        old = self.registry.ready(info.name, entry, source, pinned, info.kind)
+        if old is not None and old.source != source:
+            self._release(old.source)
+        self._evict(keep=info.name)
         log.info("onnx engine: adapter %s (%s) ready in %.0f ms", info.name, info.kind,
                  1000 * (time.perf_counter() - started))
         return entry
 
     def unload(self, name: str) -> bool:
         """Unload ``name``; like the torch engine, it is then unknown until ``POST /v1/adapters`` loads it."""
-        entry = self._forget(name)
+        entry = self.registry.forget(name)
         if entry is None:
             return False
         self._release(entry.source)
         return True
 
     def _evict(self, keep: str | None = None) -> None:
+        """Release least recently used unpinned adapters no running request uses, beyond capacity."""
         busy = {r.source for r in self.active}
-        while len(self.adapters) > self.max_loaded_adapters:
-            victim = next((n for n, a in self.adapters.items()
-                           if not a.pinned and n != keep and a.source not in busy), None)
-            if victim is None:
-                return
-            self._release(self.adapters.pop(victim).source)
+        for _, entry in self.registry.evict_beyond(self.max_loaded_adapters, keep, lambda a: a.source not in busy):
+            self._release(entry.source)
 
     def _release(self, source: str) -> None:
         """Free a bundle adapter's memory unless a running request or another loaded name still uses it."""
         if not any(r.source == source for r in self.active) and \
-                not any(a.source == source for a in self.adapters.values()):
+                not any(a.source == source for a in self.registry.handles()):
             self.runner.release(source)
 
     # ---- the worker loop ---------------------------------------------------------------------
@@ -154,67 +161,53 @@ class OnnxEngine(Worker):
                 self._advance(running)
 
     def _admit(self) -> None:
-        from edge.runtime import Sampling
-
         while len(self.active) < self.max_batch_size and not self.pending.empty():
             request = self.pending.get_nowait()
             if request.cancelled:
                 continue
             try:
-                source = None
-                if request.adapter is not None:
-                    if request.adapter not in self.adapters:
-                        source, pinned = self.known_sources[request.adapter]
-                        self.load(self.inspect(request.adapter, source), source, pinned)
-                    self.adapters.move_to_end(request.adapter)
-                    source = self.adapters[request.adapter].source
-                decoder, lora, prefix = self.runner.resolve(source)
-                sampling = Sampling(request.temperature, request.top_p, request.seed)
-                tokens = decoder.stream(request.prompt_ids, request.max_tokens, adapter=lora, prefix=prefix,
-                                        sampling=sampling, stop_ids=self.runner.stop_ids)
-                self.active.append(_Running(request, source, tokens, []))
+                # an evicted adapter reloads here, transparently
+                source = self._checkout(request.adapter).source if request.adapter is not None else None
+                # the edge runtime's own start: the same context budget, stop rules and text as run-edge
+                tokens, text = self.runner.start(
+                    request.prompt_ids, request.max_tokens, adapter=source, stop=request.stop,
+                    sampling=Sampling(request.temperature, request.top_p, request.seed))
+                self.active.append(_Running(request, source, tokens, text))
+            except ContextOverflow as exc:  # the client's prompt, not a server fault: no traceback
+                request.on_done(FinishReason.ERROR, 0, str(exc))
             except Exception as exc:  # noqa: BLE001 - reported to the request, the server goes on
                 log.exception("onnx engine: request failed to start")
-                request.on_done("error", 0, str(exc))
+                request.on_done(FinishReason.ERROR, 0, str(exc))
 
     def _advance(self, running: _Running) -> None:
+        """Generate one token of ``running`` (or end it: cancelled, past its deadline, done, failed)."""
         request = running.request
         if request.cancelled:
-            self._finish(running, "stop", None)
+            self._finish(running, FinishReason.CANCELLED)
             return
         if request.deadline is not None and time.monotonic() > request.deadline:
-            self._finish(running, "timeout", None)
+            self._finish(running, FinishReason.TIMEOUT)
             return
         try:
-            token = next(running.tokens)
-        except StopIteration:  # a stop token, or the token budget
-            reason = "length" if len(running.ids) >= request.max_tokens else "stop"
-            self._finish(running, reason, None)
-            return
-        except Exception as exc:  # noqa: BLE001
+            piece = running.text.push(next(running.tokens))
+        except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
             log.exception("onnx engine: generation failed")
-            self._finish(running, "error", str(exc))
+            self._finish(running, FinishReason.ERROR, str(exc))
             return
-        running.ids.append(token)
-        text = self.tokenizer.decode(running.ids)
-        for stop in request.stop:
-            cut = text.find(stop)
-            if cut != -1:
-                if cut > len(running.text):
-                    request.on_text(text[len(running.text):cut])
-                self._finish(running, "stop", None)
-                return
-        if not text.endswith("\ufffd") and len(text) > len(running.text):
-            request.on_text(text[len(running.text):])
-            running.text = text
-        if len(running.ids) >= request.max_tokens:
-            self._finish(running, "length", None)
+        if piece:
+            request.on_text(piece)
+        if running.text.finish_reason is not None:
+            self._finish(running, running.text.finish_reason)
 
-    def _finish(self, running: _Running, reason: str, error: str | None) -> None:
+    def _finish(self, running: _Running, reason: FinishReason, error: str | None = None) -> None:
+        """End ``running``: send any held-back text, free its slot, report ``reason``."""
         self.active.remove(running)
         if running.source is not None:  # its adapter may have been unloaded or evicted while it ran
             self._release(running.source)
-        running.request.on_done(reason, len(running.ids), error)
+        rest = running.text.flush()
+        if rest:
+            running.request.on_text(rest)
+        running.request.on_done(reason, len(running.text.tokens), error)
 
 
 def start_onnx_engine(bundle_path: Path, settings) -> tuple[OnnxEngine, str]:

@@ -1,64 +1,47 @@
-"""The plumbing both generation engines share: a bounded request queue, a command queue, one worker thread.
+"""The plumbing both generation engines share: a bounded request queue, a command queue, one worker thread,
+and the adapter registry's on-demand reload.
 
 Requests wait in ``pending`` (bounded: a full queue is the server's 429). Commands (adapter loads,
 unloads) are functions the worker runs between steps, so the model never changes under a running
-forward. A subclass implements ``_run``, calling :meth:`_run_commands` between its steps.
+forward. An engine mixes :class:`Worker` in, starts it with its own loop (which calls
+:meth:`Worker._run_commands` between steps) and provides ``load`` (see :mod:`serve.protocol`).
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from serve.adapters import AdapterError, AdapterInfo
+from serve.registry import AdapterRegistry
+
+log = logging.getLogger(__name__)
+
 
 class Worker:
-    """Thread-safe front of an engine; the subclass owns the model and implements ``_run`` and ``_evict``.
-
-    It also keeps the adapter registry both engines expose to the app: ``adapters`` (name -> loaded
-    entry, least recently used first), ``known_sources`` (name -> (source, pinned): what may be
-    loaded on demand) and ``failed`` (name -> why its last load failed).
-    """
+    """Thread-safe front of an engine: queues, the worker thread, and the adapter lookup for admission."""
 
     active: list
-    adapters: OrderedDict
-    known_sources: dict[str, tuple[str, bool]]
-    failed: dict[str, str]
+    """The engine's running requests (the drain waits for them)."""
+    registry: AdapterRegistry
+    resolver: Callable[[str, str], AdapterInfo] | None
+    """(name, source) -> validated AdapterInfo: lets the worker reload an evicted adapter on demand."""
+    load: Callable[..., Any]
+    """The engine's ``load(info, source, pinned)`` (worker thread): the loaded version, registered READY."""
 
-    def _evict(self, keep: str | None = None) -> None:  # pragma: no cover - every engine overrides it
-        raise NotImplementedError
-
-    def _register(self, name: str, entry: Any, source: str, pinned: bool) -> Any:
-        """Make ``entry`` adapter ``name``'s current version (most recently used), then evict beyond capacity.
-
-        Returns the entry it replaced, if any (the caller retires it)."""
-        old = self.adapters.pop(name, None)
-        self.adapters[name] = entry
-        self.known_sources[name] = (source, pinned)
-        self.failed.pop(name, None)
-        self._evict(keep=name)
-        return old
-
-    def _forget(self, name: str) -> Any:
-        """Drop ``name`` from the registry (it is unknown until loaded again); return its entry or None."""
-        self.known_sources.pop(name, None)
-        self.failed.pop(name, None)
-        return self.adapters.pop(name, None)
-
-    def _start_worker(self, max_queue: int, name: str) -> None:
+    def _start_worker(self, max_queue: int, name: str, loop: Callable[[], None]) -> None:
+        """Start the worker thread running ``loop`` (the engine's; it returns once ``_stop`` is set)."""
         self.pending: queue.Queue = queue.Queue(maxsize=max_queue)
         self.commands: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread = threading.Thread(target=loop, name=name, daemon=True)
         self.thread.start()
-
-    def _run(self) -> None:  # pragma: no cover - every engine overrides it
-        raise NotImplementedError
 
     def submit(self, request) -> None:
         """Queue ``request``; raises ``queue.Full`` when the bounded queue is full (answer 429)."""
@@ -94,3 +77,25 @@ class Worker:
                 future.set_result(fn())
             except Exception as exc:  # delivered to the caller
                 future.set_exception(exc)
+
+    def _checkout(self, name: str) -> Any:
+        """The loaded version of adapter ``name`` for a request being admitted (worker thread), marked most
+        recently used. An evicted (or failed) adapter with a known source is reloaded from it first.
+
+        Raises AdapterError when ``name`` is not servable or its reload fails (then it is failed(reason))."""
+        handle = self.registry.handle(name)
+        if handle is None:
+            entry = self.registry.get(name)
+            if entry is None or entry.source is None or self.resolver is None:
+                raise AdapterError(f"adapter {name!r} is not loaded", status=404)
+            self.registry.loading(name)
+            try:  # evicted earlier: reload it from its source, transparently
+                handle = self.load(self.resolver(name, entry.source), entry.source, entry.pinned)
+            except Exception as exc:  # noqa: BLE001 - the request fails, the worker goes on
+                self.registry.fail(name, str(exc))
+                if isinstance(exc, AdapterError):
+                    raise
+                log.exception("reloading adapter %s failed", name)
+                raise AdapterError(f"adapter {name!r} failed to reload: {exc}", status=500) from exc
+        self.registry.touch(name)
+        return handle

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from edge.generation import FinishReason
 from pipeline.models import load_model, load_tokenizer
 from serve.adapters import inspect_adapter
 from serve.engine import Engine, GenRequest
+from tests.serve.requests import run_request
 
 
 def _prompt_adapter(base: Path, out: Path, kind: str) -> None:
@@ -70,7 +72,7 @@ def _build(kind: str, base: Path, out: Path) -> None:
 def test_every_adapter_kind_matches_its_model_alone(kind: str, tiny_model_dir: Path, tmp_path: Path) -> None:
     """Soft prompts and prefixes (virtual tokens at prefill) and IA3/PIR (per-row hooks) give the first logits
     and greedy tokens of the adapter's own model run alone, also beside a base row in one batch."""
-    from pipeline.tune import load_tuned
+    from pipeline.tuned import load_tuned
 
     _build(kind, tiny_model_dir, tmp_path / kind)
     tokenizer = load_tokenizer(tiny_model_dir)
@@ -127,11 +129,13 @@ def test_quantized_base_serves_every_adapter_kind_and_evicts_lru(quantize: str, 
         for kind in ("lora", "prefix", "ia3", "pir"):
             info: AdapterInfo = engine.resolver(kind, kind)
             engine.run_command(lambda info=info: engine.load(info, info.name))
-        assert list(engine.adapters) == ["ia3", "pir"]  # lora, prefix evicted (least recently used)
+        assert engine.registry.loaded() == ["ia3", "pir"]  # lora, prefix evicted (least recently used)
+        assert {e.name: e.state for e in engine.registry.snapshot()} == {
+            "lora": "evicted", "prefix": "evicted", "ia3": "ready", "pir": "ready"}
         jobs = [_generate(engine, tokenizer, a, "Review: great mug", 4) for a in ("lora", "prefix", "ia3", "pir", None)]
         assert all(done.wait(60) for _, done in jobs)
         assert [r.reason[1] for r, _ in jobs] == [None] * 5  # every kind decoded, none failed
-        assert "lora" in engine.known_sources and len(engine.adapters) >= 2
+        assert engine.registry.servable("lora") and len(engine.registry.loaded()) >= 2
     finally:
         engine.shutdown(1)
 
@@ -171,5 +175,62 @@ def test_a_replaced_adapter_finishes_running_requests_on_the_old_version(tiny_mo
         assert done.wait(30) and after_done.wait(30)
         assert running.tokens == expected["v1"] and after.tokens == expected["v2"]
         assert len(engine.retired) == 0  # the old version was freed when its last request ended
+    finally:
+        engine.shutdown(1)
+
+
+# ---- the generation tail on the torch engine (shared with the ONNX engine and the edge runtime) ---------
+@pytest.fixture(scope="module")
+def plain_engine(tiny_model_dir: Path):
+    """The bare tiny base (its greedy answers never reach EOS within these budgets) and its tokenizer."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    engine = Engine(load_model(tiny_model_dir), tokenizer, max_batch_size=4)
+    yield engine, tokenizer
+    engine.shutdown(1)
+
+
+def _run(engine: Engine, tokenizer, prompt: str, max_tokens: int, **kwargs) -> dict:
+    """One request for ``prompt`` (plain text) on ``engine``; see :func:`tests.serve.requests.run_request`."""
+    return run_request(engine, tokenizer(prompt, add_special_tokens=False)["input_ids"], max_tokens, wait_s=60,
+                       **kwargs)
+
+
+def test_stop_strings_and_finish_reasons(plain_engine) -> None:
+    engine, tokenizer = plain_engine
+    full = _run(engine, tokenizer, "the order shipped", 24)
+    assert (full["reason"], full["n"]) == ("length", 24)
+    assert full["text"] == tokenizer.decode(full["tokens"], skip_special_tokens=True)
+    stop = "dU"  # spans two tokens ("d" then "U"): the "d" waits, and never goes out
+    assert stop in full["text"] and not any(stop in tokenizer.decode([t]) for t in full["tokens"]), full["text"]
+    cut = _run(engine, tokenizer, "the order shipped", 24, stop=["never", stop])
+    assert cut["reason"] == FinishReason.STOP and cut["text"] == full["text"][:full["text"].index(stop)]
+    assert cut["tokens"] == full["tokens"][:cut["n"]] and cut["n"] < 24
+    late = _run(engine, tokenizer, "the order shipped", 24, deadline=time.monotonic() - 1)
+    assert late["reason"] == FinishReason.TIMEOUT and late["n"] <= 1  # its prefill token, then the deadline
+    gone = _run(engine, tokenizer, "the order shipped", 24, cancel_on_text=True)
+    assert gone["reason"] == FinishReason.CANCELLED and len(gone["pieces"]) == 1 and gone["n"] < 24
+
+
+def test_sampling_seeds_and_nucleus(plain_engine) -> None:
+    engine, tokenizer = plain_engine
+    greedy = _run(engine, tokenizer, "Review: great mug", 12)["tokens"]
+    seeded = [_run(engine, tokenizer, "Review: great mug", 12, temperature=1.0, top_p=0.95, seed=seed)["tokens"]
+              for seed in (4, 4, 9)]
+    assert seeded[0] == seeded[1] != greedy and seeded[2] != seeded[0]
+    # a tiny nucleus holds the most probable token alone: sampling then gives the greedy answer
+    assert _run(engine, tokenizer, "Review: great mug", 12, temperature=1.5, top_p=1e-6, seed=1)["tokens"] == greedy
+
+
+def test_the_context_budget_ends_generation(tiny_model_dir: Path) -> None:
+    tokenizer = load_tokenizer(tiny_model_dir)
+    engine = Engine(load_model(tiny_model_dir), tokenizer, max_batch_size=2, context_length=20)
+    prompt = "the order shipped to Oslo in may"
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    try:
+        assert n_prompt < 20
+        clipped = _run(engine, tokenizer, prompt, 30)
+        assert (clipped["reason"], clipped["n"]) == ("length", 20 - n_prompt)
+        too_long = _run(engine, tokenizer, prompt + " and the review was great today", 5)
+        assert too_long["reason"] == FinishReason.ERROR and "the context holds 20" in too_long["error"]
     finally:
         engine.shutdown(1)

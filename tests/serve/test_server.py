@@ -1,15 +1,19 @@
-"""A real uvicorn process on the tiny model, driven over HTTP and with the official ``openai`` client."""
+"""A real uvicorn process on the tiny model, driven over HTTP and with the official ``openai`` client; the
+app in-process (``TestClient``) where a test must hold the engine's worker to make timing deterministic."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -78,6 +82,48 @@ def server(tiny_model_dir: Path, root: Path):
 def _complete(url: str, model: str, prompt: str, max_tokens: int = 8, **extra) -> httpx.Response:
     return httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": max_tokens,
                                                      "temperature": 0, **extra}, timeout=60)
+
+
+@contextlib.contextmanager
+def _in_process(base: Path, root: Path, **settings) -> Iterator[tuple]:
+    """The app in this process on the tiny model: (TestClient, its engine)."""
+    from fastapi.testclient import TestClient
+
+    from pipeline.models import load_tokenizer
+    from serve.app import create_app
+    from serve.settings import ServeSettings
+
+    config = ServeSettings.from_sources({"base": str(base), "adapters": str(root), "max_rank": 8, **settings}, env={})
+    app = create_app(config, model=load_model(base), tokenizer=load_tokenizer(base))
+    with TestClient(app) as client:
+        yield client, app.state.edgetune.engine
+
+
+@contextlib.contextmanager
+def _worker_held(engine) -> Iterator[None]:
+    """Hold the engine's worker in a command: nothing is admitted, loaded or decoded until the block ends."""
+    inside, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        inside.set()
+        release.wait(60)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        held = pool.submit(engine.run_command, hold)
+        assert inside.wait(30)
+        try:
+            yield
+        finally:
+            release.set()
+            held.result(timeout=30)
+
+
+def _until(condition, timeout: float = 30.0) -> None:
+    """Wait for ``condition()`` to hold (polling); fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
 
 
 def _base_id(url: str) -> str:
@@ -181,8 +227,9 @@ def test_bad_adapters_are_refused_while_serving_continues(case: str, server: Ser
     expected = {"pickle": "pickle", "traversal": "adapter root", "rank": "max_rank", "shape": "does not fit"}[case]
     assert expected in r.json()["error"]["message"]
     assert _complete(server.url, "alpha", "still serving", 4).status_code == 200
-    states = {m["id"]: m["state"] for m in httpx.get(f"{server.url}/v1/models").json()["data"]}
-    assert states[name] == "failed"  # the refusal and its reason are visible to operators
+    cards = {m["id"]: m for m in httpx.get(f"{server.url}/v1/models").json()["data"]}
+    # the refusal and its reason are visible to operators
+    assert cards[name]["state"] == "failed" and cards[name]["reason"] == r.json()["error"]["message"]
     shutil.rmtree(root / source, ignore_errors=True)
 
 
@@ -208,6 +255,8 @@ def test_bad_requests_get_openai_style_4xx(server: Server) -> None:
 
 def test_metrics_health_and_ready(server: Server) -> None:
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{server.url}/ready").json() == {"status": "ready", "base": _base_id(server.url)}
+    assert _complete(server.url, "alpha", "Review: great mug", 8).json()["choices"][0]["text"]  # timed and counted
     text = httpx.get(f"{server.url}/metrics").text
     for name in ("edgetune_requests_total", "edgetune_request_latency_seconds_bucket",
                  "edgetune_time_to_first_token_seconds_bucket", "edgetune_generated_tokens_total",
@@ -252,32 +301,112 @@ def test_settings_come_from_flags_or_environment() -> None:
         ServeSettings.from_sources({"quantize": "fp8"}, env={})
     with pytest.raises(ConfigError, match="max_queue"):
         ServeSettings.from_sources({}, env={"EDGETUNE_SERVE_MAX_QUEUE": "0"})
-    assert json.dumps(ServeSettings().__dict__, default=str)
+    typed = ServeSettings.from_sources({}, env={"EDGETUNE_SERVE_REQUEST_TIMEOUT_S": "2.5",
+                                                "EDGETUNE_SERVE_PRELOAD": "false"})
+    assert (typed.request_timeout_s, typed.preload) == (2.5, False)  # text from the environment, typed
+    with pytest.raises(ConfigError, match="preload"):
+        ServeSettings.from_sources({}, env={"EDGETUNE_SERVE_PRELOAD": "perhaps"})
 
 
-def test_timeout_is_a_504_and_sigterm_drains_running_requests(tiny_model_dir: Path, root: Path) -> None:
-    srv = Server(tiny_model_dir, root, "--request-timeout-s", "0.3", "--max-rank", "8")
-    try:
-        slow = _complete(srv.url, "alpha", "go", max_tokens=200)
-        assert slow.status_code == 504 and "timed out" in slow.json()["error"]["message"]
-    finally:
-        srv.stop()
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_past_its_deadline_is_a_504_or_a_final_stream_error(stream: bool, tiny_model_dir: Path,
+                                                                      root: Path) -> None:
+    timeout = 0.05
+    with _in_process(tiny_model_dir, root, request_timeout_s=timeout, preload=False) as (client, engine):
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            with _worker_held(engine):  # the request waits in the queue while its deadline passes
+                sent = pool.submit(client.post, "/v1/completions", json={
+                    "model": tiny_model_dir.name, "prompt": "go", "max_tokens": 50, "temperature": 0, "stream": stream})
+                _until(lambda: engine.queue_depth() == 1)  # queued: its deadline was set before now
+                time.sleep(timeout)  # so it has passed now, whatever the machine's speed
+            response = sent.result(timeout=60)
+    if not stream:
+        assert response.status_code == 504, response.text
+        assert response.json()["error"] == {"message": f"request timed out after {timeout:g} s",
+                                            "type": "server_error", "param": None, "code": None}
+        return
+    events = [line.removeprefix("data: ") for line in response.text.splitlines() if line.startswith("data: ")]
+    assert response.status_code == 200 and events[-1] == "[DONE]"
+    assert "timed out" in json.loads(events[-2])["error"]["message"]
+    assert all(json.loads(event)["choices"][0]["finish_reason"] is None for event in events[:-2])
+
+
+def test_sigterm_drains_a_running_request(tiny_model_dir: Path, root: Path) -> None:
     srv = Server(tiny_model_dir, root, "--max-rank", "8")
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        running = pool.submit(_complete, srv.url, "alpha", "go", 150)
-        time.sleep(0.3)  # the request is decoding now
-        srv.proc.terminate()  # SIGTERM: stop accepting, finish what runs, then exit
-        response = running.result(timeout=60)
-    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] > 0
-    assert srv.proc.wait(timeout=60) in (0, -15)  # uvicorn re-raises SIGTERM once it has shut down cleanly
-    assert "Traceback" not in srv.log.read_text()
+    try:
+        body = {"model": "alpha", "prompt": "go", "max_tokens": 200, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, timeout=60) as response:
+            lines = (line for line in response.iter_lines() if line.startswith("data: "))
+            first = json.loads(next(lines).removeprefix("data: "))
+            assert first["choices"][0]["finish_reason"] is None  # decoding has begun and has not ended
+            srv.proc.terminate()  # SIGTERM: stop accepting, let running responses finish, drain, exit
+            rest = list(lines)
+        assert srv.proc.wait(timeout=60) in (0, -15)  # uvicorn re-raises SIGTERM once it has shut down cleanly
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+    log = srv.log.read_text()
+    # uvicorn found this response still open when the drain began (it logs this only for open connections)...
+    assert log.index("Shutting down") < log.index("Waiting for connections to close")
+    # ...and it then ran to its end: all 200 tokens, the usage chunk, [DONE]
+    assert rest[-1] == "data: [DONE]"
+    final = json.loads(rest[-2].removeprefix("data: "))
+    assert final["choices"][0]["finish_reason"] == "length" and final["usage"]["completion_tokens"] == 200
+    assert "Traceback" not in log
 
 
-def test_stop_and_seed(server: Server) -> None:
-    greedy = _complete(server.url, "alpha", "Review: great mug", 12).json()["choices"][0]["text"]
+def test_stop_seed_and_top_p(server: Server) -> None:
+    prompt = "Review: great mug"
+    greedy = _complete(server.url, "alpha", prompt, 12).json()["choices"][0]["text"]
     assert len(greedy) > 4
-    cut = _complete(server.url, "alpha", "Review: great mug", 12, stop=[greedy[3:5]]).json()["choices"][0]
+    cut = _complete(server.url, "alpha", prompt, 12, stop=[greedy[3:5]]).json()["choices"][0]
     assert cut["finish_reason"] == "stop" and greedy.startswith(cut["text"]) and greedy[3:5] not in cut["text"]
-    sampled = [_complete(server.url, "alpha", "Review: great mug", 12, temperature=1.0, top_p=0.9,
-                         seed=seed).json()["choices"][0]["text"] for seed in (7, 7, 8)]
-    assert sampled[0] == sampled[1]  # the same seed gives the same sample
+
+    def sample(seed: int, top_p: float = 1.0) -> str:
+        return _complete(server.url, "alpha", prompt, 12, temperature=1.0, top_p=top_p,
+                         seed=seed).json()["choices"][0]["text"]
+
+    assert sample(7) == sample(7)  # the same seed gives the same sample
+    assert sample(7) != sample(8)  # the seed is used
+    assert sample(7) != greedy  # temperature 1 really samples...
+    assert sample(7, top_p=1e-6) == sample(8, top_p=1e-6) == greedy  # ...and top_p keeps only the likeliest token
+
+
+def test_adapter_states_in_models(tiny_model_dir: Path, root: Path) -> None:
+    """The registry's states as operators see them: loading, ready, evicted (and back), failed with its reason."""
+    from serve.protocol import GenerationEngine
+
+    with _in_process(tiny_model_dir, root, max_loaded_adapters=1, preload=False) as (client, engine):
+        def cards() -> dict[str, dict]:
+            return {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+
+        assert isinstance(engine, GenerationEngine)  # what the app relies on, as the ONNX engine does too
+        assert list(cards()) == [tiny_model_dir.name]  # nothing preloaded
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            with _worker_held(engine):  # validated, the load waits for the worker: visible as loading
+                loading = pool.submit(client.post, "/v1/adapters", json={"name": "alpha"})
+                _until(lambda: cards().get("alpha", {}).get("state") == "loading")
+            assert loading.result(timeout=60).json() == {"id": "alpha", "object": "model", "state": "ready",
+                                                         "kind": "lora", "pinned": False}
+        alpha = cards()["alpha"]
+        assert (alpha["state"], alpha["kind"], alpha["source"], alpha["pinned"]) == ("ready", "lora", "alpha", False)
+
+        assert client.post("/v1/adapters", json={"name": "beta"}).status_code == 200  # room for one: alpha goes
+        assert {n: c["state"] for n, c in cards().items() if n != tiny_model_dir.name} == {
+            "alpha": "evicted", "beta": "ready"}
+        ok = client.post("/v1/completions", json={"model": "alpha", "prompt": "hi", "max_tokens": 2})
+        assert ok.status_code == 200  # an evicted adapter reloads on its next request
+        assert (cards()["alpha"]["state"], cards()["beta"]["state"]) == ("ready", "evicted")
+
+        missing = client.post("/v1/adapters", json={"name": "ghost", "source": "not-there"})
+        assert missing.status_code == 404 and cards()["ghost"]["state"] == "failed"
+        assert cards()["ghost"]["reason"] == missing.json()["error"]["message"]
+        assert client.post("/v1/completions", json={"model": "ghost", "prompt": "hi"}).status_code == 404
+
+        # a failed replacement leaves the version that serves ready, with the failure in its reason
+        assert client.post("/v1/adapters", json={"name": "alpha", "source": "not-there"}).status_code == 404
+        assert cards()["alpha"]["state"] == "ready" and "not-there" in cards()["alpha"]["reason"]
+        assert client.post("/v1/completions", json={"model": "alpha", "prompt": "hi", "max_tokens": 2}).status_code == 200
+
+        assert client.delete("/v1/adapters/alpha").json()["deleted"] is True
+        assert "alpha" not in cards()

@@ -1,0 +1,1 @@
+"""The HTTP API in routers: ``openai`` (completions, chat, models), ``adapters`` (load/unload), ``ops``."""

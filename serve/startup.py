@@ -1,0 +1,67 @@
+"""Start-up: build the configured backend's engine, then preload adapters (blocking; run off the event loop)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from serve.adapters import AdapterError, check_name, inspect_adapter, resolve_source
+from serve.protocol import GenerationEngine
+from serve.state import AppState
+
+log = logging.getLogger(__name__)
+
+
+def start(state: AppState, model=None, tokenizer=None) -> None:
+    """Set ``state.engine``: the torch engine over ``model``/``tokenizer`` (loaded from ``settings.base``
+    when None), or the ONNX engine over the edge bundle; then preload adapters."""
+    settings = state.settings
+    if settings.backend == "onnx":
+        from serve.onnx_engine import start_onnx_engine
+
+        engine, state.base_name = start_onnx_engine(Path(settings.bundle), settings)
+        preload = engine.runner.adapter_names  # the bundle's
+    else:
+        engine = _torch_engine(state, model, tokenizer)
+        root = Path(settings.adapters)
+        preload = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    engine.on_step = state.metrics.batch.observe
+    state.engine = engine
+    if settings.preload:
+        _preload(state, engine, preload[: settings.max_loaded_adapters])
+    if settings.backend == "onnx":
+        log.info("serve: ONNX bundle %s (base %s) ready with %d adapters", settings.bundle, state.base_name,
+                 len(engine.registry.loaded()))
+    else:
+        log.info("serve: base %s ready with %d adapters", state.base_name, len(engine.registry.loaded()))
+
+
+def _torch_engine(state: AppState, model, tokenizer) -> GenerationEngine:
+    """PyTorch base (fp32 or bitsandbytes) plus PEFT adapters validated from the adapter root."""
+    from pipeline.models import load_tokenizer, resolve_base, set_threads
+    from serve.engine import Engine, load_base
+
+    settings = state.settings
+    set_threads(settings.num_threads)
+    if model is None:
+        path = resolve_base(settings.base)
+        model, tokenizer = load_base(path, settings.quantize), load_tokenizer(path)
+    engine = Engine(model, tokenizer, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
+                    max_loaded_adapters=settings.max_loaded_adapters)
+
+    def resolve(name: str, source: str):
+        folder = resolve_source(Path(settings.adapters), source)
+        return inspect_adapter(name, folder, engine.model.get_base_model(), settings.max_rank)
+
+    engine.resolver = resolve
+    return engine
+
+
+def _preload(state: AppState, engine: GenerationEngine, names: list[str]) -> None:
+    """Load each adapter by its folder (bundle) name; one that fails is logged and left failed."""
+    for name in names:
+        try:
+            state.load_adapter(engine, check_name(name), name, name in state.settings.pinned)
+            log.info("serve: adapter %s ready", name)
+        except AdapterError as exc:
+            log.warning("serve: adapter %s not loaded: %s", name, exc)
