@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.measure import run_measured  # noqa: E402
+from pipeline.adapter_spec import SPARSE_DELTA_CONFIG, SPARSE_DELTA_WEIGHTS  # noqa: E402
 from pipeline.artifacts import write_json_atomic, write_text_atomic  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.methods import METHODS, get_method  # noqa: E402
@@ -50,9 +51,9 @@ def pir_share(folder: Path) -> tuple[int, int]:
     """(weights in the saved delta, weights of the chosen modules), read from the saved files themselves."""
     from safetensors import safe_open
 
-    config = json.loads((folder / "sparse_delta_config.json").read_text())
+    config = json.loads((folder / SPARSE_DELTA_CONFIG).read_text())
     eligible = sum(m["shape"][0] * m["shape"][1] for m in config["modules"].values())
-    with safe_open(str(folder / "sparse_delta.safetensors"), framework="pt") as f:
+    with safe_open(str(folder / SPARSE_DELTA_WEIGHTS), framework="pt") as f:
         stored = sum(f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith(".indices"))
     return stored, eligible
 
@@ -88,7 +89,7 @@ def run_method(config: str, name: str, run_root: Path, task: str) -> dict:
     if name == "pir":
         stored, eligible = pir_share(adapter)
         row["pir"] = {"stored_weights": stored, "eligible_weights": eligible, "share": stored / eligible,
-                      **{k: v for k, v in json.loads((adapter / "sparse_delta_config.json").read_text()).items()
+                      **{k: v for k, v in json.loads((adapter / SPARSE_DELTA_CONFIG).read_text()).items()
                          if k in ("scorer", "k", "scoring_seconds", "calibration_batches")}}
     return row
 

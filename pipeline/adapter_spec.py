@@ -59,7 +59,7 @@ class AdapterSpec:
     rank: int | None = None
     """LoRA/DoRA: the largest rank (``r`` and every ``rank_pattern`` value); else None."""
     alpha: float | None = None
-    """LoRA/DoRA ``lora_alpha`` (None: PEFT's default, alpha = rank)."""
+    """LoRA/DoRA ``lora_alpha`` (None: not given; consumers then scale by 1, alpha = rank, as before)."""
     alpha_pattern: tuple[tuple[str, float], ...] = ()
     """LoRA/DoRA per-module alpha overrides, (module suffix, alpha)."""
     rslora: bool = False

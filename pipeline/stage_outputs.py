@@ -39,11 +39,6 @@ def tuned_spec(cfg: Config, task: TaskConfig) -> AdapterSpec:
     return read_spec(folder)
 
 
-def is_mergeable(cfg: Config, task: TaskConfig) -> bool:
-    """Whether ``task``'s tune result can be merged into the weights (its spec says so)."""
-    return tuned_spec(cfg, task).mergeable
-
-
 def copy_adapter(src: Path, dst: Path) -> None:
     """Copy the PEFT adapter files of ``src`` into ``dst`` (created if missing)."""
     dst.mkdir(parents=True, exist_ok=True)

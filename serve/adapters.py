@@ -42,6 +42,14 @@ class AdapterError(EdgetuneError):
         self.status = status
 
 
+def public_reason(exc: BaseException) -> str:
+    """What a client may read about a failed adapter load (``GET /v1/models``): an AdapterError's message is
+    written for clients; any other error may carry server internals, so it is named only by its type."""
+    if isinstance(exc, AdapterError):
+        return str(exc)
+    return f"internal error while loading ({type(exc).__name__}); see the server log"
+
+
 @dataclass(frozen=True)
 class AdapterInfo:
     """A validated adapter folder."""

@@ -56,11 +56,14 @@ class GenRequest:
     error message."""
     deadline: float | None = None
     """``time.monotonic()`` after which the request is ended with reason ``timeout``."""
+    context_overflow: bool = False
+    """Set by the engine when the prompt and the adapter's virtual tokens leave no room for an answer: the
+    request ended with reason ``error`` through the client's fault (the server answers 400, not 500)."""
     # worker state
     tokens: list[int] = field(default_factory=list)
     """Generated tokens (the stop token excluded); once generation starts, the list its ``stream`` fills."""
     stream: TextStream | None = None
-    """Its text, stop rules and token budget (made at its first token)."""
+    """Its text, stop rules and token budget (made at its prefill)."""
     internal: str = BASE
     """The PEFT LoRA adapter this row uses in a mixed batch (``__base__``: none)."""
     row_adapter: str | None = None
@@ -168,7 +171,9 @@ class Engine(Worker):
 
         table = load_file(str(info.path / ADAPTER_WEIGHTS))["prompt_embeddings"].float()
         entry = LoadedAdapter(info, BASE, virtual=table, prefix=info.spec.kind == "prefix")
-        self.registry.ready(info.name, entry, source, pinned, info.kind)  # running requests keep their table
+        old = self.registry.ready(info.name, entry, source, pinned, info.kind)  # running requests keep their table
+        if old is not None:  # the version it replaces (perhaps LoRA weights in the model) goes when idle
+            self._retire(old)
         self._evict(keep=info.name)
         return entry
 
@@ -264,8 +269,17 @@ class Engine(Worker):
         import torch
         from transformers import DynamicCache
 
-        ids = torch.tensor([request.prompt_ids])
         n_virtual = 0 if request.virtual is None else request.virtual.shape[0]
+        try:  # a prompt (with its virtual tokens) that leaves no room to answer is not run at all
+            budget = token_budget(len(request.prompt_ids), n_virtual, request.max_tokens, self.context_length)
+        except ContextOverflow as exc:
+            request.context_overflow = True
+            self._finish(request, FinishReason.ERROR, str(exc))
+            return
+        request.stream = TextStream(self.tokenizer, max_tokens=budget, stop=request.stop,
+                                    stop_ids=[self.tokenizer.eos_token_id])
+        request.tokens = request.stream.tokens  # one list: the stream appends, the decode step reads
+        ids = torch.tensor([request.prompt_ids])
         mask = torch.ones(1, n_virtual + ids.shape[1], dtype=torch.long)
         positions = torch.arange(n_virtual, n_virtual + ids.shape[1]).unsqueeze(0)
         cache = DynamicCache()
@@ -281,9 +295,9 @@ class Engine(Worker):
             embeds = torch.cat([request.virtual, self.model.get_input_embeddings()(ids[0])])[None]
             out = self._forward(None, mask, torch.arange(mask.shape[1]).unsqueeze(0), cache, [BASE],
                                 inputs_embeds=embeds)
-        token = self._sample(request, out.logits[0, -1])
-        self._merge(request, out.past_key_values, mask)
-        self._emit(request, token)
+        self._emit(request, self._sample(request, out.logits[0, -1]))
+        if not request.finished:  # a request ended by its first token (end of sequence, a stop) never joins
+            self._merge(request, out.past_key_values, mask)
 
     def _merge(self, request: GenRequest, cache, mask) -> None:
         """Add a prefilled request to the running batch, left-padding whichever side is shorter."""
@@ -354,18 +368,6 @@ class Engine(Worker):
     def _emit(self, request: GenRequest, token: int) -> None:
         """Hand ``token`` to the request's :class:`TextStream`: send the text it completes, end the request
         when the stream says so (end of sequence, a stop string, its token budget)."""
-        if request.finished:  # ended at its prefill, yet still a row of the step that drops it
-            return
-        if request.stream is None:
-            n_virtual = 0 if request.virtual is None else request.virtual.shape[0]
-            try:
-                budget = token_budget(len(request.prompt_ids), n_virtual, request.max_tokens, self.context_length)
-            except ContextOverflow as exc:
-                self._finish(request, FinishReason.ERROR, str(exc))
-                return
-            request.stream = TextStream(self.tokenizer, max_tokens=budget, stop=request.stop,
-                                        stop_ids=[self.tokenizer.eos_token_id])
-            request.tokens = request.stream.tokens  # one list: the stream appends, the decode step reads
         piece = request.stream.push(token)
         if piece:
             request.on_text(piece)

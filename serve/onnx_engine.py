@@ -56,11 +56,6 @@ class BundleTokenizer:
         self.chat_template = template.read_text() if template.is_file() else None
         self.eos_token_id = runner.stop_ids[0] if runner.stop_ids else None
 
-    @property
-    def backend_tokenizer(self):
-        """The ``tokenizers.Tokenizer`` (as on a Hugging Face fast tokenizer): streaming decode uses it."""
-        return self.inner
-
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
         return {"input_ids": self.inner.encode(text, add_special_tokens=add_special_tokens).ids}
 
@@ -174,6 +169,7 @@ class OnnxEngine(Worker):
                     sampling=Sampling(request.temperature, request.top_p, request.seed))
                 self.active.append(_Running(request, source, tokens, text))
             except ContextOverflow as exc:  # the client's prompt, not a server fault: no traceback
+                request.context_overflow = True
                 request.on_done(FinishReason.ERROR, 0, str(exc))
             except Exception as exc:  # noqa: BLE001 - reported to the request, the server goes on
                 log.exception("onnx engine: request failed to start")

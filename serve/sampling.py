@@ -1,7 +1,8 @@
 """The torch twin of :class:`edge.generation.Sampling`: the same contract on torch logits (the torch engine).
 
 It lives here because the edge runtime must not import torch. It keeps torch's own generator, so a
-seeded request samples in the worker without leaving torch, and its picks stay what they were.
+seeded request samples in the worker without leaving torch (a seed repeats its answer on this engine;
+numpy's and torch's generators differ, so the same seed picks differently on the ONNX backend).
 """
 
 from __future__ import annotations

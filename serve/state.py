@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from serve.adapters import AdapterInfo
+from serve.adapters import AdapterInfo, public_reason
 from serve.errors import ApiError
 from serve.metrics import Metrics
 from serve.protocol import GenerationEngine
@@ -46,7 +46,7 @@ class AppState:
             info = engine.resolver(name, source)
             engine.run_command(lambda: engine.load(info, source, pinned))
         except Exception as exc:
-            engine.registry.fail(name, str(exc))
+            engine.registry.fail(name, public_reason(exc))
             raise
         self.metrics.load_time.observe(time.perf_counter() - started)
         self.metrics.loaded.set(len(engine.registry.loaded()))

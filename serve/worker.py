@@ -17,7 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from serve.adapters import AdapterError, AdapterInfo
+from serve.adapters import AdapterError, AdapterInfo, public_reason
 from serve.registry import AdapterRegistry
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class Worker:
             try:  # evicted earlier: reload it from its source, transparently
                 handle = self.load(self.resolver(name, entry.source), entry.source, entry.pinned)
             except Exception as exc:  # noqa: BLE001 - the request fails, the worker goes on
-                self.registry.fail(name, str(exc))
+                self.registry.fail(name, public_reason(exc))
                 if isinstance(exc, AdapterError):
                     raise
                 log.exception("reloading adapter %s failed", name)

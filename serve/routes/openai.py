@@ -162,13 +162,19 @@ async def _observed(state: AppState, job: _Job) -> AsyncIterator[Event]:
 
 
 def _finished(state: AppState, job: _Job, done: Done) -> ApiError | None:
-    """Record the request's metrics; for a request that failed (timeout: 504, error: 500), its error."""
+    """Record the request's metrics; for a request that failed (timeout: 504, a prompt that leaves its
+    adapter's virtual tokens no room: 400, any other error: 500), its error."""
     status = {"timeout": 504, "error": 500}.get(done.reason, 200)
+    if status == 500 and job.request.context_overflow:
+        status = 400
     state.metrics.requests.labels(job.route, job.model, str(status)).inc()
     state.metrics.latency.labels(job.route).observe(time.perf_counter() - job.started)
     state.metrics.tokens.labels(job.model).inc(done.completion_tokens)
     if status == 504:
         return ApiError(504, f"request timed out after {state.settings.request_timeout_s:g} s", "server_error")
+    if status == 400:
+        return ApiError(400, str(done.error),
+                        param="messages" if job.route == "chat" else "prompt", code="context_length_exceeded")
     if status == 500:
         return ApiError(500, f"generation failed: {done.error}", "server_error")
     return None

@@ -234,3 +234,29 @@ def test_the_context_budget_ends_generation(tiny_model_dir: Path) -> None:
         assert too_long["reason"] == FinishReason.ERROR and "the context holds 20" in too_long["error"]
     finally:
         engine.shutdown(1)
+
+
+def test_a_request_ended_by_its_first_token_leaves_the_batch_running(tiny_model_dir: Path) -> None:
+    """A row that ends at its prefill (its first token is the end token) never joins the batch: the rows
+    already decoding go on untouched (it used to stay in the batch and fail every row's next step)."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    engine = Engine(load_model(tiny_model_dir), tokenizer, max_batch_size=4)
+    try:
+        long_ids = tokenizer("the order shipped to Oslo", add_special_tokens=False)["input_ids"]
+        short_ids = tokenizer("Review: great mug", add_special_tokens=False)["input_ids"]
+        alone = run_request(engine, long_ids, 12)
+        first = run_request(engine, short_ids, 1)["tokens"][0]
+        assert first != alone["tokens"][0], "the two prompts must start differently for this test"
+        tokenizer.eos_token_id = first  # now the short prompt's first token ends it
+        assert tokenizer.eos_token_id == first
+        results: dict = {}
+        runner = threading.Thread(target=lambda: results.update(long=run_request(engine, long_ids, 12)))
+        runner.start()
+        while not engine.active:  # the long request is decoding
+            time.sleep(0.001)
+        ended = run_request(engine, short_ids, 12)
+        runner.join(60)
+        assert (ended["reason"], ended["n"], ended["text"], ended["error"]) == ("stop", 0, "", None)
+        assert results["long"]["error"] is None and results["long"]["tokens"] == alone["tokens"]
+    finally:
+        engine.shutdown(1)

@@ -410,3 +410,21 @@ def test_adapter_states_in_models(tiny_model_dir: Path, root: Path) -> None:
 
         assert client.delete("/v1/adapters/alpha").json()["deleted"] is True
         assert "alpha" not in cards()
+
+
+def test_a_prompt_that_leaves_the_adapters_virtual_tokens_no_room_is_a_400(tiny_model_dir: Path,
+                                                                          tmp_path: Path) -> None:
+    """The route counts the prompt and max_tokens; the engine also counts a prompt adapter's virtual tokens.
+    A request that only the second check refuses is still the client's fault: 400, never 500."""
+    from tests.serve.test_engine import _prompt_adapter
+
+    _prompt_adapter(tiny_model_dir, tmp_path / "soft", "prompt")  # 6 virtual tokens
+    with _in_process(tiny_model_dir, tmp_path) as (client, engine):
+        n_prompt = len(engine.tokenizer("go west", add_special_tokens=False)["input_ids"])
+        engine.context_length = n_prompt + 4  # room for the prompt and 4 tokens: not for 6 virtual ones too
+        body = {"prompt": "go west", "max_tokens": 4, "temperature": 0}
+        assert client.post("/v1/completions", json={"model": tiny_model_dir.name, **body}).status_code == 200
+        refused = client.post("/v1/completions", json={"model": "soft", **body})
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["code"] == "context_length_exceeded"
+        assert "after 6 virtual tokens" in refused.json()["error"]["message"]

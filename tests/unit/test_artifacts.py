@@ -51,7 +51,7 @@ def test_export_record_is_read_back_and_refused_once_the_adapter_changed(tmp_pat
     from pipeline.adapter_spec import MANIFEST_KEY, AdapterSpec
     from pipeline.config import load_config
     from pipeline.paths import adapter_dir, export_record
-    from pipeline.stage_outputs import export_skips, is_mergeable, write_export_record
+    from pipeline.stage_outputs import export_skips, tuned_spec, write_export_record
 
     cfg = load_config("configs/tiny.yaml", [f"out_dir={tmp_path}"])
     task = cfg.task("sentiment")
@@ -62,9 +62,9 @@ def test_export_record_is_read_back_and_refused_once_the_adapter_changed(tmp_pat
                            extra={MANIFEST_KEY: AdapterSpec(kind="prefix", num_virtual_tokens=4).to_manifest()})
 
     with pytest.raises(EdgetuneError, match="run `edgetune tune`"):
-        is_mergeable(cfg, task)
+        tuned_spec(cfg, task)
     tune_output("first")
-    assert export_skips(cfg, task) == {} and not is_mergeable(cfg, task)  # export has not run yet
+    assert export_skips(cfg, task) == {} and not tuned_spec(cfg, task).mergeable  # export has not run yet
     write_export_record(cfg, task, {"edge": "bundle"}, {"onnx": "virtual tokens"})
     assert export_skips(cfg, task) == {"onnx": "virtual tokens"}
     written = export_record(cfg, task).stat().st_mtime_ns
