@@ -142,12 +142,17 @@ class Engine(Worker):
         except Exception as exc:  # a library error must not take the server down (the caller marks it failed)
             raise AdapterError(f"adapter {info.name!r} failed to load: {exc}", status=422) from None
         self.batched.refresh()
-        entry = LoadedAdapter(info, BASE if info.kind in ("ia3", "pir") else internal,
-                              row_adapter=internal if info.kind in ("ia3", "pir") else None)
-        old = self.registry.ready(info.name, entry, source, pinned, info.kind)
+        return self._publish(LoadedAdapter(info, BASE if info.kind in ("ia3", "pir") else internal,
+                                           row_adapter=internal if info.kind in ("ia3", "pir") else None),
+                             source, pinned)
+
+    def _publish(self, entry: LoadedAdapter, source: str, pinned: bool) -> LoadedAdapter:
+        """Make ``entry`` its adapter's current version (READY): the version it replaces (LoRA weights, a
+        row-wise adapter, a virtual-token table) goes once idle, and capacity is kept."""
+        old = self.registry.ready(entry.info.name, entry, source, pinned, entry.info.kind)
         if old is not None:
             self._retire(old)
-        self._evict(keep=info.name)
+        self._evict(keep=entry.info.name)
         return entry
 
     def _load_rowwise(self, info: AdapterInfo, internal: str) -> None:
@@ -170,12 +175,9 @@ class Engine(Worker):
         from safetensors.torch import load_file
 
         table = load_file(str(info.path / ADAPTER_WEIGHTS))["prompt_embeddings"].float()
-        entry = LoadedAdapter(info, BASE, virtual=table, prefix=info.spec.kind == "prefix")
-        old = self.registry.ready(info.name, entry, source, pinned, info.kind)  # running requests keep their table
-        if old is not None:  # the version it replaces (perhaps LoRA weights in the model) goes when idle
-            self._retire(old)
-        self._evict(keep=info.name)
-        return entry
+        # running requests keep the table they started with
+        return self._publish(LoadedAdapter(info, BASE, virtual=table, prefix=info.spec.kind == "prefix"),
+                             source, pinned)
 
     def unload(self, name: str) -> bool:
         """Unload adapter ``name``: it is unknown until loaded again (idempotent: False when it was not loaded)."""

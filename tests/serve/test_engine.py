@@ -260,3 +260,30 @@ def test_a_request_ended_by_its_first_token_leaves_the_batch_running(tiny_model_
         assert results["long"]["error"] is None and results["long"]["tokens"] == alone["tokens"]
     finally:
         engine.shutdown(1)
+
+
+def test_replacing_an_adapter_with_another_kind_frees_the_old_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A name reloaded as another kind (LoRA -> soft prompt -> IA3) keeps only its current version in the model."""
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(load_model(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear",
+                                                          task_type="CAUSAL_LM")).save_pretrained(tmp_path / "lora")
+    _build("prompt", tiny_model_dir, tmp_path / "prompt")
+    _build("ia3", tiny_model_dir, tmp_path / "ia3")
+    tokenizer = load_tokenizer(tiny_model_dir)
+    base = load_model(tiny_model_dir)
+    engine = Engine(base, tokenizer, max_batch_size=2)
+    load = lambda source: engine.run_command(  # noqa: E731
+        lambda: engine.load(inspect_adapter("task", tmp_path / source, base, max_rank=8), source))
+    try:
+        shell = set(engine.model.peft_config)
+        lora = load("lora")
+        assert lora.internal in engine.model.peft_config
+        load("prompt")
+        assert set(engine.model.peft_config) == shell and not engine.retired  # the LoRA weights are gone
+        load("ia3")
+        assert engine.registry.handle("task").row_adapter in engine.rowwise.adapters
+        load("lora")
+        assert not engine.rowwise.adapters and not engine.retired  # the IA3 vectors are gone too
+    finally:
+        engine.shutdown(1)
