@@ -12,9 +12,11 @@ not depend on what they learned) in a temporary adapter root:
      cost, so the comparison flatters the baseline).
 Every request generates exactly ``--tokens`` tokens (``ignore_eos``-style: stop sequences none, the
 random adapters rarely emit EOS; throughput counts the tokens actually generated).
+Server and baseline run on ``--device`` in ``--dtype`` (default auto: CUDA in bfloat16 when a GPU is
+visible, else the CPU in float32); the results say which.
 Writes ``benchmarks/results/serve.{json,md}``.
 
-    python benchmarks/serve.py [--requests 48] [--tokens 32] [--repeats 3]
+    python benchmarks/serve.py [--requests 48] [--tokens 32] [--repeats 3] [--device auto] [--dtype auto]
 """
 
 from __future__ import annotations
@@ -114,25 +116,29 @@ def load(url: str, models: list[str], requests: int, concurrency: int, tokens: i
     return out
 
 
-def naive(base: Path, root: Path, names: list[str], requests: int, tokens: int) -> dict:
-    """One request at a time, switching the active adapter per request (what a simple server does)."""
+def naive(base: Path, root: Path, names: list[str], requests: int, tokens: int, device: str, dtype: str) -> dict:
+    """One request at a time, switching the active adapter per request (what a simple server does), on the
+    server's device and dtype."""
     import torch
     from peft import PeftModel
 
-    from pipeline.models import load_model, load_tokenizer, set_threads
+    from pipeline.device import set_threads, to_model
+    from pipeline.models import load_tokenizer
+    from serve.engine import load_base
 
     set_threads(0)
     tok = load_tokenizer(base)
-    model = PeftModel.from_pretrained(load_model(base), root / names[0], adapter_name=names[0]).eval()
+    model = PeftModel.from_pretrained(load_base(base, "none", device=device, dtype=dtype), root / names[0],
+                                      adapter_name=names[0], autocast_adapter_dtype=False).eval()
     for name in names[1:]:
-        model.load_adapter(str(root / name), adapter_name=name)
+        model.load_adapter(str(root / name), adapter_name=name, autocast_adapter_dtype=False)
     produced, started = 0, time.perf_counter()
     with torch.no_grad():
         for i in range(requests):
             model.set_adapter(names[i % len(names)])
             text = tok.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], tokenize=False,
                                            add_generation_prompt=True)
-            batch = tok([text], return_tensors="pt", add_special_tokens=False)
+            batch = to_model(tok([text], return_tensors="pt", add_special_tokens=False), model)
             out = model.generate(**batch, max_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id,
                                  eos_token_id=tok.eos_token_id)
             produced += out.shape[1] - batch["input_ids"].shape[1]
@@ -146,13 +152,21 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=48, help="requests per throughput measurement")
     parser.add_argument("--tokens", type=int, default=32, help="max_tokens of every request")
     parser.add_argument("--repeats", type=int, default=3, help="throughput runs per load; the median is reported")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where the server and the baseline run (auto: CUDA when visible)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="weights dtype (auto: bfloat16 on a GPU, float32 on the CPU)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
 
     from pipeline.artifacts import write_json_atomic, write_text_atomic
+    from pipeline.device import resolve_device, resolve_dtype
     from pipeline.models import resolve_base
     from pipeline.report import machine
 
+    # resolved here, and passed to the server, so the results name what was measured
+    device = resolve_device(args.device)
+    dtype = str(resolve_dtype(args.dtype, device)).removeprefix("torch.")
     base = resolve_base("smollm2-135m-instruct")
     total_started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,7 +178,8 @@ def main() -> int:
         url = f"http://127.0.0.1:{port}"
         log = open(Path(tmp) / "server.log", "w")
         server = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--adapters", str(root), "--port",
-                                   str(port), "--max-batch-size", "16", "--max-queue", "256", "--max-rank", "16"],
+                                   str(port), "--max-batch-size", "16", "--max-queue", "256", "--max-rank", "16",
+                                   "--device", device, "--dtype", dtype],
                                   stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         try:
             wait_ready(url, server, timeout=300)
@@ -183,11 +198,12 @@ def main() -> int:
         finally:
             server.terminate()
             server.wait(timeout=60)
-        baseline = naive(base, root, names, max(args.requests // 3, 8), args.tokens)
+        baseline = naive(base, root, names, max(args.requests // 3, 8), args.tokens, device, dtype)
 
     result = {
         "command": "make bench-serve", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": machine(), "base": "smollm2-135m-instruct", "adapters": N_ADAPTERS, "max_tokens": args.tokens,
+        "machine": machine(), "device": device, "dtype": dtype,
+        "base": "smollm2-135m-instruct", "adapters": N_ADAPTERS, "max_tokens": args.tokens,
         "adapter_load_p50_s": round(statistics.median(loads), 3), "spread_8_adapters": spread,
         "single_adapter": single, "naive_switching": baseline, "latency": latency,
         "ratio_spread_vs_single": round(spread["tokens_per_s"] / single["tokens_per_s"], 3),
@@ -197,10 +213,13 @@ def main() -> int:
     result["checks"] = {"8 adapters >= 0.8x single adapter": result["ratio_spread_vs_single"] >= 0.8,
                         "8 adapters >= 2x naive switching server": result["ratio_spread_vs_naive"] >= 2.0}
     m = result["machine"]
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
     lines = ["# Multi-adapter serving", "",
              f"Base `smollm2-135m-instruct`, {N_ADAPTERS} LoRA adapters (r=16, all linear layers), "
              f"max_tokens {args.tokens}, greedy.  ",
-             f"Machine: {m['cpu']}, {m['cores']} cores. Command: `make bench-serve`, {result['created']}.", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores{gpu}. "
+             f"Measured on **{device}** in {dtype} (server and baseline). Command: `make bench-serve`, "
+             f"{result['created']}.", "",
              f"| load | requests | tokens/s (median of {args.repeats}) | p50 latency | p95 latency |",
              "|---|---:|---:|---:|---:|",
              f"| 8 adapters, concurrency 16 | {spread['requests']} | {spread['tokens_per_s']:.1f} | "

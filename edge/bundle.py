@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.generation import Sampling, TextStream, token_budget
-from edge.runtime import Decoder, Prefix
+from edge.runtime import Decoder, Prefix, resolve_providers
 
 MANIFEST = "manifest.json"
 FORMAT = "edgetune-edge/1"
@@ -108,13 +108,17 @@ class EdgeRunner:
     Thread-safe for concurrent calls (ONNX Runtime sessions are); adapters load lazily on first use.
     """
 
-    def __init__(self, bundle: Bundle, *, threads: int | None = None) -> None:
+    def __init__(self, bundle: Bundle, *, threads: int | None = None,
+                 providers: Sequence[str] | None = None) -> None:
+        """``threads``: CPU threads per session (None: one per core); ``providers``: ONNX Runtime execution
+        providers in order of preference (``cpu``, ``cuda``; see :func:`edge.runtime.resolve_providers`)."""
         from tokenizers import Tokenizer
 
         self.bundle = bundle
         self.threads = threads
+        self.providers = resolve_providers(providers)
         self.tokenizer = Tokenizer.from_file(str(bundle.root / bundle.manifest["tokenizer"]))
-        self.base = Decoder(bundle.model_path, threads=threads)
+        self.base = Decoder(bundle.model_path, threads=threads, providers=self.providers)
         self.stop_ids = list(bundle.manifest.get("stop_token_ids", []))
         self.pad_id = int(bundle.manifest.get("pad_token_id", self.stop_ids[0] if self.stop_ids else 0))
         self.context_length = int(bundle.manifest.get("context_length", 2048))
@@ -145,7 +149,7 @@ class EdgeRunner:
                 return self.base, None, self._prefixes[adapter]
             if entry.kind == "merged":
                 if adapter not in self._merged:
-                    self._merged[adapter] = Decoder(path, threads=self.threads)
+                    self._merged[adapter] = Decoder(path, threads=self.threads, providers=self.providers)
                 return self._merged[adapter], None, None
         raise BundleError(f"adapter {adapter!r} has unknown kind {entry.kind!r} (known: {', '.join(ADAPTER_KINDS)})")
 

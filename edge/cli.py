@@ -18,6 +18,7 @@ EPILOG = """examples:
   edgetune run-edge runs/default/export/edge --list
   edgetune run-edge runs/default/export/edge --adapter sentiment "Review: great kettle.\\nLabel the sentiment."
   edgetune run-edge runs/default/export/edge "What is the capital of France?" --max-tokens 40
+  edgetune run-edge runs/default/export/edge --providers cuda,cpu "Hello"   # onnxruntime-gpu
 """
 
 
@@ -31,6 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (repeatable output)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
+    p.add_argument("--providers", default="cpu", metavar="NAME,...",
+                   help="ONNX Runtime execution providers in order of preference, comma-separated: cpu, cuda "
+                        "(cuda needs the gpu extra: pip install 'edgetune[gpu]'); the CPU is always the last "
+                        "fallback (default: %(default)s)")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat format")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the sha256 check of the files")
 
@@ -52,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         prompt = args.prompt if args.prompt is not None else sys.stdin.read()
         if not prompt.strip():
             raise BundleError("the prompt is empty: pass it as an argument or on stdin")
-        runner = EdgeRunner(bundle, threads=args.threads)
+        providers = [name for name in args.providers.split(",") if name.strip()]
+        runner = EdgeRunner(bundle, threads=args.threads, providers=providers)
         ids = runner.tokenizer.encode(prompt, add_special_tokens=False).ids if args.raw else runner.encode_chat(prompt)
         for piece in runner.stream_text(ids, args.max_tokens, adapter=args.adapter, sampling=sampling):
             sys.stdout.write(piece)

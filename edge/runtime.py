@@ -22,7 +22,7 @@ import onnxruntime as ort
 
 from edge.generation import Sampling
 
-__all__ = ["Decoder", "Prefix"]
+__all__ = ["Decoder", "Prefix", "resolve_providers"]
 
 LORA_PREFIX = "lora."
 """Graph inputs that start with this are LoRA factors a ``.onnx_adapter`` overrides (see exporters.onnx_lora)."""
@@ -56,6 +56,37 @@ class Prefix:
         np.savez(path, **arrays)
 
 
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+"""Short execution-provider names (``--providers cpu,cuda``) -> ONNX Runtime's names."""
+GPU_EXTRA_HINT = ("install the gpu extra in place of the CPU wheel: pip uninstall -y onnxruntime && "
+                  "pip install 'edgetune[gpu]' (onnxruntime-gpu, which needs an NVIDIA driver and CUDA 12 libraries)")
+
+
+def resolve_providers(names: Sequence[str] | None) -> list[str]:
+    """ONNX Runtime provider names for ``names`` (``cpu``, ``cuda`` or ORT names such as
+    ``CUDAExecutionProvider``), in order of preference, with the CPU always last as the fallback for
+    operators a GPU provider does not run. None or empty: the CPU alone.
+
+    Raises ``ValueError`` for an unknown name, or a provider this onnxruntime build lacks (``cuda`` on the
+    CPU wheel: the message says how to install onnxruntime-gpu).
+    """
+    available = ort.get_available_providers()
+    out: list[str] = []
+    for name in names or ():
+        full = PROVIDERS.get(name.strip().lower(), name.strip())
+        if not full.endswith("ExecutionProvider"):
+            raise ValueError(f"unknown execution provider {name!r}; use {', '.join(PROVIDERS)} or an ONNX Runtime "
+                             f"name (this build has: {', '.join(available)})")
+        if full not in available:
+            hint = GPU_EXTRA_HINT if full == PROVIDERS["cuda"] else f"this build has: {', '.join(available)}"
+            raise ValueError(f"execution provider {name!r} ({full}) is not in this onnxruntime "
+                             f"{ort.__version__} build; {hint}")
+        if full not in out:
+            out.append(full)
+    out = [p for p in out if p != PROVIDERS["cpu"]]
+    return [*out, PROVIDERS["cpu"]]
+
+
 def session_options(threads: int | None) -> ort.SessionOptions:
     """CPU session options: ``threads`` intra-op threads (None: ORT's default, one per core)."""
     options = ort.SessionOptions()
@@ -77,12 +108,24 @@ class Decoder:
     """
 
     def __init__(self, model_path: Path, *, threads: int | None = None, providers: Sequence[str] | None = None):
+        """Open ``model_path`` on ``providers`` (see :func:`resolve_providers`; None: the CPU).
+
+        Raises ``ValueError`` when a GPU provider was asked for but the session could not start on it
+        (ONNX Runtime would otherwise fall back to the CPU with only a log line)."""
         model_path = Path(model_path)
         if not model_path.is_file():
             raise FileNotFoundError(f"no ONNX model at {model_path}; export one with `edgetune export` first")
         self.path = model_path
-        self.session = ort.InferenceSession(str(model_path), session_options(threads),
-                                            providers=list(providers or ["CPUExecutionProvider"]))
+        wanted = resolve_providers(providers)
+        self.session = ort.InferenceSession(str(model_path), session_options(threads), providers=wanted)
+        self.providers: list[str] = self.session.get_providers()
+        """The providers the session really runs on, in order (the CPU last)."""
+        missing = [p for p in wanted if p not in self.providers]
+        if missing:
+            raise ValueError(f"ONNX Runtime could not start {', '.join(missing)} for {model_path.name} (no GPU "
+                             f"visible, or its CUDA/cuDNN libraries are missing: see ONNX Runtime's log above); it would "
+                             f"run on {', '.join(self.providers)} only. Leave {', '.join(missing)} out of the "
+                             "providers to run there")
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]

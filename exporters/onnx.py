@@ -13,7 +13,7 @@ import contextlib
 import logging
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -181,10 +181,13 @@ class OnnxCausalLM:
         return out
 
 
-def load_onnx_model(onnx_dir: Path, num_threads: int | None = None, *, file_name: str = "model.onnx") -> OnnxCausalLM:
-    """Load ``onnx_dir/file_name`` (fp32, int8 or int4) on ONNX Runtime's CPU provider as an :class:`OnnxCausalLM`.
+def load_onnx_model(onnx_dir: Path, num_threads: int | None = None, *, file_name: str = "model.onnx",
+                    providers: Sequence[str] | None = None) -> OnnxCausalLM:
+    """Load ``onnx_dir/file_name`` (fp32, int8 or int4) on ONNX Runtime as an :class:`OnnxCausalLM`.
 
-    ``num_threads`` sets ORT's intra-op threads (None: ORT's default, one per physical core).
+    ``num_threads`` sets ORT's intra-op threads (None: ORT's default, one per physical core);
+    ``providers`` its execution providers (``cpu``, ``cuda``; None: the CPU; see
+    :func:`edge.runtime.resolve_providers`, whose ``ValueError`` it raises for one this build lacks).
     Raises ``FileNotFoundError`` naming the path if the model file is missing.
     """
     from edge.runtime import Decoder
@@ -194,7 +197,7 @@ def load_onnx_model(onnx_dir: Path, num_threads: int | None = None, *, file_name
         raise FileNotFoundError(
             f"No {file_name} in {onnx_dir}. Export the merged model first with export_onnx_fp32(model_dir, {onnx_dir})."
         )
-    return OnnxCausalLM(Decoder(path, threads=num_threads))
+    return OnnxCausalLM(Decoder(path, threads=num_threads, providers=providers))
 
 
 @torch.no_grad()

@@ -12,7 +12,8 @@ where ``row_mask`` keeps, for each row, only its own adapter's rank slice (none 
 The concatenation is rebuilt after an adapter is loaded or deleted (:meth:`BatchedLora.refresh`);
 masks are built once per step and shared by every layer with the same adapters. DoRA rows (which
 PEFT cannot mix into a batch at all) get their per-output magnitude factor on top. Layers with
-another PEFT variant or a LoRA bias keep PEFT's own path.
+another PEFT variant or a LoRA bias keep PEFT's own path. Masks are made on the model's device, in
+the dtype of the adapters' weights (the base's, or float32 on a bitsandbytes base).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from typing import Any
 class BatchedLora:
     """Installs the two-product mixed-batch forward on every LoRA layer of a PEFT model."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, device) -> None:
+        """Install on ``model`` (a PeftModel) whose LoRA layers run on ``device`` (a ``torch.device``)."""
         self.model = model
+        self.device = device
         self.version = 0
         self._masks: dict[tuple, Any] = {}
         self.refresh()
@@ -51,15 +54,16 @@ class BatchedLora:
 
         key = ("slots", layout, adapter_names)
         if key not in self._masks:
-            self._masks[key] = _row_slots(layout, adapter_names)
-        table = torch.cat([scales, torch.ones(1, scales.shape[1], dtype=scales.dtype)])
+            self._masks[key] = _row_slots(layout, adapter_names).to(self.device)
+        table = torch.cat([scales, scales.new_ones(1, scales.shape[1])])
         return table[self._masks[key]]
 
-    def mask(self, layout: tuple, adapter_names: tuple[str, ...]):
-        """(rows x sum of ranks) 0/1 mask selecting each row's own adapter slice; None if no row uses one."""
+    def mask(self, layout: tuple, adapter_names: tuple[str, ...], dtype):
+        """(rows x sum of ranks) 0/1 mask in ``dtype`` selecting each row's own adapter slice; None if no row
+        uses one."""
         import torch
 
-        key = (layout, adapter_names)
+        key = (layout, adapter_names, dtype)
         if key not in self._masks:
             if len(self._masks) > 256:
                 self._masks.clear()
@@ -67,11 +71,12 @@ class BatchedLora:
             for name, rank in layout:
                 offsets[name] = (start, start + rank)
                 start += rank
-            mask = torch.zeros(len(adapter_names), start)
+            mask = torch.zeros(len(adapter_names), start, dtype=dtype)
             for row, name in enumerate(adapter_names):
                 if name in offsets:
                     mask[row, offsets[name][0]:offsets[name][1]] = 1.0
-            self._masks[key] = mask if bool(mask.any()) else None
+            # built on the CPU (row by row), moved once: one copy per new batch layout, not per layer
+            self._masks[key] = mask.to(self.device) if bool(mask.any()) else None
         return self._masks[key]
 
 
@@ -108,9 +113,9 @@ def _concatenated(batched: BatchedLora, layer):
     names = [n for n in layer.lora_A.keys() if not n.startswith("_")]  # "_shell" is never used by a request
     variants = getattr(layer, "lora_variant", {})
     dora = [n for n in names if n in variants]
-    weight = getattr(layer.get_base_layer(), "weight", None)
+    weight = _dense_weight(layer.get_base_layer()) if dora else None
     unsupported = any(type(variants[n]).__name__ != "DoraLinearVariant" for n in dora) or (
-        dora and (weight is None or not weight.is_floating_point() or weight.dim() != 2))
+        dora and (weight is None or weight.dim() != 2))
     if unsupported or any(getattr(layer, "lora_bias", {}).get(n) for n in names):
         result = (None, None, None, None)
     elif not names:
@@ -127,11 +132,31 @@ def _concatenated(batched: BatchedLora, layer):
                         full = weight + layer.scaling[n] * (layer.lora_B[n].weight @ layer.lora_A[n].weight)
                         rows.append(layer.lora_magnitude_vector[n].weight / full.norm(p=2, dim=1))
                     else:
-                        rows.append(torch.ones(weight.shape[0], dtype=weight.dtype))
+                        rows.append(weight.new_ones(weight.shape[0]))
                 scales = torch.stack(rows)
         result = (tuple((n, layer.lora_A[n].weight.shape[0]) for n in names), a, b, scales)
     layer.__dict__["_edgetune_cat"] = (batched.version, *result)
     return result
+
+
+def _dense_weight(base_layer):
+    """``base_layer``'s weight as a floating matrix for DoRA's norms: a bitsandbytes int8 or NF4 weight is
+    dequantized into a new tensor, its layer's state untouched (PEFT's own dequantization rewrites an int8
+    layer's state on the CPU, and the layer's next matmul then fails). None for a weight of another kind."""
+    weight = getattr(base_layer, "weight", None)
+    if weight is None or weight.is_floating_point():
+        return weight
+    kind = type(weight).__name__
+    if kind == "Params4bit":
+        import bitsandbytes as bnb
+
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    if kind == "Int8Params":  # row-wise absmax scales: on the weight until its first matmul, then on the state
+        scale = getattr(weight, "SCB", None)
+        if scale is None:
+            scale = getattr(getattr(base_layer, "state", None), "SCB", None)
+        return None if scale is None else weight.data.float() * (scale.float().view(-1, 1) / 127.0)
+    return None
 
 
 def _forward(batched: BatchedLora, layer, x, *args: Any, adapter_names: list[str], **kwargs: Any):
@@ -145,7 +170,7 @@ def _forward(batched: BatchedLora, layer, x, *args: Any, adapter_names: list[str
     result = layer.base_layer(x, *args, **kwargs)
     if not layout:
         return result
-    mask = batched.mask(layout, tuple(adapter_names))
+    mask = batched.mask(layout, tuple(adapter_names), a.dtype)
     if mask is None:
         return result
     h = x.to(a.dtype) @ a.T

@@ -8,6 +8,11 @@ different adapters share forward passes. LoRA/DoRA/QLoRA rows go through the two
 layer (:mod:`serve.batched_lora`); IA3 and PIR rows through per-row hooks (:mod:`serve.rowwise`);
 prompt-learning rows are base rows whose prefill starts from their virtual tokens.
 
+The engine runs where its model is (CPU or CUDA, float32, bfloat16 or float16: see :func:`load_base`):
+every tensor it makes (ids, masks, positions, cache padding, virtual tokens, row-wise adapters,
+LoRA masks) is made on the model's device, floating ones that enter the model in its dtype, and adapters
+read from (float32) files are cast to them as they load.
+
 Adapter changes (load, replace, unload, evict) are commands the worker runs between steps, so the
 model never changes under a running forward. Each loaded version gets its own internal PEFT name:
 replacing ``sentiment`` loads the new weights beside the old ones, new requests go to the new
@@ -16,10 +21,11 @@ version, and the old one is deleted when its last running request finishes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,15 +107,20 @@ class Engine(Worker):
                  max_loaded_adapters: int = 8, context_length: int | None = None) -> None:
         from peft import PeftModel
 
+        from pipeline.device import model_device
+        from serve.batched_lora import BatchedLora
+        from serve.rowwise import RowAdapters
+
         if not isinstance(model, PeftModel):
             model = _peft_shell(model)
         self.model = model.eval()
-        from serve.batched_lora import BatchedLora
-
-        self.batched = BatchedLora(self.model)
-        from serve.rowwise import RowAdapters
-
-        self.rowwise = RowAdapters(self.model)
+        self.device = model_device(self.model)
+        """Where the model runs: every tensor the engine makes is made here."""
+        self.dtype = self.model.get_input_embeddings().weight.dtype
+        """The dtype of what enters the model (embeddings, virtual tokens, the key/value cache): the base's
+        weights dtype (float32 for a bitsandbytes base, whose unquantized layers stay float32)."""
+        self.batched = BatchedLora(self.model, self.device)
+        self.rowwise = RowAdapters(self.model, self.device, self.dtype)
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_loaded_adapters = max_loaded_adapters
@@ -138,7 +149,9 @@ class Engine(Worker):
             if info.kind in ("ia3", "pir"):
                 self._load_rowwise(info, internal)
             else:
-                self.model.load_adapter(str(info.path), adapter_name=internal)
+                with _int8_state_kept(self.model):
+                    # in the base's dtype (PEFT would keep bf16/fp16 adapters in float32: a training default)
+                    self.model.load_adapter(str(info.path), adapter_name=internal, autocast_adapter_dtype=False)
         except Exception as exc:  # a library error must not take the server down (the caller marks it failed)
             raise AdapterError(f"adapter {info.name!r} failed to load: {exc}", status=422) from None
         self.batched.refresh()
@@ -174,7 +187,7 @@ class Engine(Worker):
         from the virtual tokens (embeddings prepended, or a key/value prefix as the initial cache)."""
         from safetensors.torch import load_file
 
-        table = load_file(str(info.path / ADAPTER_WEIGHTS))["prompt_embeddings"].float()
+        table = load_file(str(info.path / ADAPTER_WEIGHTS))["prompt_embeddings"].to(self.device, self.dtype)
         # running requests keep the table they started with
         return self._publish(LoadedAdapter(info, BASE, virtual=table, prefix=info.spec.kind == "prefix"),
                              source, pinned)
@@ -281,9 +294,9 @@ class Engine(Worker):
         request.stream = TextStream(self.tokenizer, max_tokens=budget, stop=request.stop,
                                     stop_ids=[self.tokenizer.eos_token_id])
         request.tokens = request.stream.tokens  # one list: the stream appends, the decode step reads
-        ids = torch.tensor([request.prompt_ids])
-        mask = torch.ones(1, n_virtual + ids.shape[1], dtype=torch.long)
-        positions = torch.arange(n_virtual, n_virtual + ids.shape[1]).unsqueeze(0)
+        ids = torch.tensor([request.prompt_ids], device=self.device)
+        mask = torch.ones(1, n_virtual + ids.shape[1], dtype=torch.long, device=self.device)
+        positions = torch.arange(n_virtual, n_virtual + ids.shape[1], device=self.device).unsqueeze(0)
         cache = DynamicCache()
         if request.virtual is None:
             out = self._forward(ids, mask, positions, cache, [request.internal], [request.row_adapter])
@@ -295,7 +308,7 @@ class Engine(Worker):
             out = self._forward(ids, mask, positions, cache, [BASE])
         else:  # soft prompt: virtual embeddings in front of the prompt's
             embeds = torch.cat([request.virtual, self.model.get_input_embeddings()(ids[0])])[None]
-            out = self._forward(None, mask, torch.arange(mask.shape[1]).unsqueeze(0), cache, [BASE],
+            out = self._forward(None, mask, torch.arange(mask.shape[1], device=self.device).unsqueeze(0), cache, [BASE],
                                 inputs_embeds=embeds)
         self._emit(request, self._sample(request, out.logits[0, -1]))
         if not request.finished:  # a request ended by its first token (end of sequence, a stop) never joins
@@ -331,8 +344,8 @@ class Engine(Worker):
             self._keep(rows)
             if not rows:
                 return
-        ids = torch.tensor([[r.tokens[-1]] for r in self.active])
-        self._mask = torch.cat([self._mask, torch.ones(len(self.active), 1, dtype=self._mask.dtype)], dim=1)
+        ids = torch.tensor([[r.tokens[-1]] for r in self.active], device=self.device)
+        self._mask = torch.cat([self._mask, self._mask.new_ones(len(self.active), 1)], dim=1)
         positions = (self._mask.sum(dim=1, keepdim=True) - 1)
         out = self._forward(ids, self._mask, positions, self._cache, [r.internal for r in self.active],
                             [r.row_adapter for r in self.active])
@@ -351,7 +364,7 @@ class Engine(Worker):
             return
         if len(rows) == len(self.active):
             return
-        index = torch.tensor([self.active.index(r) for r in rows])
+        index = torch.tensor([self.active.index(r) for r in rows], device=self.device)
         mask = self._mask.index_select(0, index)
         first = int((mask.sum(dim=0) > 0).nonzero()[0])  # leading columns that are padding in every row
         from transformers import DynamicCache
@@ -406,7 +419,22 @@ def _left_pad(t, width: int, dim: int = 2):
         return t
     shape = list(t.shape)
     shape[dim] = missing
-    return torch.cat([torch.zeros(shape, dtype=t.dtype), t], dim=dim)
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+@contextlib.contextmanager
+def _int8_state_kept(model) -> Iterator[None]:
+    """Restore every bitsandbytes int8 layer's weight and matmul state after the block. Loading a DoRA adapter
+    makes PEFT dequantize each base weight, and on the CPU it then replaces the int8 weight with a copy that
+    lacks the quantization state the layer's first forward moved off it: every later matmul of that layer
+    fails (bitsandbytes: ``col_stats`` is None). DoRA's norms in serving come from :mod:`serve.batched_lora`."""
+    layers = [(m, m.weight, m.state.CB, m.state.SCB) for m in model.modules()
+              if type(m).__name__ == "Linear8bitLt" and type(m).__module__.startswith("bitsandbytes")]
+    try:
+        yield
+    finally:
+        for module, weight, cb, scb in layers:
+            module.weight, module.state.CB, module.state.SCB = weight, cb, scb
 
 
 def _expired(request: GenRequest) -> bool:
@@ -426,12 +454,24 @@ def _peft_shell(model):
                           adapter_name="_shell")
 
 
-def load_base(path: Path, quantize: str):
-    """The frozen base for serving: fp32, or bitsandbytes int8/NF4 on the CPU."""
+def load_base(path: Path, quantize: str, *, device: str = "cpu", dtype: str = "auto"):
+    """The frozen base for serving, in eval mode, on ``device`` (``auto | cpu | cuda``, see
+    :func:`pipeline.device.resolve_device`).
+
+    ``quantize`` ``none``: full precision in ``dtype`` (``auto | float32 | bfloat16 | float16``; auto is
+    bfloat16 on a GPU, float32 on the CPU). ``int8``/``nf4``: bitsandbytes, quantized as it loads, its
+    other layers float32, so ``dtype`` must be auto or float32 (else :class:`pipeline.errors.ModelError`).
+    """
+    from pipeline.device import resolve_device, resolve_dtype
+    from pipeline.errors import ModelError
     from pipeline.models import load_model
 
+    device = resolve_device(device)
     if quantize == "none":
-        return load_model(path, "cpu")
+        return load_model(path, device, dtype=resolve_dtype(dtype, device))
+    if dtype not in ("auto", "float32"):
+        raise ModelError(f"dtype {dtype}: a bitsandbytes base (quantize {quantize}) keeps its unquantized layers "
+                         "in float32; use dtype auto or float32 with it")
     from exporters.bnb import load_quantizing
 
-    return load_quantizing(path, quantize)
+    return load_quantizing(path, quantize, device)

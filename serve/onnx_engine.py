@@ -208,13 +208,14 @@ class OnnxEngine(Worker):
 
 def start_onnx_engine(bundle_path: Path, settings) -> tuple[OnnxEngine, str]:
     """Load the bundle (verified) and start the engine; returns it and the base's public name."""
-    from edge.bundle import BundleError, EdgeRunner, load_bundle
+    from edge.bundle import EdgeRunner, load_bundle
 
     try:
         bundle = load_bundle(bundle_path)
-    except BundleError as exc:
+        runner = EdgeRunner(bundle, threads=settings.num_threads or None, providers=settings.providers)
+    except ValueError as exc:  # BundleError, or providers this onnxruntime build lacks
         raise AdapterError(str(exc), status=500) from exc
-    runner = EdgeRunner(bundle, threads=settings.num_threads or None)
+    log.info("onnx engine: execution providers %s", ", ".join(runner.base.providers))
     engine = OnnxEngine(runner, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                         max_loaded_adapters=settings.max_loaded_adapters)
     return engine, str(bundle.manifest.get("base_name") or "base")

@@ -5,7 +5,8 @@ sparse delta adds ``x @ ΔWᵀ`` with ``ΔW`` sparse. Neither is a LoRA, so the 
 them into a batch; here each hooked linear layer looks at which row uses which adapter in the
 current forward (:attr:`RowAdapters.rows`, set by the engine around every forward) and applies
 only those rows' adapters. Hooks sit on the innermost base linear layer, so a module that PEFT
-wraps for a LoRA adapter later keeps them.
+wraps for a LoRA adapter later keeps them. Adapter tensors live on the model's device: IA3 vectors in
+the model's dtype, PIR deltas in float32 (a sparse product is computed in float32, then cast).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from typing import Any
 class RowAdapters:
     """Per-row IA3 vectors and PIR deltas, keyed by an internal adapter name."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, device, dtype) -> None:
+        """Hooks for ``model``, whose layers run on ``device`` in ``dtype`` (``torch.device``, ``torch.dtype``)."""
         self.model = model
+        self.device, self.dtype = device, dtype
         self.rows: list[str | None] | None = None
         """Per row of the running forward: the row-wise adapter it uses (None: none)."""
         self.adapters: dict[str, dict[int, tuple[str, Any]]] = {}  # internal -> id(linear layer) -> (kind, tensor)
@@ -33,13 +36,13 @@ class RowAdapters:
             layer = self._linear(module_name)
             if kind == "ia3":
                 role = "ia3_in" if module_name.rsplit(".", 1)[-1] in (feedforward or set()) else "ia3_out"
-                per_module[id(layer)] = (role, value.flatten().float())
+                per_module[id(layer)] = (role, value.flatten().to(self.device, self.dtype))
             else:  # sizes from the layer, not its weight: a 4-bit weight is stored packed
                 indices, values = value
                 out_features, in_features = layer.out_features, layer.in_features
                 coords = torch.stack([indices // in_features, indices % in_features])
                 delta = torch.sparse_coo_tensor(coords, values.float(), (out_features, in_features))
-                per_module[id(layer)] = ("pir", delta.coalesce())
+                per_module[id(layer)] = ("pir", delta.coalesce().to(self.device))
             self._hook(layer)
         self.adapters[internal] = per_module
 
@@ -66,7 +69,8 @@ class RowAdapters:
         if not rows:
             return []
         if self._groups[0] is not rows:  # row indices per adapter: once per forward, not once per layer
-            by_adapter = {a: torch.tensor([i for i, r in enumerate(rows) if r == a]) for a in set(rows) if a}
+            by_adapter = {a: torch.tensor([i for i, r in enumerate(rows) if r == a], device=self.device)
+                          for a in set(rows) if a}
             self._groups = (rows, by_adapter)
         groups = []
         for internal, index in self._groups[1].items():

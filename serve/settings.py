@@ -38,12 +38,21 @@ class ServeSettings(BaseSettings):
     adapters: str = "runs/default/adapters"
     """Adapter root: the only place adapters load from (each adapter is a folder under it)."""
     quantize: Literal["none", "int8", "nf4"] = "none"
-    """Precision of the shared frozen base: fp32, or bitsandbytes int8/NF4 (torch backend)."""
+    """Precision of the shared frozen base: full (``dtype``), or bitsandbytes int8/NF4 (torch backend)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the torch backend runs the base and every adapter: ``auto`` is CUDA when a GPU is visible, else
+    the CPU (the ONNX backend's device is ``providers``)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype of the torch backend's base and adapters: ``auto`` is bfloat16 on a GPU (float16 where
+    bf16 is unsupported) and float32 on the CPU. A bitsandbytes base keeps its other layers in float32."""
     backend: Literal["torch", "onnx"] = "torch"
     """``torch``: PyTorch base + PEFT adapters from ``adapters``; ``onnx``: the edge bundle at ``bundle`` on
     ONNX Runtime (no PyTorch needed), serving the bundle's adapters."""
     bundle: str = "runs/default/export/edge"
     """Edge bundle served by the ONNX backend."""
+    providers: Annotated[tuple[Literal["cpu", "cuda"], ...], NoDecode, BeforeValidator(_comma_list)] = ("cpu",)
+    """ONNX Runtime execution providers of the ONNX backend in order of preference (comma-separated); ``cuda``
+    needs the gpu extra (onnxruntime-gpu). The CPU is always the last fallback."""
     host: str = "127.0.0.1"
     """Interface to bind."""
     port: int = Field(8000, ge=1, le=65535)
@@ -71,11 +80,30 @@ class ServeSettings(BaseSettings):
     """CPU threads for torch (0: all cores)."""
 
     @model_validator(mode="after")
-    def _quantize_is_for_torch(self) -> ServeSettings:
-        if self.backend == "onnx" and self.quantize != "none":
+    def _options_fit_the_backend(self) -> ServeSettings:
+        """Refuse an option the chosen backend would ignore: a setting that does nothing is a silent surprise."""
+        if self.backend == "onnx":
+            if self.quantize != "none":
+                raise PydanticCustomError(
+                    "torch_only", "quantize: applies to the torch backend; the ONNX backend runs the bundle's own "
+                                  "precision (export.edge_precision)")
+            if self.dtype not in ("auto", "float32"):
+                raise PydanticCustomError(
+                    "torch_only", "dtype: applies to the torch backend; the ONNX backend runs the bundle's own "
+                                  "precision (export.edge_precision)")
+            if self.device == "cuda":
+                raise PydanticCustomError(
+                    "torch_only", "device: applies to the torch backend; the ONNX backend runs on --providers "
+                                  "(cuda: with the gpu extra, onnxruntime-gpu)")
+        elif self.providers != ("cpu",):
             raise PydanticCustomError(
-                "torch_only", "quantize: applies to the torch backend; the ONNX backend runs the bundle's own "
-                              "precision (export.edge_precision)")
+                "onnx_only", "providers: apply to the ONNX backend (--backend onnx); the torch backend runs on "
+                             "--device")
+        if self.quantize != "none" and self.dtype not in ("auto", "float32"):
+            raise PydanticCustomError(
+                "quantize_dtype", "dtype: a bitsandbytes base (quantize int8/nf4) keeps its unquantized layers in "
+                                  "float32; use dtype auto or float32 with it, or quantize none for a "
+                                  f"{self.dtype} base")
         return self
 
     @classmethod

@@ -37,17 +37,22 @@ def start(state: AppState, model=None, tokenizer=None) -> None:
 
 
 def _torch_engine(state: AppState, model, tokenizer) -> GenerationEngine:
-    """PyTorch base (fp32 or bitsandbytes) plus PEFT adapters validated from the adapter root."""
-    from pipeline.models import load_tokenizer, resolve_base, set_threads
+    """PyTorch base (full precision in ``settings.dtype`` or bitsandbytes, on ``settings.device``) plus PEFT
+    adapters validated from the adapter root."""
+    from pipeline.device import set_threads
+    from pipeline.models import load_tokenizer, resolve_base
     from serve.engine import Engine, load_base
 
     settings = state.settings
     set_threads(settings.num_threads)
     if model is None:
         path = resolve_base(settings.base)
-        model, tokenizer = load_base(path, settings.quantize), load_tokenizer(path)
+        model = load_base(path, settings.quantize, device=settings.device, dtype=settings.dtype)
+        tokenizer = load_tokenizer(path)
     engine = Engine(model, tokenizer, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                     max_loaded_adapters=settings.max_loaded_adapters)
+    log.info("serve: base on %s in %s%s", engine.device, str(engine.dtype).removeprefix("torch."),
+             f" (bitsandbytes {settings.quantize})" if settings.quantize != "none" else "")
 
     def resolve(name: str, source: str):
         folder = resolve_source(Path(settings.adapters), source)

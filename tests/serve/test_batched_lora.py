@@ -8,6 +8,7 @@ import torch
 
 from pipeline.models import load_model
 from serve.batched_lora import BatchedLora
+from tests.serve.adapter_kinds import build_adapter
 
 
 def _adapters(base: Path, root: Path) -> None:
@@ -37,7 +38,7 @@ def _load(base: Path, root: Path, names: str):
 def test_matches_peft_for_mixed_rows_and_follows_loads_and_deletes(tiny_model_dir: Path, tmp_path: Path) -> None:
     _adapters(tiny_model_dir, tmp_path)
     reference, fast = _load(tiny_model_dir, tmp_path, "abc"), _load(tiny_model_dir, tmp_path, "abc")
-    batched = BatchedLora(fast)
+    batched = BatchedLora(fast, torch.device("cpu"))
     x = torch.randint(0, 200, (5, 7))
     rows = ["a", "__base__", "b", "c", "a"]
     with torch.no_grad():
@@ -55,23 +56,13 @@ def test_matches_peft_for_mixed_rows_and_follows_loads_and_deletes(tiny_model_di
 
 def test_dora_rows_mix_with_lora_and_base_rows(tiny_model_dir: Path, tmp_path: Path) -> None:
     """PEFT cannot put a DoRA adapter in a mixed batch; here each row equals PEFT's DoRA model run alone."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
 
     _adapters(tiny_model_dir, tmp_path)
-    torch.manual_seed(9)
-    dora = get_peft_model(load_model(tiny_model_dir), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                                 use_dora=True, init_lora_weights=False,
-                                                                 task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for n, p in dora.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
-            if "magnitude" in n:
-                p.mul_(1.5)  # a magnitude that differs from the base weight's norm
-    dora.save_pretrained(tmp_path / "d")
+    build_adapter("dora", tiny_model_dir, tmp_path / "d")  # a magnitude that differs from the base weight's norm
 
     fast = _load(tiny_model_dir, tmp_path, "ad")
-    BatchedLora(fast)
+    BatchedLora(fast, torch.device("cpu"))
     x = torch.randint(0, 200, (3, 7))
     rows = ["d", "a", "__base__"]
     with torch.no_grad():

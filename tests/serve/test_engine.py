@@ -13,22 +13,17 @@ import torch
 from edge.generation import FinishReason
 from pipeline.models import load_model, load_tokenizer
 from serve.adapters import inspect_adapter
-from serve.engine import Engine, GenRequest
+from serve.engine import Engine, GenRequest, load_base
+from tests.serve.adapter_kinds import (
+    KINDS,
+    SERVED,
+    adapter_effects,
+    build_adapter,
+    deviation,
+    load_every_kind,
+    serve_alone_and_mixed,
+)
 from tests.serve.requests import run_request
-
-
-def _prompt_adapter(base: Path, out: Path, kind: str) -> None:
-    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
-
-    torch.manual_seed(5)
-    config = (PrefixTuningConfig if kind == "prefix" else PromptTuningConfig)(task_type="CAUSAL_LM",
-                                                                             num_virtual_tokens=6)
-    model = get_peft_model(load_model(base), config)
-    with torch.no_grad():  # strong enough to steer a random tiny model
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 20.0)
-    model.save_pretrained(out)
 
 
 def _generate(engine: Engine, tokenizer, adapter: str | None, prompt: str, n: int = 8) -> GenRequest:
@@ -40,41 +35,13 @@ def _generate(engine: Engine, tokenizer, adapter: str | None, prompt: str, n: in
     return request, done
 
 
-def _rowwise_adapter(base: Path, out: Path, kind: str) -> None:
-    from pipeline.config import load_config
-
-    torch.manual_seed(6)
-    if kind == "ia3":
-        from peft import IA3Config, get_peft_model
-
-        model = get_peft_model(load_model(base), IA3Config(task_type="CAUSAL_LM", init_ia3_weights=False))
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.normal_(1.0, 2.0)
-        model.save_pretrained(out)
-        return
-    from pipeline.methods.pir import apply_pir, delta_layers, save_sparse_delta
-
-    model = apply_pir(load_model(base), load_config("configs/tiny.yaml", [f"base={base}", "pir.k=0.05"]))
-    with torch.no_grad():
-        for layer in delta_layers(model).values():
-            layer.values.normal_(0, 3.0)
-    out.mkdir(parents=True)
-    save_sparse_delta(model, out)
-
-
-def _build(kind: str, base: Path, out: Path) -> None:
-    (_prompt_adapter if kind in ("prompt", "prefix") else _rowwise_adapter)(base, out, kind)
-
-
-@pytest.mark.parametrize("kind", ["prompt", "prefix", "ia3", "pir"])
+@pytest.mark.parametrize("kind", ["prompt", "ptuning", "prefix", "ia3", "pir"])
 def test_every_adapter_kind_matches_its_model_alone(kind: str, tiny_model_dir: Path, tmp_path: Path) -> None:
-    """Soft prompts and prefixes (virtual tokens at prefill) and IA3/PIR (per-row hooks) give the first logits
+    """Soft prompts, P-tuning and prefixes (virtual tokens at prefill) and IA3/PIR (per-row hooks) give the first logits
     and greedy tokens of the adapter's own model run alone, also beside a base row in one batch."""
     from pipeline.tuned import load_tuned
 
-    _build(kind, tiny_model_dir, tmp_path / kind)
+    build_adapter(kind, tiny_model_dir, tmp_path / kind)
     tokenizer = load_tokenizer(tiny_model_dir)
     prompt = "Review: great mug"
     ids = tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
@@ -114,13 +81,12 @@ def test_quantized_base_serves_every_adapter_kind_and_evicts_lru(quantize: str, 
     from peft import LoraConfig, get_peft_model
 
     from serve.adapters import AdapterInfo
-    from serve.engine import load_base
 
     torch.manual_seed(1)
     get_peft_model(load_model(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM",
                                                           init_lora_weights=False)).save_pretrained(tmp_path / "lora")
     for kind in ("prefix", "ia3", "pir"):
-        _build(kind, tiny_model_dir, tmp_path / kind)
+        build_adapter(kind, tiny_model_dir, tmp_path / kind)
     tokenizer = load_tokenizer(tiny_model_dir)
     base = load_base(tiny_model_dir, quantize)
     engine = Engine(base, tokenizer, max_batch_size=8, max_loaded_adapters=2)
@@ -136,6 +102,36 @@ def test_quantized_base_serves_every_adapter_kind_and_evicts_lru(quantize: str, 
         assert all(done.wait(60) for _, done in jobs)
         assert [r.reason[1] for r, _ in jobs] == [None] * 5  # every kind decoded, none failed
         assert engine.registry.servable("lora") and len(engine.registry.loaded()) >= 2
+    finally:
+        engine.shutdown(1)
+
+
+@pytest.mark.parametrize("quantize", ["int8", "nf4"])
+def test_dora_on_a_bitsandbytes_base_is_dora_and_leaves_the_base_working(quantize: str, tiny_model_dir: Path,
+                                                                          tmp_path: Path) -> None:
+    """PEFT's DoRA forward on an int8 base rewrote the layer's state on the CPU, after which every request
+    failed; on NF4 the mixed-batch path served DoRA rows as plain LoRA. Now a DoRA row's first logits are
+    the float32 DoRA model's within the base's own quantization error, and other rows keep working."""
+    from peft import PeftModel
+
+    build_adapter("dora", tiny_model_dir, tmp_path / "dora")
+    tokenizer = load_tokenizer(tiny_model_dir)
+    ids = tokenizer("Review: great mug", add_special_tokens=False)["input_ids"]
+    base = load_base(tiny_model_dir, quantize)
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        quantization_error = float((base(input_ids=x).logits - load_model(tiny_model_dir)(input_ids=x).logits).abs().max())
+        reference = PeftModel.from_pretrained(load_model(tiny_model_dir), tmp_path / "dora").eval()(input_ids=x).logits
+    engine = Engine(base, tokenizer, max_batch_size=4)
+    seen, sample = [], engine._sample
+    engine._sample = lambda request, logits: seen.append(logits.clone()) or sample(request, logits)
+    try:
+        engine.run_command(lambda: engine.load(inspect_adapter("dora", tmp_path / "dora", base, 8), "dora"))
+        dora = run_request(engine, ids, 4, adapter="dora")
+        after = run_request(engine, ids, 4)
+        assert dora["error"] is None and after["error"] is None and dora["n"] == after["n"] == 4
+        assert float((seen[0] - reference[0, -1]).abs().max()) < 1.5 * quantization_error
+        assert float((seen[0] - seen[4]).abs().max()) > 5 * quantization_error  # DoRA moved this row
     finally:
         engine.shutdown(1)
 
@@ -268,8 +264,8 @@ def test_replacing_an_adapter_with_another_kind_frees_the_old_weights(tiny_model
 
     get_peft_model(load_model(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear",
                                                           task_type="CAUSAL_LM")).save_pretrained(tmp_path / "lora")
-    _build("prompt", tiny_model_dir, tmp_path / "prompt")
-    _build("ia3", tiny_model_dir, tmp_path / "ia3")
+    build_adapter("prompt", tiny_model_dir, tmp_path / "prompt")
+    build_adapter("ia3", tiny_model_dir, tmp_path / "ia3")
     tokenizer = load_tokenizer(tiny_model_dir)
     base = load_model(tiny_model_dir)
     engine = Engine(base, tokenizer, max_batch_size=2)
@@ -287,3 +283,46 @@ def test_replacing_an_adapter_with_another_kind_frees_the_old_weights(tiny_model
         assert not engine.rowwise.adapters and not engine.retired  # the IA3 vectors are gone too
     finally:
         engine.shutdown(1)
+
+
+def test_a_bfloat16_base_serves_every_adapter_kind_in_one_mixed_batch(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The dtype plumbing, without a GPU: on a bfloat16 base every adapter (read from float32 files) is held in
+    bfloat16, and each row of one mixed batch of every kind gives the greedy tokens that adapter gives alone."""
+    for kind in KINDS:
+        build_adapter(kind, tiny_model_dir, tmp_path / kind)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    engine = Engine(load_base(tiny_model_dir, "none", device="cpu", dtype="bfloat16"), tokenizer,
+                    max_batch_size=len(SERVED))
+    try:
+        load_every_kind(engine, tmp_path)
+        assert engine.dtype == torch.bfloat16 and engine.device == torch.device("cpu")
+        lora = {p.dtype for n, p in engine.model.named_parameters() if "lora_" in n and "_shell" not in n}
+        rowwise = {t.dtype for adapter in engine.rowwise.adapters.values() for role, t in adapter.values()
+                   if role != "pir"}  # PIR deltas stay float32 sparse tensors; their product is cast
+        virtual = {engine.registry.handle(k).virtual.dtype for k in ("prompt", "ptuning", "prefix")}
+        assert lora == rowwise == virtual == {torch.bfloat16}
+        alone, mixed, batch = serve_alone_and_mixed(engine, tokenizer)
+        assert batch == len(SERVED)  # one decode step ran every kind (and the base on 4 prompts) together
+        effects = adapter_effects(alone)
+        assert set(effects) == set(KINDS) and min(effects.values()) > 0.1, effects  # every row is its adapter's
+        for a, m in zip(alone, mixed):
+            assert m.tokens == a.tokens, (a.adapter, a.prompt, a.tokens, m.tokens)
+            assert deviation(m, a) < 0.03, (a.adapter, deviation(m, a))  # bf16 rounding, far below any effect
+    finally:
+        engine.shutdown(1)
+
+
+def test_load_base_places_the_base_and_refuses_what_cannot_be_served(tiny_model_dir: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a GPU, auto is the CPU in float32; a dtype is honoured; what cannot be served is a clear error."""
+    from pipeline.device import model_device
+    from pipeline.errors import ModelError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a GPU machine
+    model = load_base(tiny_model_dir, "none", device="auto", dtype="auto")
+    assert model_device(model) == torch.device("cpu") and {p.dtype for p in model.parameters()} == {torch.float32}
+    assert {p.dtype for p in load_base(tiny_model_dir, "none", dtype="float16").parameters()} == {torch.float16}
+    with pytest.raises(ModelError, match="keeps its unquantized layers in float32"):
+        load_base(tiny_model_dir, "int8", dtype="bfloat16")
+    with pytest.raises(ModelError, match="device: cuda was requested but no CUDA GPU is visible"):
+        load_base(tiny_model_dir, "none", device="cuda")

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from peft import LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
@@ -16,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from edge.bundle import FORMAT, BundleError, EdgeRunner, load_bundle
 from edge.generation import FinishReason, Sampling
+from edge.runtime import Decoder, resolve_providers
 from exporters.kv_prefix import adapter_prefix, save_prefix
 from exporters.onnx import export_onnx_fp32
 from exporters.onnx_lora import add_lora_inputs, write_onnx_adapter
@@ -219,3 +221,59 @@ def test_a_multi_message_chat_over_http_uses_the_bundles_template(bundle: Path, 
     assert body["usage"]["prompt_tokens"] == len(ids)  # the prompt is what transformers renders from the template
     assert body["choices"][0]["message"]["content"] == "".join(runner.stream_text(ids, 10, adapter="alpha"))
     assert body["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+# ---- execution providers (the CUDA one runs in tests/gpu) -------------------------------------------------
+def _available(monkeypatch: pytest.MonkeyPatch, *providers: str) -> None:
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: list(providers))
+
+
+def test_provider_names_map_to_onnx_runtimes_with_the_cpu_last(monkeypatch: pytest.MonkeyPatch) -> None:
+    _available(monkeypatch, "CUDAExecutionProvider", "CPUExecutionProvider")
+    assert resolve_providers(None) == resolve_providers([]) == ["CPUExecutionProvider"]
+    assert resolve_providers(["cuda"]) == resolve_providers(["CUDAExecutionProvider", "cpu", "cuda"]) == \
+        ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    with pytest.raises(ValueError, match="unknown execution provider 'tpu'; use cpu, cuda"):
+        resolve_providers(["tpu"])
+
+
+def test_cuda_without_onnxruntime_gpu_is_refused_with_the_install_hint(
+        bundle: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from edge import cli as edge_cli
+    from serve.adapters import AdapterError
+    from serve.onnx_engine import start_onnx_engine
+    from serve.settings import ServeSettings
+
+    _available(monkeypatch, "CPUExecutionProvider")
+    hint = r"'cuda' \(CUDAExecutionProvider\) is not in this onnxruntime .* pip install 'edgetune\[gpu\]'"
+    with pytest.raises(ValueError, match=hint):
+        resolve_providers(["cuda"])
+    assert edge_cli.main([str(bundle), "--providers", "cuda,cpu", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edgetune: error: execution provider 'cuda'") and "edgetune[gpu]" in err
+    with pytest.raises(AdapterError, match=hint):
+        start_onnx_engine(bundle, ServeSettings(backend="onnx", bundle=str(bundle), providers=("cuda",)))
+
+
+def test_a_provider_onnx_runtime_cannot_start_is_an_error_not_a_silent_cpu_run(
+        bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build that lists CUDA but cannot start it (no GPU, missing CUDA libraries) would fall back to the CPU."""
+    _available(monkeypatch, "CUDAExecutionProvider", "CPUExecutionProvider")
+    real = ort.InferenceSession
+    monkeypatch.setattr(ort, "InferenceSession",  # what ORT does then: the session runs on the CPU alone
+                        lambda path, options, providers: real(path, options, providers=["CPUExecutionProvider"]))
+    with pytest.raises(ValueError, match="could not start CUDAExecutionProvider for model.onnx"):
+        Decoder(bundle / "model.onnx", threads=1, providers=["cuda"])
+
+
+def test_run_edge_takes_the_cpu_provider(bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from edge import cli as edge_cli
+
+    prompt = "the review was great"
+    assert edge_cli.main([str(bundle), prompt, "--raw", "--max-tokens", "4", "--threads", "1", "--providers", "cpu"]) == 0
+    runner = EdgeRunner(load_bundle(bundle), threads=1, providers=["cpu"])
+    assert runner.base.providers == ["CPUExecutionProvider"]
+    ids = runner.tokenizer.encode(prompt, add_special_tokens=False).ids
+    assert capsys.readouterr().out == "".join(runner.stream_text(ids, 4)) + "\n"

@@ -11,7 +11,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 from pipeline.models import load_model
 from serve.app import wait_ready
+from tests.serve.adapter_kinds import worker_held
 
 ADAPTERS = ("alpha", "beta")
 
@@ -97,25 +97,6 @@ def _in_process(base: Path, root: Path, **settings) -> Iterator[tuple]:
     app = create_app(config, model=load_model(base), tokenizer=load_tokenizer(base))
     with TestClient(app) as client:
         yield client, app.state.edgetune.engine
-
-
-@contextlib.contextmanager
-def _worker_held(engine) -> Iterator[None]:
-    """Hold the engine's worker in a command: nothing is admitted, loaded or decoded until the block ends."""
-    inside, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        inside.set()
-        release.wait(60)
-
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        held = pool.submit(engine.run_command, hold)
-        assert inside.wait(30)
-        try:
-            yield
-        finally:
-            release.set()
-            held.result(timeout=30)
 
 
 def _until(condition, timeout: float = 30.0) -> None:
@@ -314,7 +295,7 @@ def test_a_request_past_its_deadline_is_a_504_or_a_final_stream_error(stream: bo
     timeout = 0.05
     with _in_process(tiny_model_dir, root, request_timeout_s=timeout, preload=False) as (client, engine):
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            with _worker_held(engine):  # the request waits in the queue while its deadline passes
+            with worker_held(engine):  # the request waits in the queue while its deadline passes
                 sent = pool.submit(client.post, "/v1/completions", json={
                     "model": tiny_model_dir.name, "prompt": "go", "max_tokens": 50, "temperature": 0, "stream": stream})
                 _until(lambda: engine.queue_depth() == 1)  # queued: its deadline was set before now
@@ -383,7 +364,7 @@ def test_adapter_states_in_models(tiny_model_dir: Path, root: Path) -> None:
         assert isinstance(engine, GenerationEngine)  # what the app relies on, as the ONNX engine does too
         assert list(cards()) == [tiny_model_dir.name]  # nothing preloaded
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            with _worker_held(engine):  # validated, the load waits for the worker: visible as loading
+            with worker_held(engine):  # validated, the load waits for the worker: visible as loading
                 loading = pool.submit(client.post, "/v1/adapters", json={"name": "alpha"})
                 _until(lambda: cards().get("alpha", {}).get("state") == "loading")
             assert loading.result(timeout=60).json() == {"id": "alpha", "object": "model", "state": "ready",
@@ -416,9 +397,9 @@ def test_a_prompt_that_leaves_the_adapters_virtual_tokens_no_room_is_a_400(tiny_
                                                                           tmp_path: Path) -> None:
     """The route counts the prompt and max_tokens; the engine also counts a prompt adapter's virtual tokens.
     A request that only the second check refuses is still the client's fault: 400, never 500."""
-    from tests.serve.test_engine import _prompt_adapter
+    from tests.serve.adapter_kinds import build_adapter
 
-    _prompt_adapter(tiny_model_dir, tmp_path / "soft", "prompt")  # 6 virtual tokens
+    build_adapter("prompt", tiny_model_dir, tmp_path / "soft")  # 6 virtual tokens
     with _in_process(tiny_model_dir, tmp_path) as (client, engine):
         n_prompt = len(engine.tokenizer("go west", add_special_tokens=False)["input_ids"])
         engine.context_length = n_prompt + 4  # room for the prompt and 4 tokens: not for 6 virtual ones too

@@ -120,3 +120,56 @@ def test_flags_reach_the_server_as_typed_settings(monkeypatch: pytest.MonkeyPatc
     (s,) = seen
     assert (s.backend, s.port, s.pinned, s.preload, s.request_timeout_s, s.api_key, s.max_tokens) == \
         ("onnx", 8123, ("a", "b"), False, 1.5, "s3", 99)
+
+
+@pytest.mark.parametrize("source", ["flag", "env"])
+def test_device_dtype_and_providers_from_flags_or_environment(source: str) -> None:
+    torch_side = {"device": "cuda", "dtype": "bfloat16"}
+    onnx_side = {"backend": "onnx", "providers": "cuda, cpu"}
+    if source == "flag":
+        s, o = ServeSettings.from_sources(torch_side, env={}), ServeSettings.from_sources(onnx_side, env={})
+    else:
+        env = lambda d: {f"EDGETUNE_SERVE_{k.upper()}": v for k, v in d.items()}  # noqa: E731
+        s, o = ServeSettings.from_sources({}, env=env(torch_side)), ServeSettings.from_sources({}, env=env(onnx_side))
+    assert (s.device, s.dtype, s.providers) == ("cuda", "bfloat16", ("cpu",))
+    assert (o.backend, o.providers) == ("onnx", ("cuda", "cpu"))
+    default = ServeSettings.from_sources({}, env={})
+    assert (default.device, default.dtype, default.providers) == ("auto", "auto", ("cpu",))
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    ({"device": "gpu"}, "device: Input should be 'auto', 'cpu' or 'cuda' (got 'gpu')"),
+    ({"dtype": "fp16"}, "dtype: Input should be 'auto', 'float32', 'bfloat16' or 'float16' (got 'fp16')"),
+    ({"backend": "onnx", "providers": "cpu,tpu"}, "providers: Input should be 'cpu' or 'cuda' (got 'tpu')"),
+])
+def test_bad_device_dtype_or_provider_names_the_field(flags: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        ServeSettings.from_sources(flags, env={})
+    assert f"  - {message}" in str(info.value).splitlines()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    ({"backend": "onnx", "dtype": "bfloat16"}, "dtype: applies to the torch backend"),
+    ({"backend": "onnx", "device": "cuda"}, "device: applies to the torch backend; the ONNX backend runs on --providers"),
+    ({"providers": "cuda"}, "providers: apply to the ONNX backend"),
+    ({"quantize": "nf4", "dtype": "float16"}, "dtype: a bitsandbytes base (quantize int8/nf4) keeps its unquantized"),
+])
+def test_options_the_backend_or_the_quantization_would_ignore_are_refused(flags: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        ServeSettings.from_sources(flags, env={})
+    assert message in str(info.value)
+    # what each option is for is accepted
+    ServeSettings.from_sources({"backend": "onnx", "dtype": "float32", "device": "cpu", "providers": "cuda"}, env={})
+    ServeSettings.from_sources({"quantize": "int8", "dtype": "float32", "device": "cuda"}, env={})
+
+
+def test_device_and_dtype_flags_reach_the_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    import serve.app
+
+    seen: list[ServeSettings] = []
+    monkeypatch.setattr(serve.app, "serve", lambda settings: seen.append(settings) or 0)
+    assert cli.main(["serve", "--device", "cpu", "--dtype", "bfloat16"]) == 0
+    assert cli.main(["serve", "--backend", "onnx", "--providers", "cuda,cpu"]) == 0
+    assert [(s.device, s.dtype, s.providers) for s in seen] == [("cpu", "bfloat16", ("cpu",)),
+                                                               ("auto", "auto", ("cuda", "cpu"))]
+    assert cli.main(["serve", "--dtype", "half"]) == 2
