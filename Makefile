@@ -9,7 +9,7 @@ SMOLLM2_VERSION := 0.1.2
 CONFIG ?= configs/default.yaml
 RUN ?= default
 
-.PHONY: setup pipeline test lint clean data serve bench-methods bench-pir bench-serve bench-edge serve-edge
+.PHONY: setup pipeline test gpu-check lint clean data serve bench-methods bench-pir bench-serve bench-edge serve-edge
 
 setup: $(STAMP)
 
@@ -38,6 +38,13 @@ serve-edge: setup
 
 test: setup
 	$(VENV)/bin/pytest -q
+
+# On a machine with an NVIDIA GPU: every method through every stage and every served adapter kind on CUDA
+# (tests/gpu, `pytest -m gpu`), one summary line each. Without a CUDA device each test is skipped with the
+# reason. In a prepared environment without network (CUDA torch already installed), run the same command with
+# that Python: `python -m pytest -m gpu -rs tests/gpu`.
+gpu-check: setup
+	$(VENV)/bin/pytest -m gpu -rs tests/gpu
 
 # Every fine-tuning method on the same task and budget → benchmarks/results/methods.{json,md} (~30 min on 2 cores).
 bench-methods: setup

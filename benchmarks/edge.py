@@ -50,8 +50,8 @@ def child(args) -> None:
 
     from exporters.onnx import OnnxCausalLM
     from pipeline.data import load_examples, render_prompt
+    from pipeline.device import set_threads
     from pipeline.evaluate import artifact_size, load_artifact
-    from pipeline.models import set_threads
     from pipeline.scoring import decode_speed, exact_match
 
     cfg = _config(args)

@@ -31,8 +31,9 @@ def child(config: str, scorer: str, out: Path) -> None:
 
     from pipeline.config import load_config
     from pipeline.data import encode_all, load_examples
+    from pipeline.device import set_threads
     from pipeline.methods.pir import apply_pir, delta_layers
-    from pipeline.models import load_model, load_tokenizer, resolve_base, set_threads
+    from pipeline.models import load_model, load_tokenizer, resolve_base
 
     cfg = load_config(ROOT / config, [f"pir.scorer={scorer}"])
     set_threads(cfg.num_threads)

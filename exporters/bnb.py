@@ -110,11 +110,11 @@ def bnb_config(fmt: str) -> BitsAndBytesConfig:
     raise ValueError(f"unknown bitsandbytes format {fmt!r}; expected one of: {', '.join(FORMATS)}")
 
 
-def quantize_to_dir(model_dir: Path, out_dir: Path, fmt: str) -> Path:
+def quantize_to_dir(model_dir: Path, out_dir: Path, fmt: str, device: str = "cpu") -> Path:
     """Quantize the full-precision HF causal LM in ``model_dir`` to ``fmt`` and save it to ``out_dir``.
 
-    The model is loaded on the CPU with :func:`bnb_config` (bitsandbytes quantizes each Linear as
-    its weights are loaded), then ``save_pretrained`` writes the quantized safetensors checkpoint
+    The model is loaded on ``device`` with :func:`bnb_config` (bitsandbytes quantizes each Linear as
+    its weights are loaded; the saved checkpoint loads on any device), then ``save_pretrained`` writes the quantized safetensors checkpoint
     and a ``config.json`` carrying the ``quantization_config``; the tokenizer files present in
     ``model_dir`` (:data:`TOKENIZER_FILES`) are copied next to it. ``out_dir`` is created if
     needed; making the write atomic (temp folder + rename) is the caller's job. Returns ``out_dir``.
@@ -125,7 +125,7 @@ def quantize_to_dir(model_dir: Path, out_dir: Path, fmt: str) -> Path:
         raise FileNotFoundError(
             f"bnb quantize: {model_dir / 'config.json'} not found; pass a saved Hugging Face model directory."
         )
-    model = _load_quantized_model(model_dir, quantization_config=config)
+    model = _load_quantized_model(model_dir, device=device, quantization_config=config)
     try:
         if _count_bnb_linears(model) == 0:
             raise RuntimeError(f"bnb quantize: no Linear layer of {model_dir} was quantized to {fmt}.")
@@ -144,8 +144,8 @@ def quantize_to_dir(model_dir: Path, out_dir: Path, fmt: str) -> Path:
     return out_dir
 
 
-def load_quantized(out_dir: Path) -> PreTrainedModel:
-    """Load a checkpoint written by :func:`quantize_to_dir` on the CPU, in eval mode, ready to ``.generate()``.
+def load_quantized(out_dir: Path, device: str = "cpu") -> PreTrainedModel:
+    """Load a checkpoint written by :func:`quantize_to_dir` on ``device``, in eval mode, ready to ``.generate()``.
 
     Raises ``FileNotFoundError`` if ``out_dir`` holds no config/weights and ``ValueError`` if it
     is not a bitsandbytes-quantized checkpoint (no, or a non-bnb, ``quantization_config``).
@@ -167,7 +167,7 @@ def load_quantized(out_dir: Path) -> PreTrainedModel:
     if not any(out_dir.glob(pattern) for pattern in _WEIGHT_GLOBS):
         raise FileNotFoundError(f"bnb load: no model*.safetensors in {out_dir}.")
     # The saved quantization_config is applied automatically; no config argument needed.
-    model = _load_quantized_model(out_dir)
+    model = _load_quantized_model(out_dir, device=device)
     if _count_bnb_linears(model) == 0:
         raise ValueError(f"bnb load: {out_dir} loaded without any bitsandbytes layer.")
     _keep_unpackable_nf4_layers_generic(model)
@@ -208,7 +208,13 @@ def _load_quantized_model(model_dir: Path | str, device: str = "cpu", **kwargs) 
     # transformers' bnb quantizer picks CUDA/XPU/NPU whenever one is present. dtype must be
     # explicit, or transformers makes the unquantized modules float16: see DENSE_DTYPE.
     _bitsandbytes()  # import it quietly before transformers does
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), device_map={"": device}, dtype=DENSE_DTYPE, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), device_map={"": device}, dtype=DENSE_DTYPE, **kwargs)
+    if set(getattr(model, "hf_device_map", {}).values()) <= {"cpu"}:
+        # The whole model on the CPU is no placement at all, but the map's presence makes PEFT's prefix
+        # tuning look for the accelerator it dispatches the key/value cache to (peft.utils.integrations.
+        # get_layer_device_map: StopIteration). Without a map, PEFT leaves the cache where the model is.
+        del model.hf_device_map
+    return model
 
 
 def _bitsandbytes():

@@ -26,8 +26,9 @@ from typing import Any
 from edge.bundle import FORMAT
 from pipeline.artifacts import atomic_dir, fingerprint, read_manifest, write_manifest
 from pipeline.config import Config, TaskConfig
+from pipeline.device import onnx_providers, set_threads
 from pipeline.errors import EdgetuneError
-from pipeline.models import load_model, load_tokenizer, resolve_base, set_threads
+from pipeline.models import load_model, load_tokenizer, resolve_base
 from pipeline.onnx_build import fp32_onnx, quantize_onnx
 from pipeline.paths import adapter_dir, bundle_dir, merged_dir
 from pipeline.stage_outputs import require_stage_output, tuned_spec
@@ -138,8 +139,9 @@ def _build_base(cfg: Config, task: TaskConfig, base: Path, out: Path, precision:
     if tokenizer.chat_template:  # for multi-message chats on the server's ONNX backend
         (out / "chat_template.jinja").write_text(tokenizer.chat_template)
     base_model = load_model(base, "cpu")
-    fidelity = gate(cfg, task, precision, base_model, load_onnx_model(out, set_threads(cfg.num_threads)),
-                    tokenizer, f"edge base ({task.name} rows)", logits=False)
+    exported = load_onnx_model(out, set_threads(cfg.num_threads), providers=onnx_providers(cfg.providers))
+    fidelity = gate(cfg, task, precision, base_model, exported, tokenizer, f"edge base ({task.name} rows)",
+                    logits=False)
     return {"base_name": Path(cfg.base).name if Path(cfg.base).exists() else cfg.base,
             "model": "model.onnx", "tokenizer": "tokenizer.json", "chat": _chat_format(tokenizer),
             "stop_token_ids": _stop_ids(base, tokenizer), "pad_token_id": tokenizer.pad_token_id,
@@ -181,7 +183,7 @@ def _add_adapter(cfg: Config, task: TaskConfig, kind: str, source: Path, base: P
     from exporters.onnx import OnnxCausalLM
     from pipeline.fidelity import gate
 
-    threads = set_threads(cfg.num_threads)
+    threads, providers = set_threads(cfg.num_threads), onnx_providers(cfg.providers)
     tokenizer = load_tokenizer(base)
     if kind == "lora":
         from exporters.onnx_lora import LoraExportError, write_onnx_adapter
@@ -192,7 +194,7 @@ def _add_adapter(cfg: Config, task: TaskConfig, kind: str, source: Path, base: P
             write_onnx_adapter(source, out / rel)
         except LoraExportError as exc:
             raise EdgetuneError(f"export {task.name} edge: {exc}") from exc
-        decoder = Decoder(out / "model.onnx", threads=threads)
+        decoder = Decoder(out / "model.onnx", threads=threads, providers=providers)
         decoder.load_adapter(task.name, out / rel)
         export_model, torch_model = OnnxCausalLM(decoder, adapter=task.name), load_tuned(source, base)
     elif kind == "prefix":
@@ -202,7 +204,7 @@ def _add_adapter(cfg: Config, task: TaskConfig, kind: str, source: Path, base: P
         rel = f"adapters/{task.name}.prefix.npz"
         (out / "adapters").mkdir(exist_ok=True)
         save_prefix(adapter_prefix(source, base), out / rel)
-        decoder = Decoder(out / "model.onnx", threads=threads)
+        decoder = Decoder(out / "model.onnx", threads=threads, providers=providers)
         export_model = OnnxCausalLM(decoder, prefix=Prefix.load(out / rel))
         torch_model = load_tuned(source, base)
     else:
@@ -210,6 +212,6 @@ def _add_adapter(cfg: Config, task: TaskConfig, kind: str, source: Path, base: P
         (out / "merged").mkdir(exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out, prefix=".work-") as work:
             quantize_onnx(cfg, precision, fp32_onnx(cfg, task, Path(work) / "fp32") / "model.onnx", out / rel)
-        export_model, torch_model = OnnxCausalLM(Decoder(out / rel, threads=threads)), merged_model()
+        export_model, torch_model = OnnxCausalLM(Decoder(out / rel, threads=threads, providers=providers)), merged_model()
     fidelity = gate(cfg, task, precision, torch_model, export_model, tokenizer, f"{task.name} edge")
     return {"kind": kind, "file": rel, "fidelity": fidelity}

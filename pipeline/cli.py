@@ -15,6 +15,7 @@ import typing
 from collections.abc import Callable, Sequence
 
 from edge import cli as edge_cli  # torch-free, like everything `run-edge` touches
+from pipeline import distributed
 from pipeline.errors import EdgetuneError
 
 log = logging.getLogger("edgetune")
@@ -137,9 +138,11 @@ def _stage_runner(stage: str) -> Callable:
 def run_stages(cfg, stages: Sequence[str], tasks: Sequence[str], *, force: bool, resume: bool) -> None:
     """Run ``stages`` in order for the selected tasks (evaluate covers all selected tasks at once)."""
     from pipeline.artifacts import check_writable
+    from pipeline.device import check_placement
 
     selected = [cfg.task(name) for name in tasks] if tasks else list(cfg.tasks)
     check_writable(cfg.run_dir)
+    log.info("running on %s", check_placement(cfg.device, cfg.tune.precision, cfg.providers))
     for stage in stages:
         runner = _stage_runner(stage)
         started = time.perf_counter()
@@ -185,8 +188,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["run-edge"]:  # its own parser: options may come after the prompt, and no torch is imported
         return edge_cli.main(argv[1:])
     args = build_parser().parse_args(argv)
+    # under torchrun / accelerate launch every rank logs: say which one
+    rank = f"[rank {distributed.rank()}] " if distributed.world_size() > 1 else ""
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+                        format=f"%(asctime)s {rank}%(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         if args.command == "serve":  # before pipeline.config: the ONNX backend runs without yaml or torch

@@ -191,6 +191,9 @@ class TuneConfig(_Section):
     """Log the training loss every N steps."""
     save_steps: int = Field(50, ge=1)
     """Write a resumable checkpoint every N steps (``--resume`` continues from the last one)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Training arithmetic: ``auto`` is bf16 mixed precision on a GPU that supports it and fp32 elsewhere;
+    ``bf16``/``fp16`` are mixed precision (weights and the saved adapter stay fp32; fp16 needs CUDA)."""
 
 
 class QuantizeConfig(_Section):
@@ -304,7 +307,10 @@ class Config(_Section):
     seed: int = 0
     """Seed for data order, initialisation and anything random."""
     num_threads: int = Field(0, ge=0)
-    """CPU threads for torch and ONNX Runtime (0: all cores)."""
+    """CPU threads for torch and ONNX Runtime (0: all cores, shared among the ranks of a multi-process launch)."""
+    providers: list[Literal["cpu", "cuda"]] = Field(default_factory=lambda: ["cpu"], min_length=1)
+    """ONNX Runtime execution providers for scoring ONNX artifacts (export gates, evaluate), in order of
+    preference; ``cuda`` needs the ``gpu`` extra (onnxruntime-gpu). The CPU is always the last fallback."""
     lora: LoraConfig = Field(default_factory=LoraConfig)
     ulmfit: UlmfitConfig = Field(default_factory=UlmfitConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)

@@ -17,8 +17,9 @@ from typing import Any
 from pipeline.artifacts import dir_size, fingerprint, write_json_atomic
 from pipeline.config import ONNX_PRECISIONS, Config, TaskConfig
 from pipeline.data import Example, load_examples, render_prompt
+from pipeline.device import onnx_providers, resolve_device, set_threads
 from pipeline.errors import EdgetuneError
-from pipeline.models import load_model, load_tokenizer, resolve_base, set_threads
+from pipeline.models import load_model, load_tokenizer, resolve_base
 from pipeline.paths import adapter_dir, eval_file, export_dir, merged_dir, quantized_dir
 from pipeline.scoring import decode_speed, exact_match, perplexity
 from pipeline.stage_outputs import export_skips, quantized_base_of, require_stage_output, tuned_spec
@@ -62,31 +63,34 @@ def skip_reason(cfg: Config, task: TaskConfig, artifact: str) -> str | None:
 
 
 def load_artifact(cfg: Config, task: TaskConfig, artifact: str):
-    """(model, tokenizer) for ``artifact``; every model has ``__call__`` → logits and ``generate``."""
+    """(model, tokenizer) for ``artifact``; every model has ``__call__`` → logits and ``generate``.
+
+    PyTorch and bitsandbytes artifacts load on the config's device (``device: auto`` takes the GPU when
+    there is one); ONNX ones run on ONNX Runtime with the config's ``providers``."""
     path = artifact_path(cfg, task, artifact)
+    device = resolve_device(cfg.device)
     if artifact != "base":
         require_stage_output(path, _PRODUCER[artifact], task)
-    if artifact == "base":
-        return load_model(path, "cpu"), load_tokenizer(path)
+    if artifact in ("base", "merged"):
+        return load_model(path, device), load_tokenizer(path)
     if artifact == "adapter":
         from pipeline.tuned import load_tuned
 
-        return load_tuned(path, resolve_base(cfg.base)), load_tokenizer(path)
-    if artifact == "merged":
-        return load_model(path, "cpu"), load_tokenizer(path)
+        return load_tuned(path, resolve_base(cfg.base), device), load_tokenizer(path)
     if artifact in ("int8", "nf4"):
         from exporters.bnb import load_quantized
         base_q = quantized_base_of(path)
         if base_q is None:
-            return load_quantized(path), load_tokenizer(path)
+            return load_quantized(path, device), load_tokenizer(path)
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(load_quantized(base_q), path).eval(), load_tokenizer(path)
+        return PeftModel.from_pretrained(load_quantized(base_q, device), path).eval(), load_tokenizer(path)
     if artifact == "edge":
         return _edge_model(cfg, task, path), load_tokenizer(resolve_base(cfg.base))
     from exporters.onnx import load_onnx_model
 
-    return load_onnx_model(path, set_threads(cfg.num_threads)), load_tokenizer(path)
+    return load_onnx_model(path, set_threads(cfg.num_threads), providers=onnx_providers(cfg.providers)), \
+        load_tokenizer(path)
 
 
 def _edge_model(cfg: Config, task: TaskConfig, bundle_path: Path):
@@ -98,8 +102,16 @@ def _edge_model(cfg: Config, task: TaskConfig, bundle_path: Path):
     if task.name not in bundle.adapters:
         raise EdgetuneError(f"the edge bundle {bundle_path} has no adapter {task.name!r}; run `edgetune export "
                             f"--task {task.name}` (export.targets includes edge)")
-    decoder, lora, prefix = EdgeRunner(bundle, threads=set_threads(cfg.num_threads)).resolve(task.name)
+    decoder, lora, prefix = EdgeRunner(bundle, threads=set_threads(cfg.num_threads),
+                                       providers=onnx_providers(cfg.providers)).resolve(task.name)
     return OnnxCausalLM(decoder, adapter=lora, prefix=prefix)
+
+
+def _runs_on(cfg: Config, artifact: str) -> str:
+    """Where ``artifact`` was scored: the torch device, or ONNX Runtime's first provider."""
+    if artifact in ONNX_PRECISIONS or artifact == "edge":
+        return f"onnxruntime:{cfg.providers[0]}"
+    return resolve_device(cfg.device)
 
 
 def artifact_size(cfg: Config, task: TaskConfig, artifact: str) -> int:
@@ -135,6 +147,7 @@ def evaluate_artifact(cfg: Config, task: TaskConfig, artifact: str, examples: li
         "size_bytes": artifact_size(cfg, task, artifact),
         "decode_tokens_per_s": round(speed, 2),
         "rows": len(scored),
+        "device": _runs_on(cfg, artifact),
         "path": str(artifact_path(cfg, task, artifact)),
         "eval_seconds": round(time.perf_counter() - started, 1),
         "mistakes": [o for o in outputs if o["got"] != (o["expected"] or "").strip()][:5],
@@ -148,8 +161,9 @@ def evaluate_cached(cfg: Config, task: TaskConfig, artifact: str, examples: list
                     force: bool) -> dict[str, Any]:
     """:func:`evaluate_artifact`, reusing the stored result while artifact, test file and settings are unchanged."""
     inputs = {"artifact": artifact_path(cfg, task, artifact), "test": Path(task.test)}
-    fp, _ = fingerprint("evaluate", inputs, cfg.section_hash("evaluate", "num_threads") + json.dumps(
-        [task.name, task.max_new_tokens, cfg.tune.max_seq_len]))
+    # where it runs is part of what is measured (speed, and bitsandbytes kernels differ by device)
+    fp, _ = fingerprint("evaluate", inputs, cfg.section_hash("evaluate", "num_threads", "providers") + json.dumps(
+        [resolve_device(cfg.device), task.name, task.max_new_tokens, cfg.tune.max_seq_len]))
     file = eval_file(cfg, task, artifact)
     if not force and file.is_file():
         cached = json.loads(file.read_text())

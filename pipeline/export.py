@@ -27,7 +27,8 @@ from typing import Any
 
 from pipeline.artifacts import atomic_dir, fingerprint, is_fresh, write_manifest
 from pipeline.config import ONNX_PRECISIONS, Config, TaskConfig
-from pipeline.models import load_model, load_tokenizer, resolve_base, set_threads
+from pipeline.device import onnx_providers, set_threads
+from pipeline.models import load_model, load_tokenizer, resolve_base
 from pipeline.onnx_build import export_settings, fp32_onnx, quantize_onnx
 from pipeline.paths import adapter_dir, export_dir, merged_dir
 from pipeline.stage_outputs import (
@@ -123,6 +124,6 @@ def _export_onnx(cfg: Config, task: TaskConfig, merged_model: Callable[[], Any],
             if (fp32 / name).is_file():
                 shutil.copy2(fp32 / name, out / name)
         shutil.rmtree(scratch, ignore_errors=True)
-    return gate(cfg, task, precision, merged_model(), load_onnx_model(out, set_threads(cfg.num_threads)),
-                load_tokenizer(src), f"{task.name} {target}")
+    exported = load_onnx_model(out, set_threads(cfg.num_threads), providers=onnx_providers(cfg.providers))
+    return gate(cfg, task, precision, merged_model(), exported, load_tokenizer(src), f"{task.name} {target}")
 

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from pipeline.artifacts import atomic_dir, fingerprint, is_fresh, write_manifest
 from pipeline.config import Config, TaskConfig
+from pipeline.device import model_device, resolve_device, set_threads, to_model
 from pipeline.errors import EdgetuneError
-from pipeline.models import load_tokenizer, resolve_base, set_threads
+from pipeline.models import load_tokenizer, resolve_base
 from pipeline.paths import adapter_dir, merged_dir
 from pipeline.scoring import prompt_batch
 from pipeline.stage_outputs import remove_stale, require_stage_output, tuned_spec
@@ -54,8 +55,8 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False) -> Path:
 
     set_threads(cfg.num_threads)
     tokenizer = load_tokenizer(src)
-    model = load_tuned(src, base)
-    batch = prompt_batch(tokenizer, task, gate.fidelity_prompts)
+    model = load_tuned(src, base, resolve_device(cfg.device))
+    batch = to_model(prompt_batch(tokenizer, task, gate.fidelity_prompts), model)
     with torch.no_grad():
         before = model(**batch).logits
         try:  # a fully fine-tuned model has nothing to merge: it passes through, checked the same way
@@ -80,5 +81,5 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False) -> Path:
         tokenizer.save_pretrained(tmp)
         write_manifest(tmp, stage="merge", fp=fp, inputs=inputs, config_hash=config_hash,
                        metrics={"max_abs_logit_diff_vs_adapter": diff, "fidelity_prompts": int(len(mask))},
-                       extra={"task": task.name, "method": manifest.get("method")})
+                       extra={"task": task.name, "method": manifest.get("method"), "device": str(model_device(model))})
     return out

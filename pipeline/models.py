@@ -157,23 +157,3 @@ def load_model(source: Path | str, device: str = "cpu", **kwargs):
     if "quantization_config" not in kwargs and "device_map" not in kwargs:
         model.to(device)
     return model.eval()
-
-
-def resolve_device(setting: str) -> str:
-    """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``; a forced ``cuda`` must exist."""
-    import torch
-
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise ModelError("device: cuda was requested but no CUDA GPU is visible; use device: auto or cpu")
-    return setting
-
-
-def set_threads(num_threads: int) -> int:
-    """Use ``num_threads`` CPU threads in torch (0: every core); return the number chosen."""
-    import torch
-
-    n = num_threads or os.cpu_count() or 1
-    torch.set_num_threads(n)
-    return n

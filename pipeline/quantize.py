@@ -19,7 +19,8 @@ from pathlib import Path
 
 from pipeline.artifacts import atomic_dir, fingerprint, is_fresh, write_manifest
 from pipeline.config import Config, TaskConfig
-from pipeline.models import resolve_base, set_threads
+from pipeline.device import resolve_device, set_threads
+from pipeline.models import resolve_base
 from pipeline.paths import adapter_dir, merged_dir, quantized_base_dir, quantized_dir
 from pipeline.stage_outputs import copy_adapter, require_stage_output, tuned_spec
 
@@ -40,26 +41,28 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False) -> list[Path]:
             cfg, task, fmt, force) for fmt in cfg.quantize.formats]
 
 
-def _quantize(src: Path, out: Path, fmt: str, stage_input: str, what: str, force: bool, **extra) -> Path:
-    """Quantize the HF model folder ``src`` into ``out`` unless an identical result exists."""
+def _quantize(src: Path, out: Path, fmt: str, stage_input: str, what: str, force: bool, device: str,
+              **extra) -> Path:
+    """Quantize the HF model folder ``src`` on ``device`` into ``out`` unless an identical result exists."""
     from exporters.bnb import quantize_to_dir
 
     fp, inputs = fingerprint("quantize", {stage_input: src}, fmt)
     if not force and is_fresh(out, fp):
         log.info("quantize %s %s: up to date (%s), nothing to do; --force redoes it", what, fmt, out)
         return out
-    log.info("quantize %s: %s with bitsandbytes", what, fmt)
+    log.info("quantize %s: %s with bitsandbytes on %s", what, fmt, device)
     with atomic_dir(out) as tmp:
-        quantize_to_dir(src, tmp, fmt)
+        quantize_to_dir(src, tmp, fmt, device)
         write_manifest(tmp, stage="quantize", fp=fp, inputs=inputs, config_hash=fmt,
-                       extra={"format": fmt, "kind": "merged", **extra})
+                       extra={"format": fmt, "kind": "merged", "device": device, **extra})
     return out
 
 
 def _merged(cfg: Config, task: TaskConfig, fmt: str, force: bool) -> Path:
     src = merged_dir(cfg, task)
     require_stage_output(src, "merge", task)
-    return _quantize(src, quantized_dir(cfg, task, fmt), fmt, "merged", task.name, force, task=task.name)
+    return _quantize(src, quantized_dir(cfg, task, fmt), fmt, "merged", task.name, force,
+                     resolve_device(cfg.device), task=task.name)
 
 
 def _unmerged(cfg: Config, task: TaskConfig, fmt: str, force: bool) -> Path:
@@ -68,7 +71,8 @@ def _unmerged(cfg: Config, task: TaskConfig, fmt: str, force: bool) -> Path:
     base = resolve_base(cfg.base)
     # The shared base depends only on the base model and the format (its fingerprint): a task's
     # --force redoes the task's artifact, not the base every task shares.
-    base_q = _quantize(base, quantized_base_dir(cfg, fmt), fmt, "base", "base", force=False)
+    base_q = _quantize(base, quantized_base_dir(cfg, fmt), fmt, "base", "base", force=False,
+                       device=resolve_device(cfg.device))
     out = quantized_dir(cfg, task, fmt)
     fp, inputs = fingerprint("quantize", {"quantized_base": base_q, "adapter": adapter}, f"{fmt}:unmerged")
     if not force and is_fresh(out, fp):

@@ -2,7 +2,8 @@
 prompt batch gates compare logits on. Shared by evaluate, the fidelity gates and merge.
 
 Every model here has ``__call__`` -> logits and ``generate`` (PyTorch, bitsandbytes, or ONNX behind
-:class:`exporters.onnx.OnnxCausalLM`).
+:class:`exporters.onnx.OnnxCausalLM`), on whatever device it was loaded on: inputs follow the model
+(:func:`pipeline.device.to_model`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import TaskConfig
 from pipeline.data import IGNORE_INDEX, Example, encode, load_examples, render_prompt
+from pipeline.device import model_device, to_model
 
 
 def prompt_batch(tokenizer, task: TaskConfig, n: int):
@@ -35,8 +37,8 @@ def exact_match(model, tokenizer, examples: list[Example], max_new_tokens: int, 
     outputs = []
     for start in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch", leave=False):
         chunk = examples[start:start + batch_size]
-        batch = tokenizer([render_prompt(tokenizer, e) for e in chunk], return_tensors="pt", padding=True,
-                          add_special_tokens=False)
+        batch = to_model(tokenizer([render_prompt(tokenizer, e) for e in chunk], return_tensors="pt", padding=True,
+                                   add_special_tokens=False), model)
         with torch.no_grad():
             generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -58,7 +60,7 @@ def perplexity(model, tokenizer, examples: list[Example], max_len: int, batch_si
     encoded = [encode(tokenizer, e, max_len)[0] for e in examples]
     nll, count = 0.0, 0
     for start in range(0, len(encoded), batch_size):
-        batch = collate(encoded[start:start + batch_size], tokenizer.pad_token_id)
+        batch = to_model(collate(encoded[start:start + batch_size], tokenizer.pad_token_id), model)
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         # prompt tuning and P-tuning return logits for their virtual tokens too, in front: drop them
@@ -75,7 +77,8 @@ def decode_speed(model, tokenizer, prompt: str, new_tokens: int, repeats: int) -
     """Median greedy decode tokens/s at batch 1, generating exactly ``new_tokens`` (after a warm-up)."""
     import torch
 
-    batch = tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
+    batch = to_model(tokenizer([prompt], return_tensors="pt", add_special_tokens=False), model)
+    cuda = model_device(model).type == "cuda"
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     rates = []
@@ -84,5 +87,7 @@ def decode_speed(model, tokenizer, prompt: str, new_tokens: int, repeats: int) -
         for _ in range(repeats):
             started = time.perf_counter()
             out = model.generate(**batch, **kwargs)
+            if cuda:  # kernels run asynchronously: time the work, not its launch
+                torch.cuda.synchronize()
             rates.append((out.shape[1] - batch["input_ids"].shape[1]) / (time.perf_counter() - started))
     return statistics.median(rates)

@@ -13,19 +13,22 @@ whole model) plus the tokenizer and ``manifest.json``, whose ``adapter`` entry i
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import statistics
 import time
 from functools import partial
 from pathlib import Path
 
+from pipeline import distributed
 from pipeline.adapter_spec import MANIFEST_KEY, AdapterSpec, spec_from_files
 from pipeline.artifacts import atomic_dir, fingerprint, is_fresh, write_manifest
 from pipeline.config import Config, TaskConfig
 from pipeline.data import collate_for_training, encode_all, load_examples
+from pipeline.device import resolve_device, resolve_precision, set_threads
 from pipeline.errors import EdgetuneError
 from pipeline.methods import Method, get_method
-from pipeline.models import load_model, load_tokenizer, resolve_base, resolve_device, set_threads
+from pipeline.models import load_model, load_tokenizer, resolve_base
 from pipeline.paths import adapter_dir, checkpoints_dir
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,13 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
     examples = load_examples(task.train)  # validate every row before any model work
     method = get_method(cfg.method)
     device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.tune.precision, device)
+    distributed.init(device)  # under a launcher: join the group before loading (binds this rank's GPU)
+    if distributed.fsdp_requested():
+        # Saving from sharded parameters needs every rank to gather them first; that path is not built (and
+        # could not be tested here), so refuse rather than write an adapter of shards.
+        raise EdgetuneError("tune: FSDP is not supported yet (the adapter is saved by rank 0 from unsharded "
+                            "parameters); launch with configs/accelerate/ddp.yaml or torchrun (data parallel)")
     set_threads(cfg.num_threads)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(base)
@@ -63,16 +73,25 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
     if optimizer_note:
         log.warning("tune %s: %s", task.name, optimizer_note)
     trainable, total = parameter_counts(model)
-    log.info("tune %s: method=%s, %d examples, %d trainable of %d parameters (%.3f%%), device=%s",
-             task.name, method.name, len(examples), trainable, total, 100 * trainable / total, device)
+    log.info("tune %s: method=%s, %d examples, %d trainable of %d parameters (%.3f%%), device=%s, precision=%s, "
+             "optimizer=%s", task.name, method.name, len(examples), trainable, total, 100 * trainable / total, device,
+             precision, optimizer)
 
     checkpoints = checkpoints_dir(cfg, task)
     resume_from = _last_checkpoint(checkpoints) if resume else None
     if resume and resume_from is None:
         log.info("tune %s: --resume given but no checkpoint in %s; starting from scratch", task.name, checkpoints)
-    elif not resume and _last_checkpoint(checkpoints):
+    elif not resume and distributed.is_main_process() and _last_checkpoint(checkpoints):
         log.info("tune %s: an interrupted run left checkpoints; pass --resume to continue it", task.name)
         shutil.rmtree(checkpoints)
+    distributed.barrier()  # the other ranks touch no checkpoint while the main process clears them
+    # Mixed precision reaches accelerate through the environment (TrainingArguments sets the variable for
+    # bf16/fp16 and never clears it) and its process-wide state: set both for this run, or an earlier bf16 run
+    # in the same process would silently make this one bf16 too. The distributed part of the state is kept.
+    from accelerate.state import AcceleratorState
+
+    os.environ["ACCELERATE_MIXED_PRECISION"] = {"fp32": "no"}.get(precision, precision)
+    AcceleratorState._reset_state(reset_partial_state=False)
     t = cfg.tune
     args = TrainingArguments(
         output_dir=str(checkpoints),
@@ -91,6 +110,8 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
         save_total_limit=1,
         seed=cfg.seed,
         use_cpu=device == "cpu",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
         report_to="none",
         remove_unused_columns=False,
         dataloader_num_workers=0,
@@ -108,6 +129,10 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
         optimizers=(plan.optimizer, plan.scheduler) if plan else (None, None),
         callbacks=[*(plan.callbacks if plan else []), timer],
     )
+    # accelerate's state (built with the Trainer) sets its own thread count when OMP_NUM_THREADS is unset
+    threads = set_threads(cfg.num_threads)
+    log.info("tune %s: rank %d of %d trains with %d CPU threads", task.name, distributed.rank(),
+             distributed.world_size(), threads)
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - started
@@ -141,11 +166,14 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
                        "full_model": method.full_model, "prompt_learning": method.prompt_learning,
                        "learning_rate": args.learning_rate,
                        "base_quantization": method.base_quantization, "optimizer": optimizer,
+                       "optimizer_class": optimizer_class(trainer),
+                       "device": device, "precision": precision,
                        "optimizer_note": optimizer_note, MANIFEST_KEY: spec.to_manifest()},
             )
         shutil.rmtree(checkpoints, ignore_errors=True)
         log.info("tune %s: done in %.0f s, loss %.3f -> %.3f, adapter in %s", task.name, seconds,
                  losses[0][1] if losses else float("nan"), losses[-1][1] if losses else float("nan"), out)
+    distributed.barrier()  # every rank returns once the adapter is in place
     return out
 
 
@@ -198,6 +226,13 @@ def describe(method: Method, folder: Path) -> AdapterSpec:
         raise EdgetuneError(f"tune: method {method.name!r} declares {declared} but saved a {spec.kind} result "
                             f"({found}); the method's registration is wrong")
     return spec
+
+
+def optimizer_class(trainer) -> str:
+    """Class name of the optimizer that really stepped (``PagedAdamW32bit`` for QLoRA on CUDA): the manifest
+    records what ran, not only what was asked for. (accelerate wraps it; the wrapped one is named.)"""
+    opt = trainer.optimizer
+    return type(getattr(opt, "optimizer", opt)).__name__
 
 
 def choose_optimizer(method: Method, device: str) -> tuple[str, str | None]:

@@ -12,19 +12,19 @@ from pipeline.adapter_spec import read_spec
 from pipeline.models import load_model
 
 
-def load_tuned(tuned: Path, base: Path):
-    """The trained model in ``tuned``, unmerged, in eval mode: a PEFT adapter or a PIR sparse delta on
-    ``base``, or a whole model (full fine-tuning, ULMFiT)."""
+def load_tuned(tuned: Path, base: Path, device: str = "cpu"):
+    """The trained model in ``tuned``, unmerged, in eval mode on ``device``: a PEFT adapter or a PIR
+    sparse delta on ``base``, or a whole model (full fine-tuning, ULMFiT)."""
     spec = read_spec(tuned)
     if spec.peft:
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(load_model(base, "cpu"), tuned).eval()
+        return PeftModel.from_pretrained(load_model(base, device), tuned).eval()
     if spec.kind == "pir":
         from pipeline.methods.pir import load_sparse_delta
 
-        return load_sparse_delta(load_model(base, "cpu"), tuned).eval()
-    return load_model(tuned, "cpu")
+        return load_sparse_delta(load_model(base, device), tuned).eval()
+    return load_model(tuned, device)
 
 
 def merge_tuned(model):

@@ -31,12 +31,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline import distributed
 from pipeline.adapter_spec import (
     SPARSE_DELTA_CONFIG,
     SPARSE_DELTA_FORMAT,
     SPARSE_DELTA_WEIGHTS,
     spec_from_files,
 )
+from pipeline.device import to_model
 from pipeline.methods.registry import Method, register
 
 if TYPE_CHECKING:
@@ -127,7 +129,7 @@ def score_weights(model: PreTrainedModel, modules: dict[str, torch.nn.Linear], b
     scores = {n: torch.zeros_like(m.weight) for n, m in modules.items()}
     grads = {n: torch.zeros_like(m.weight) for n, m in modules.items()} if keep_grads else {}
     for batch in tqdm(batches, desc=f"pir: {kind} scores", unit="batch", leave=False):
-        model(**batch).loss.backward()
+        model(**to_model(batch, model)).loss.backward()  # on the device it trains on
         for n, m in modules.items():
             g = m.weight.grad
             scores[n] += (g * m.weight.detach()).abs() if kind == "taylor" else g.square()
@@ -169,6 +171,7 @@ def forest_module_ranking(model: PreTrainedModel, modules: dict[str, torch.nn.Li
     x = np.array(features)
     rng = np.random.default_rng(cfg.seed)
     n_probe = min(len(names), max(4, round(cfg.pir.forest_probes * len(names))))
+    probe_batch = to_model(probe_batch, model)
     probed = sorted(rng.choice(len(names), size=n_probe, replace=False).tolist())
     with torch.no_grad():
         reference = model(**probe_batch).loss.item()
@@ -193,12 +196,26 @@ def select_top_k(scores: dict[str, torch.Tensor], k: float, budget_of: int) -> d
     flat = torch.cat([s.reshape(-1) for s in scores.values()])
     n = max(1, min(int(k * budget_of), flat.numel()))
     top = torch.topk(flat, n, sorted=False).indices.sort().values
-    bounds = torch.tensor([0, *torch.tensor([s.numel() for s in scores.values()]).cumsum(0).tolist()])
+    bounds = torch.tensor([0, *torch.tensor([s.numel() for s in scores.values()]).cumsum(0).tolist()],
+                          device=top.device)
     out = {}
     for i, name in enumerate(scores):
         lo, hi = torch.searchsorted(top, bounds[i]), torch.searchsorted(top, bounds[i + 1])
         out[name] = top[lo:hi] - bounds[i]
     return out
+
+
+def selection_sha256(selection: dict[str, torch.Tensor]) -> str:
+    """A short digest (16 hex digits) of a selection: module names and their indices, in order."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name, indices in selection.items():
+        h.update(name.encode())
+        h.update(indices.detach().to("cpu", torch.int64).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def attach(model: PreTrainedModel, selection: dict[str, torch.Tensor],
@@ -254,6 +271,12 @@ def apply_pir(model: PreTrainedModel, cfg: Config, data: list[dict] | None = Non
             log.info("pir: the forest keeps %d of %d modules eligible; top: %s", keep, len(ranked), ranked[:3])
         del grads
     selection = select_top_k(candidates, p.k, eligible)
+    # Every rank scored its own copy, but they train one model: all take rank 0's choice (moved to the
+    # CPU first, or a receiving rank would unpickle it onto the sender's GPU).
+    own = selection_sha256(selection)
+    selection = distributed.broadcast_object({n: i.cpu() for n, i in selection.items()})
+    log.info("pir: selection sha256 %s on rank %d of %d (own choice %s)", selection_sha256(selection),
+             distributed.rank(), distributed.world_size(), own)
     seconds = time.perf_counter() - started
     selected = sum(int(i.numel()) for i in selection.values())
     log.info("pir: %s scorer chose %d of %d weights (%.3f%%) in %d of %d modules, %.1f s", scorer, selected,
@@ -275,8 +298,8 @@ def save_sparse_delta(model: PreTrainedModel, out: Path) -> None:
     tensors = {}
     for name, layer in layers.items():
         numel = layer.base_layer.weight.numel()
-        tensors[f"{name}.indices"] = layer.indices.to(torch.int32 if numel < 2**31 else torch.int64).contiguous()
-        tensors[f"{name}.values"] = layer.values.detach().float().contiguous()
+        tensors[f"{name}.indices"] = layer.indices.to(torch.int32 if numel < 2**31 else torch.int64).cpu().contiguous()
+        tensors[f"{name}.values"] = layer.values.detach().float().cpu().contiguous()
     save_file(tensors, str(out / SPARSE_DELTA_WEIGHTS), metadata={"format": SPARSE_DELTA_FORMAT, "version": "1"})
     info = dict(getattr(model, "pir_info", {}))
     shapes = info.pop("shapes", {n: list(m.base_layer.weight.shape) for n, m in layers.items()})

@@ -4,7 +4,12 @@
   layers. Group 0, the top, also holds the final norm and the output head (and so the token
   embedding when the two are tied, as in SmolLM2); the bottom group holds the embedding otherwise.
 - Gradual unfreezing: training steps are split evenly into phases; phase ``p`` trains groups
-  ``0..p`` (top group first, one more group per phase), via a Trainer callback.
+  ``0..p`` (top group first, one more group per phase). Every parameter stays ``requires_grad``
+  throughout, because DDP syncs only the parameters that were trainable when it wrapped the model
+  (unfreezing by ``requires_grad`` later would let each rank train those groups on its own data).
+  A group not yet unfrozen instead has its gradient zeroed as it is computed (so gradient clipping
+  sees none) and dropped before each optimizer step (so AdamW leaves it and its state alone):
+  the same updates as freezing, on one process or many, at the cost of a full backward pass.
 - Discriminative learning rates: group ``g`` learns at ``lr / lr_decay**g`` (2.6 by default),
   one optimizer parameter group each.
 - Slanted triangular learning rates: a short linear rise (``cut_frac`` of the steps) to the peak,
@@ -56,16 +61,10 @@ def phase_of(step: int, total: int, phases: int) -> int:
     return min(phases - 1, step * phases // max(1, total))
 
 
-def _set_trainable(groups: list[list], upto: int) -> None:
-    for g, params in enumerate(groups):
-        for p in params:
-            p.requires_grad_(g <= upto)
-
-
 def apply_ulmfit(model: PreTrainedModel, cfg: Config, data: list[dict] | None = None) -> PreTrainedModel:
-    """Freeze everything but the top layer group (phase 0 of gradual unfreezing)."""
-    _set_trainable(layer_groups(model, cfg.ulmfit.phases), 0)
-    return model
+    """Make every parameter trainable: the whole model trains (which groups learn in which phase is the
+    training plan's job, see the module docstring)."""
+    return model.requires_grad_(True)
 
 
 def plan_ulmfit(model: PreTrainedModel, cfg: Config, learning_rate: float, steps: int) -> TrainingPlan:
@@ -80,11 +79,24 @@ def plan_ulmfit(model: PreTrainedModel, cfg: Config, learning_rate: float, steps
         weight_decay=cfg.tune.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: stlr(step, steps, u.cut_frac, u.ratio))
+    phase = [0]  # the current phase, read by the gradient hooks
+
+    def hook(group: int):
+        return lambda grad: torch.zeros_like(grad) if group > phase[0] else None  # None: keep the gradient
+
+    for g, params in enumerate(groups[1:], start=1):  # group 0 trains from the first step
+        for p in params:
+            p.register_hook(hook(g))
 
     class GradualUnfreezing(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            # Frozen parameters get no gradient, so AdamW leaves them (and their state) alone.
-            _set_trainable(groups, phase_of(state.global_step, steps, len(groups)))
+            phase[0] = phase_of(state.global_step, steps, len(groups))
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            # No gradient (not a zero one): AdamW skips the parameter, its moments, step count and decay.
+            for params in groups[phase[0] + 1:]:
+                for p in params:
+                    p.grad = None
 
     return TrainingPlan(optimizer=optimizer, scheduler=scheduler, callbacks=[GradualUnfreezing()])
 

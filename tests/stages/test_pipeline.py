@@ -181,6 +181,7 @@ def test_interrupted_training_resumes_from_checkpoint(tmp_path: Path, tiny_model
     (["method=lorra"], "unknown method 'lorra'"),
     (["base=nonexistent-model"], "unknown base model 'nonexistent-model'"),
     (["tune.max_stpes=3"], "did you mean 'tune.max_steps'"),
+    (["device=cpu", "tune.precision=fp16"], "fp16 mixed precision needs a CUDA GPU; on the CPU use bf16 or fp32"),
 ])
 def test_bad_input_fails_cleanly(tmp_path: Path, tiny_model_dir: Path, capsys, sets, message) -> None:
     base = [] if any(s.startswith("base=") for s in sets) else [f"base={tiny_model_dir}"]
@@ -188,6 +189,18 @@ def test_bad_input_fails_cleanly(tmp_path: Path, tiny_model_dir: Path, capsys, s
     err = capsys.readouterr().err
     assert err.startswith("edgetune: error:") and message in err
     assert not any((tmp_path / "tiny").glob("adapters/*"))
+
+
+def test_onnx_on_cuda_without_the_gpu_extra_fails_before_training(tmp_path: Path, tiny_model_dir: Path, capsys,
+                                                                   monkeypatch) -> None:
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert cli("pipeline", "--config", "configs/tiny.yaml",
+               sets=[f"base={tiny_model_dir}", f"out_dir={tmp_path}", "providers=[cuda]"]) == 2
+    err = capsys.readouterr().err
+    assert "providers: execution provider 'cuda'" in err and "pip install 'edgetune[gpu]'" in err
+    assert not (tmp_path / "tiny" / "adapters").exists()
 
 
 def test_malformed_row_and_unwritable_output(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:
@@ -379,3 +392,25 @@ def test_a_failed_fidelity_gate_publishes_nothing(tiny_run, capsys) -> None:
     after = {p: p.read_text() for p in [*run.rglob("manifest.json"), *(run / "export" / "records").iterdir()]}
     assert after == before  # the earlier exports and records are untouched
     assert not [p for p in (run / "export").rglob("*") if ".tmp-" in p.name]
+
+
+def test_bf16_mixed_precision_trains_and_keeps_an_fp32_adapter(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """tune.precision reaches the Trainer (bf16 autocast works on the CPU too) and the manifest says what ran;
+    the saved adapter stays fp32, like the weights mixed precision keeps."""
+    from safetensors.torch import load_file
+
+    from pipeline import tune
+
+    def train(precision: str) -> dict:
+        cfg = load_config("configs/tiny.yaml", [f"base={tiny_model_dir}", f"out_dir={tmp_path / precision}",
+                                                f"tune.precision={precision}", "tune.max_steps=2"])
+        return json.loads((tune.run(cfg, cfg.task("sentiment")) / "manifest.json").read_text())
+
+    bf16, fp32 = train("bf16"), train("auto")
+    assert (bf16["precision"], fp32["precision"]) == ("bf16", "fp32") and bf16["device"] == "cpu"
+    weights = {p: load_file(tmp_path / p / "tiny" / "adapters" / "sentiment" / "adapter_model.safetensors")
+               for p in ("bf16", "auto")}
+    assert weights["bf16"] and {t.dtype for t in weights["bf16"].values()} == {torch.float32}
+    # the same seed and rows: only the arithmetic differed, so the trained weights differ a little
+    diff = max((weights["bf16"][k] - weights["auto"][k]).abs().max().item() for k in weights["bf16"])
+    assert 0 < diff < 0.05

@@ -36,19 +36,27 @@ def test_training_unfreezes_top_down_with_discriminative_rates(tmp_path: Path, t
 
     cfg = load_config("configs/tiny.yaml", [f"base={tiny_model_dir}", f"out_dir={tmp_path}", "method=ulmfit",
                                             "ulmfit.phases=2", "tune.max_steps=4", "tune.learning_rate=1e-2"])
-    seen: list[tuple[bool, bool, list[float]]] = []
+    # Per optimizer step, as it begins: the top and bottom weights, whether AdamW holds state for the
+    # bottom one, and the groups' rates. (Every group is requires_grad throughout, for DDP's sake: a
+    # group not yet unfrozen is recognised by not moving and having no optimizer state.)
+    seen: list[tuple[torch.Tensor, torch.Tensor, bool, list[float]]] = []
     original = Trainer.training_step
 
     def record(self, model, *args, **kwargs):
         layers = self.model.model.layers
-        seen.append((layers[1].mlp.up_proj.weight.requires_grad, layers[0].mlp.up_proj.weight.requires_grad,
+        top, bottom = layers[1].mlp.up_proj.weight, layers[0].mlp.up_proj.weight
+        seen.append((top.detach().clone(), bottom.detach().clone(), bool(self.optimizer.state.get(bottom)),
                      [g["lr"] for g in self.optimizer.param_groups]))
         return original(self, model, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "training_step", record)
     out = tune.run(cfg, cfg.task("sentiment"))
-    assert [(top, bottom) for top, bottom, _ in seen] == [(True, False), (True, False), (True, True), (True, True)]
-    for _, _, (top_lr, bottom_lr) in seen:
+    tops, bottoms, bottom_state, _ = zip(*seen)
+    assert len(seen) == 4 and all(not torch.equal(a, b) for a, b in zip(tops, tops[1:]))  # top: every step
+    # phase 0 (steps 0, 1): the bottom group is frozen (unchanged, no AdamW state); phase 1 (steps 2, 3) trains it
+    assert torch.equal(bottoms[0], bottoms[1]) and torch.equal(bottoms[1], bottoms[2])
+    assert not torch.equal(bottoms[2], bottoms[3]) and bottom_state == (False, False, False, True)
+    for _, _, _, (top_lr, bottom_lr) in seen:
         assert bottom_lr == pytest.approx(top_lr / 2.6)
     base, tuned = load_model(tiny_model_dir), load_model(out)  # a whole model: both groups moved
     assert not torch.equal(base.model.layers[0].mlp.up_proj.weight, tuned.model.layers[0].mlp.up_proj.weight)
