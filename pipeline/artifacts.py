@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import time
 import uuid
@@ -151,12 +152,15 @@ def write_manifest(
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield an empty temporary folder that replaces ``final`` only if the block succeeds.
 
-    On error the temporary folder is removed and any previous ``final`` is left untouched.
+    On error the temporary folder is removed and any previous ``final`` is left untouched. A kill leaves
+    only dot-named siblings (``.<name>.tmp-<pid>-<hex>``, and for a moment ``.<name>.old-<pid>-<hex>``);
+    the next write of ``final`` first cleans those of dead processes (:func:`remove_stale_temporaries`).
     """
     final = Path(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        remove_stale_temporaries(final.parent, name=final.name)
+        tmp = final.parent / _temporary_name(final.name, "tmp")
         tmp.mkdir()
     except OSError as exc:
         raise EdgetuneError(
@@ -167,7 +171,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         yield tmp
         old = None
         if final.exists():
-            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:6]}"
+            old = final.parent / _temporary_name(final.name, "old")
             final.rename(old)
         tmp.rename(final)
         if old is not None:
@@ -175,6 +179,81 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# Temporary siblings: ``.<name>.tmp-<pid>-<hex>`` (being written) and ``.<name>.old-<pid>-<hex>`` (the output
+# it replaces, between two renames). Names written before the pid was recorded have none.
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)-)?[0-9a-f]{6}$")
+
+
+def _temporary_name(name: str, kind: str) -> str:
+    return f".{name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def remove_stale_temporaries(root: Path, *, name: str | None = None) -> list[Path]:
+    """Clean what killed writers left under ``root``; return the entries removed or restored.
+
+    ``name`` given: only ``root``'s own temporary siblings of that output (an atomic write's start).
+    Otherwise the whole tree (a run's start). An entry is stale when the process named in it is gone, or
+    started after the entry was last written (its pid was reused); a live concurrent writer's entries are
+    kept. A stale ``.old-`` folder is the complete output a killed writer was replacing: it is moved back
+    into place when nothing took that place, else removed.
+    """
+    root = Path(root)
+    found: list[tuple[Path, re.Match]] = []
+    walk = [(str(root), [], os.listdir(root))] if name is not None and root.is_dir() else os.walk(root)
+    for folder, subfolders, files in walk:
+        for entry in [*subfolders, *files]:
+            match = _TEMPORARY.match(entry)
+            if match and (name is None or match["name"] == name):
+                found.append((Path(folder) / entry, match))
+        subfolders[:] = [d for d in subfolders if not _TEMPORARY.match(d)]  # never descend into one
+    cleaned = []
+    for path, match in found:
+        with contextlib.suppress(FileNotFoundError):  # a concurrent sweep got there first
+            if not _stale(path, int(match["pid"]) if match["pid"] else None):
+                continue
+            final = path.parent / match["name"]
+            if match["kind"] == "old" and not final.exists():
+                path.rename(final)
+                log.warning("restored %s, which a killed run was replacing", final)
+            elif path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+                log.info("removed %s, left by a killed run", path)
+            else:
+                path.unlink()
+                log.info("removed %s, left by a killed run", path)
+            cleaned.append(path)
+    return cleaned
+
+
+def _stale(path: Path, pid: int | None) -> bool:
+    """Whether the writer of ``path`` (process ``pid``; None: unrecorded) can no longer be writing it."""
+    written = path.lstat().st_mtime
+    if pid is None:  # an older edgetune's entry: stale once older than this process
+        pid = os.getpid()
+    else:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass  # alive, another user's
+    started = _process_start(pid)
+    # /proc's boot time is whole seconds: allow one, erring towards keeping a live writer's entry
+    return started is not None and written < started - 1.0
+
+
+def _process_start(pid: int) -> float | None:
+    """Start time (epoch seconds) of process ``pid`` from /proc; None where /proc cannot tell (not Linux)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = int(stat[stat.rindex(")") + 2:].split()[19])  # field 22, starttime, in clock ticks since boot
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def check_writable(folder: Path) -> None:
@@ -194,12 +273,21 @@ def check_writable(folder: Path) -> None:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to ``path`` via a temporary file and rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:6]}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:6]}")
-    tmp.write_text(text)
-    tmp.replace(path)
+    """Write ``text`` to ``path`` via a temporary sibling and rename (stale siblings of killed writers go first)."""
+    write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary sibling and rename (stale siblings of killed writers go first)."""
+    remove_stale_temporaries(path.parent, name=path.name)
+    tmp = path.with_name(_temporary_name(path.name, "tmp"))
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -137,11 +137,13 @@ def _stage_runner(stage: str) -> Callable:
 
 def run_stages(cfg, stages: Sequence[str], tasks: Sequence[str], *, force: bool, resume: bool) -> None:
     """Run ``stages`` in order for the selected tasks (evaluate covers all selected tasks at once)."""
-    from pipeline.artifacts import check_writable
+    from pipeline.artifacts import check_writable, remove_stale_temporaries
     from pipeline.device import check_placement
 
     selected = [cfg.task(name) for name in tasks] if tasks else list(cfg.tasks)
     check_writable(cfg.run_dir)
+    if distributed.is_main_process():  # what killed runs left (a live concurrent run's files are kept)
+        remove_stale_temporaries(cfg.run_dir)
     log.info("running on %s", check_placement(cfg.device, cfg.tune.precision, cfg.providers))
     for stage in stages:
         runner = _stage_runner(stage)

@@ -372,7 +372,50 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set tune.max_steps=50")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), _parse_yaml(raw, f"--set {key.strip()}=...", lines=False) if raw.strip() else ""
+
+
+def _read_yaml_file(path: Path) -> Any:
+    """The YAML document in ``path``; ConfigError with file:line when it is not UTF-8 or not YAML."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x}); save the config as "
+                          "UTF-8") from None
+    return _parse_yaml(text, str(path))
+
+
+def _parse_yaml(text: str, where: str, *, lines: bool = True) -> Any:
+    """``yaml.safe_load`` with its failures as one ConfigError naming ``where`` and (``lines``) the line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f":{mark.line + 1}" if mark is not None and lines else ""
+        raise ConfigError(f"{where}{line}: not valid YAML ({exc.problem or exc.context})") from None
+    except yaml.YAMLError as exc:  # the reader's errors (e.g. a control character) carry no mark
+        raise ConfigError(f"{where}: not valid YAML ({exc})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}{f':{_too_deep_line(text)}' if lines else ''}: nested too deeply to read; settings are at most a "
+                          "few levels deep") from None
+
+
+def _too_deep_line(text: str, limit: int = 100) -> int:
+    """The line where ``text``'s YAML nesting first passes ``limit`` levels (1 if the scanner cannot tell)."""
+    opens = (yaml.FlowSequenceStartToken, yaml.FlowMappingStartToken, yaml.BlockSequenceStartToken,
+             yaml.BlockMappingStartToken)
+    closes = (yaml.FlowSequenceEndToken, yaml.FlowMappingEndToken, yaml.BlockEndToken)
+    depth = 0
+    try:
+        for token in yaml.scan(text):
+            depth += isinstance(token, opens) - isinstance(token, closes)
+            if depth > limit:
+                return token.start_mark.line + 1
+    except yaml.YAMLError:
+        pass
+    return 1
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
@@ -385,10 +428,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} not found; pass --config with an existing YAML file")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        data = _read_yaml_file(path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of settings at the top level")
     for text in overrides:

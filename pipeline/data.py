@@ -14,6 +14,7 @@ A malformed row raises DataError naming file and line, before any training start
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from dataclasses import dataclass
@@ -68,39 +69,57 @@ def load_examples(path: str | Path) -> list[Example]:
         rows = _read_csv(path)
     else:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl or .csv")
-    examples = [_to_example(row, f"{path}:{line}") for line, row in rows]
+    examples = [_encodable(_to_example(row, f"{path}:{line}")) for line, row in rows]
     if not examples:
         raise DataError(f"{path}: no rows; a task needs at least one example")
     return examples
 
 
+def _read_text(path: Path) -> str:
+    """The file's text; DataError with file:line when it is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at column {column}); "
+                        "save the file as UTF-8") from None
+
+
+def _parse_json(text: str, where: str, fix: str) -> Any:
+    """``json.loads`` with its failures (nesting too deep to parse included) as DataError at ``where``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        reason = exc.msg
+    except RecursionError:
+        reason = "nested too deeply to read"
+    raise DataError(f"{where}: not valid JSON ({reason}); {fix}")
+
+
 def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((line_no, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({exc.msg}); each line must be one JSON object") from exc
+    for line_no, line in enumerate(io.StringIO(_read_text(path), newline=None), start=1):
+        if line.strip():
+            rows.append((line_no, _parse_json(line, f"{path}:{line_no}", "each line must be one JSON object")))
     return rows
 
 
 def _read_csv(path: Path) -> list[tuple[int, Any]]:
     rows = []
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    try:
         for row in reader:
             if None in row:
                 raise DataError(f"{path}:{reader.line_num}: more fields than the header has columns")
             row = {k: v for k, v in row.items() if k is not None}
             if "messages" in row:
-                try:
-                    row["messages"] = json.loads(row["messages"])
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{reader.line_num}: the messages column must hold a JSON list") from exc
+                row["messages"] = _parse_json(row["messages"], f"{path}:{reader.line_num}",
+                                              "the messages column must hold a JSON list")
             rows.append((reader.line_num, row))
+    except csv.Error as exc:  # e.g. a field over the csv module's size limit; line_num counts whole lines read
+        raise DataError(f"{path}:{reader.line_num + 1}: not valid CSV ({exc})") from None
     return rows
 
 
@@ -122,6 +141,19 @@ def _to_example(row: Any, where: str) -> Example:
     raise DataError(
         f"{where}: unrecognised row with keys {sorted(keys)}; use prompt+completion, messages, or text"
     )
+
+
+def _encodable(example: Example) -> Example:
+    """``example`` if all its text is UTF-8-encodable (JSON can spell a lone surrogate, ``"\\ud800"``, that no
+    tokenizer accepts), else DataError at its row."""
+    texts = [example.text] if example.text is not None else [m["content"] for m in example.messages or ()]
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise DataError(f"{example.source}: text holds a lone surrogate ({text[exc.start]!a} at character "
+                            f"{exc.start}), which is not Unicode text; fix the \\u escape") from None
+    return example
 
 
 def _check_messages(messages: Any, where: str) -> tuple[dict[str, str], ...]:

@@ -5,13 +5,14 @@ score against size on disk and against decode speed, one labelled point per arti
 from __future__ import annotations
 
 import html
+import io
 import os
 import platform
 import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import library_versions, write_json_atomic, write_text_atomic
+from pipeline.artifacts import library_versions, write_bytes_atomic, write_json_atomic, write_text_atomic
 from pipeline.config import Config
 
 SCHEMA_VERSION = 1
@@ -98,10 +99,10 @@ def write_plots(report: dict[str, Any], folder: Path) -> dict[str, Path]:
                      f"{report['machine']['cpu']}, {report['machine']['threads']} threads)", fontsize=10)
         fig.tight_layout(rect=(0, 0.08, 1, 1))
         path = folder / f"{name}.png"
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=110)
+        image = io.BytesIO()
+        fig.savefig(image, format="png", dpi=110)
         plt.close(fig)
-        tmp.replace(path)
+        write_bytes_atomic(path, image.getvalue())  # a kill leaves a temporary the next run cleans
         out[name] = path
     return out
 

@@ -20,6 +20,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+from pipeline import checkpoints as checkpoint_files
 from pipeline import distributed
 from pipeline.adapter_spec import MANIFEST_KEY, AdapterSpec, spec_from_files
 from pipeline.artifacts import atomic_dir, fingerprint, is_fresh, write_manifest
@@ -78,13 +79,13 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
              precision, optimizer)
 
     checkpoints = checkpoints_dir(cfg, task)
-    resume_from = _last_checkpoint(checkpoints) if resume else None
-    if resume and resume_from is None:
-        log.info("tune %s: --resume given but no checkpoint in %s; starting from scratch", task.name, checkpoints)
-    elif not resume and distributed.is_main_process() and _last_checkpoint(checkpoints):
-        log.info("tune %s: an interrupted run left checkpoints; pass --resume to continue it", task.name)
-        shutil.rmtree(checkpoints)
+    if distributed.is_main_process():  # keep only complete checkpoints of this very tune (or none)
+        checkpoint_files.prepare(checkpoints, fp, resume=resume, what=f"tune {task.name}")
     distributed.barrier()  # the other ranks touch no checkpoint while the main process clears them
+    resume_from = checkpoint_files.last_complete(checkpoints) if resume else None
+    if resume:
+        log.info("tune %s: %s", task.name, f"resuming from {resume_from}" if resume_from else
+                 f"--resume given but no complete checkpoint in {checkpoints}; starting from scratch")
     # Mixed precision reaches accelerate through the environment (TrainingArguments sets the variable for
     # bf16/fp16 and never clears it) and its process-wide state: set both for this run, or an earlier bf16 run
     # in the same process would silently make this one bf16 too. The distributed part of the state is kept.
@@ -134,7 +135,10 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
     log.info("tune %s: rank %d of %d trains with %d CPU threads", task.name, distributed.rank(),
              distributed.world_size(), threads)
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if resume_from and checkpoint_files.global_step(resume_from) >= args.max_steps:
+        restore_finished(trainer, resume_from)
+    else:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - started
     losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
 
@@ -245,8 +249,17 @@ def choose_optimizer(method: Method, device: str) -> tuple[str, str | None]:
                            "through CUDA unified memory); using plain AdamW")
 
 
-def _last_checkpoint(folder: Path) -> Path | None:
-    if not folder.is_dir():
-        return None
-    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
+def restore_finished(trainer, checkpoint: Path) -> None:
+    """Put a checkpoint that already holds every step into ``trainer`` (weights, state, log) without training.
+
+    ``Trainer.train`` resumed from it would run one more step (it checks for the last step only after
+    taking one: 13 of 12), which changes the adapter under a constant schedule. The weights are loaded by
+    the same Trainer method ``train`` resumes with.
+    """
+    from transformers import TrainerState
+
+    trainer._load_from_checkpoint(str(checkpoint))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / checkpoint_files.STATE))
+    if trainer.optimizer is None:  # the manifest names the optimizer class a run uses
+        trainer.create_optimizer()
+    log.info("%s already holds all %d steps: restored, not trained further", checkpoint, trainer.state.global_step)

@@ -414,3 +414,100 @@ def test_bf16_mixed_precision_trains_and_keeps_an_fp32_adapter(tmp_path: Path, t
     # the same seed and rows: only the arithmetic differed, so the trained weights differ a little
     diff = max((weights["bf16"][k] - weights["auto"][k]).abs().max().item() for k in weights["bf16"])
     assert 0 < diff < 0.05
+
+
+def _adapter_bytes(folder: Path) -> bytes:
+    return (folder / "adapter_model.safetensors").read_bytes()
+
+
+def _count_steps(monkeypatch) -> dict[str, int]:
+    """Count the Trainer's training steps from now on."""
+    from transformers import Trainer
+
+    original, steps = Trainer.training_step, {"n": 0}
+
+    def count(self, *args, **kwargs):
+        steps["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", count)
+    return steps
+
+
+def test_resume_from_the_final_checkpoint_takes_no_extra_step(tmp_path: Path, tiny_model_dir: Path, monkeypatch,
+                                                              caplog) -> None:
+    """Killed after the last step's checkpoint, before the adapter was in place: --resume publishes exactly the
+    adapter an uninterrupted run makes (the Trainer resumed from it would have run step 5 of 4), and a
+    half-written later checkpoint beside it is ignored."""
+    from pipeline import tune
+
+    sets = [f"base={tiny_model_dir}", "tune.max_steps=4", "tune.save_steps=2", "tune.lr_scheduler=constant"]
+    cfg, ref_cfg = (load_config("configs/tiny.yaml", [*sets, f"out_dir={tmp_path / d}"]) for d in ("run", "ref"))
+    task = cfg.task("sentiment")
+    reference = _adapter_bytes(tune.run(ref_cfg, task))
+
+    def killed(final: Path):
+        raise KeyboardInterrupt  # as a kill between the last checkpoint and the adapter's publication
+
+    with monkeypatch.context() as m:
+        m.setattr(tune, "atomic_dir", killed)
+        with pytest.raises(KeyboardInterrupt):
+            tune.run(cfg, task)
+    checkpoints = tmp_path / "run" / "tiny" / "checkpoints" / "sentiment"
+    assert (checkpoints / "checkpoint-4" / "trainer_state.json").is_file()
+    (checkpoints / "checkpoint-6").mkdir()  # a kill just as a checkpoint folder appeared
+    steps = _count_steps(monkeypatch)
+    with caplog.at_level("INFO"):
+        out = tune.run(cfg, task, resume=True)
+    assert steps["n"] == 0 and "restored, not trained further" in caplog.text
+    assert json.loads((out / "manifest.json").read_text())["metrics"]["steps"] == 4
+    assert _adapter_bytes(out) == reference
+    assert not checkpoints.exists()
+
+
+def test_resume_with_only_incomplete_checkpoints_trains_from_scratch(tmp_path: Path, tiny_model_dir: Path,
+                                                                     monkeypatch, caplog) -> None:
+    from transformers import Trainer
+
+    from pipeline import tune
+
+    sets = [f"base={tiny_model_dir}", "tune.max_steps=4", "tune.save_steps=2"]
+    cfg, ref_cfg = (load_config("configs/tiny.yaml", [*sets, f"out_dir={tmp_path / d}"]) for d in ("run", "ref"))
+    task = cfg.task("sentiment")
+    reference = _adapter_bytes(tune.run(ref_cfg, task))
+    original, calls = Trainer.training_step, {"n": 0}
+
+    def crash_in_step_three(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "training_step", crash_in_step_three)
+        with pytest.raises(KeyboardInterrupt):
+            tune.run(cfg, task)
+    checkpoint = tmp_path / "run" / "tiny" / "checkpoints" / "sentiment" / "checkpoint-2"
+    (checkpoint / "trainer_state.json").unlink()  # killed before the Trainer wrote its last file
+    steps = _count_steps(monkeypatch)
+    with caplog.at_level("INFO"):
+        out = tune.run(cfg, task, resume=True)
+    assert "checkpoint-2 is incomplete" in caplog.text and "no complete checkpoint" in caplog.text
+    assert steps["n"] == 4 and _adapter_bytes(out) == reference
+
+
+@pytest.mark.parametrize("what, content, where", [
+    ("config", b"run: tiny\nbase: caf\xe9\n", ":2: not valid UTF-8"),
+    ("data", b'{"prompt": "a", "completion": "b"}\n\xff\n', ":2: not valid UTF-8"),
+    ("data", b"[" * 100_000 + b"]" * 100_000 + b"\n", ":1: not valid JSON (nested too deeply"),
+], ids=["config-latin1", "jsonl-latin1", "jsonl-deep"])
+def test_unreadable_config_or_data_is_one_error_line_and_exit_2(tmp_path: Path, tiny_model_dir: Path, capsys,
+                                                                what: str, content: bytes, where: str) -> None:
+    bad = tmp_path / ("bad.yaml" if what == "config" else "bad.jsonl")
+    bad.write_bytes(content)
+    config = str(bad) if what == "config" else "configs/tiny.yaml"
+    sets = [f"base={tiny_model_dir}", f"out_dir={tmp_path / 'runs'}",
+            *([f"tasks=[{{name: t, train: '{bad}', test: '{bad}'}}]"] if what == "data" else [])]
+    assert cli("tune", "--config", config, sets=sets) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"edgetune: error: {bad}{where}") and err.count("\n") == 1

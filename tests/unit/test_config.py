@@ -184,3 +184,19 @@ def test_readme_config_reference_lists_every_setting() -> None:
         if not found:
             missing.append(key)
     assert not missing, f"README's config reference lacks {missing}"
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"run: x\nbase: caf\xe9\n", ":2: not valid UTF-8 (byte 0xe9)"),
+    (b"run: x\nbase: " + b"[" * 100_000 + b"]" * 100_000 + b"\n", ":2: nested too deeply to read"),
+    (b"run: x\ntasks: [\n", ":3: not valid YAML"),
+], ids=["latin1", "deep", "unclosed"])
+def test_unreadable_yaml_names_file_and_line(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    assert problems(path, []).startswith(f"{path}{message}")
+
+
+def test_an_override_that_is_not_yaml_is_a_config_error(tmp_path: Path) -> None:
+    assert problems(write(tmp_path, MINIMAL), ["base=[oops"]).startswith("--set base=...: not valid YAML")
+    assert "nested too deeply" in problems(write(tmp_path, MINIMAL), ["base=" + "[" * 100_000])

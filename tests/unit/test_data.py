@@ -112,3 +112,22 @@ def test_training_batch_loss_equals_full_logits_loss(tmp_path: Path, tokenizer, 
         kept = model(**train_batch).loss
         reference = model(**full).loss
     assert kept.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("bad.jsonl", b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "b"}\n',
+     ":2: not valid UTF-8 (byte 0xe9 at column 16)"),
+    ("bad.csv", b"prompt,completion\na,b\n\xff,b\n", ":3: not valid UTF-8 (byte 0xff at column 1)"),
+    ("deep.jsonl", b'{"text": "a"}\n' + b"[" * 100_000 + b"]" * 100_000 + b"\n",
+     ":2: not valid JSON (nested too deeply to read)"),
+    ("deep.csv", b'messages\n"' + b"[" * 60_000 + b"]" * 60_000 + b'"\n', ":2: not valid JSON (nested too deeply"),
+    ("huge.csv", b'messages\n"' + b"[" * 100_000 + b"]" * 100_000 + b'"\n', ":2: not valid CSV (field larger"),
+    ("surrogate.jsonl", b'{"prompt": "a\\ud800", "completion": "b"}\n', ":1: text holds a lone surrogate"),
+], ids=["jsonl-latin1", "csv-latin1", "jsonl-deep", "csv-deep", "csv-huge", "surrogate"])
+def test_undecodable_or_too_deep_rows_name_file_and_line(tmp_path: Path, name: str, content: bytes,
+                                                         message: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError) as info:
+        load_examples(path)
+    assert str(info.value).startswith(f"{path}{message}")
