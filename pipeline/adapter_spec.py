@@ -12,6 +12,7 @@ Torch-free (stdlib only), so the ONNX server backend and the exporters can use i
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,9 @@ class AdapterSpec:
     """Prefix tuning: (layers, key/value heads, head size) of its key/value table, when the config says."""
     files: tuple[str, ...] = ()
     """The files holding the adapter's weights and config, relative to its folder."""
+    base_changes: tuple[str, ...] = ()
+    """PEFT options in its config that change the base model's own modules or weights rather than add the
+    adapter's (``modules_to_save``, ``layer_replication``, trained biases, ...): the server refuses these."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -108,7 +112,8 @@ class AdapterSpec:
                 "fan_in_fan_out": self.fan_in_fan_out, "targets": list(self.targets),
                 "feedforward_modules": list(self.feedforward_modules),
                 "num_virtual_tokens": self.num_virtual_tokens,
-                "kv_layout": None if self.kv_layout is None else list(self.kv_layout), "files": list(self.files)}
+                "kv_layout": None if self.kv_layout is None else list(self.kv_layout), "files": list(self.files),
+                "base_changes": list(self.base_changes)}
 
     @classmethod
     def from_manifest(cls, entry: Any, source: Path = Path(_MANIFEST)) -> AdapterSpec:
@@ -125,7 +130,8 @@ class AdapterSpec:
                    rslora=f.get("rslora", bool) or False, fan_in_fan_out=f.get("fan_in_fan_out", bool) or False,
                    targets=f.names("targets"), feedforward_modules=f.names("feedforward_modules"),
                    num_virtual_tokens=f.positive_int("num_virtual_tokens"),
-                   kv_layout=None if layout is None else tuple(layout), files=f.names("files", sort=False))
+                   kv_layout=None if layout is None else tuple(layout), files=f.names("files", sort=False),
+                   base_changes=f.names("base_changes"))
 
 
 def read_spec(folder: Path, *, trust_manifest: bool = True) -> AdapterSpec:
@@ -181,6 +187,7 @@ def _peft_spec(path: Path) -> AdapterSpec:
                                      f"{', '.join(PEFT_KINDS)}, PIR sparse deltas and whole models")
     kind = PEFT_KINDS[peft_type]
     files = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+    changes = _base_changes(f)
     if kind == "lora":
         r = f.positive_int("r", required=True)
         pattern = f.get("rank_pattern", dict) or {}
@@ -193,10 +200,10 @@ def _peft_spec(path: Path) -> AdapterSpec:
                            alpha=f.number("lora_alpha"), alpha_pattern=f.number_map("alpha_pattern"),
                            rslora=f.get("use_rslora", bool) or False,
                            fan_in_fan_out=f.get("fan_in_fan_out", bool) or False,
-                           targets=f.names("target_modules"), files=files)
+                           targets=f.names("target_modules"), files=files, base_changes=changes)
     if kind == "ia3":
         return AdapterSpec(kind=kind, peft_type=peft_type, targets=f.names("target_modules"),
-                           feedforward_modules=f.names("feedforward_modules"), files=files)
+                           feedforward_modules=f.names("feedforward_modules"), files=files, base_changes=changes)
     layout = None
     if kind == "prefix":
         layers, heads, width = (f.positive_int(k) for k in ("num_layers", "num_attention_heads", "token_dim"))
@@ -204,7 +211,24 @@ def _peft_spec(path: Path) -> AdapterSpec:
             layout = (layers, heads, width // heads)
     return AdapterSpec(kind=kind, peft_type=peft_type, num_virtual_tokens=f.positive_int("num_virtual_tokens",
                                                                                          required=True),
-                       kv_layout=layout, files=files)
+                       kv_layout=layout, files=files, base_changes=changes)
+
+
+BASE_CHANGING_OPTIONS = {"modules_to_save": "copies base modules into the adapter and trains them",
+                         "layer_replication": "duplicates the base model's layers",
+                         "trainable_token_indices": "retrains rows of the base's embeddings",
+                         "target_parameters": "adapts base parameters directly",
+                         "lora_bias": "adds a trained bias to the base layers"}
+"""PEFT config options (set to anything but null, false or empty) that reach into the base model: what they do."""
+
+
+def _base_changes(f: _Fields) -> tuple[str, ...]:
+    """The options of a PEFT config that change the base model itself (see :attr:`AdapterSpec.base_changes`)."""
+    changes = [key for key in BASE_CHANGING_OPTIONS if f.data.get(key) not in (None, False, [], {}, "")]
+    bias = f.get("bias", str)
+    if bias not in (None, "none"):
+        changes.append("bias")  # "all" or "lora_only": the base's biases are trained and saved with the adapter
+    return tuple(sorted(changes))
 
 
 def _sparse_delta_spec(path: Path) -> AdapterSpec:
@@ -212,6 +236,8 @@ def _sparse_delta_spec(path: Path) -> AdapterSpec:
     if f.get("format", str) != SPARSE_DELTA_FORMAT:
         raise AdapterSpecError(path, f"format {f.data.get('format')!r} is not {SPARSE_DELTA_FORMAT!r}")
     modules = f.get("modules", dict) or {}
+    if not all(isinstance(v, dict) for v in modules.values()):
+        raise AdapterSpecError(path, "modules must map module names to objects")
     return AdapterSpec(kind="pir", targets=tuple(sorted(modules)), files=(SPARSE_DELTA_CONFIG, SPARSE_DELTA_WEIGHTS))
 
 
@@ -222,6 +248,8 @@ def _load_json_object(path: Path) -> dict[str, Any]:
         raise AdapterSpecError(path, "is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise AdapterSpecError(path, f"is not valid JSON ({exc})") from None
+    except RecursionError:  # the parser recurses per nesting level: a config is never nested this deep
+        raise AdapterSpecError(path, "is nested too deeply to be an adapter config") from None
     except OSError as exc:
         raise AdapterSpecError(path, f"cannot be read ({exc.strerror or exc})") from None
     if not isinstance(data, dict):
@@ -234,7 +262,13 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite JSON number (Python's parser also takes ``NaN`` and ``Infinity``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 class _Fields:
@@ -270,13 +304,13 @@ class _Fields:
     def number(self, key: str) -> float | None:
         value = self.get(key)
         if value is not None and not _is_number(value):
-            raise self._bad(key, "a number")
+            raise self._bad(key, "a finite number")
         return value
 
     def number_map(self, key: str) -> tuple[tuple[str, float], ...]:
         value = self.get(key, dict) or {}
         if not all(_is_number(v) for v in value.values()):
-            raise self._bad(key, "an object of numbers")
+            raise self._bad(key, "an object of finite numbers")
         return tuple(sorted(value.items()))
 
     def names(self, key: str, *, sort: bool = True) -> tuple[str, ...]:

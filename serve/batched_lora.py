@@ -6,14 +6,15 @@ decode time (one token per row) small-op overhead is most of a LoRA layer's cost
 layer keeps its loaded adapters concatenated, ``A_cat`` (sum of ranks x in) and ``B_cat`` (out x
 sum of ranks, each adapter's scaling folded in), and computes for the whole batch
 
-    result = base(x) + ((x @ A_cat.T) * row_mask) @ B_cat.T
+    result = base(x) + where(row_mask, x @ A_cat.T, 0) @ B_cat.T
 
-where ``row_mask`` keeps, for each row, only its own adapter's rank slice (none for ``__base__``).
+where ``row_mask`` keeps, for each row, only its own adapter's rank slice (none for ``__base__``). It
+selects rather than multiplies by 0, so another adapter's values can never reach a row (0 * inf is NaN);
+its B must be finite, which intake guarantees (:data:`serve.adapters.VALUE_BOUND`).
 The concatenation is rebuilt after an adapter is loaded or deleted (:meth:`BatchedLora.refresh`);
 masks are built once per step and shared by every layer with the same adapters. DoRA rows (which
 PEFT cannot mix into a batch at all) get their per-output magnitude factor on top. Layers with
-another PEFT variant or a LoRA bias keep PEFT's own path. Masks are made on the model's device, in
-the dtype of the adapters' weights (the base's, or float32 on a bitsandbytes base).
+another PEFT variant or a LoRA bias keep PEFT's own path. Masks are boolean, made on the model's device.
 """
 
 from __future__ import annotations
@@ -58,12 +59,11 @@ class BatchedLora:
         table = torch.cat([scales, scales.new_ones(1, scales.shape[1])])
         return table[self._masks[key]]
 
-    def mask(self, layout: tuple, adapter_names: tuple[str, ...], dtype):
-        """(rows x sum of ranks) 0/1 mask in ``dtype`` selecting each row's own adapter slice; None if no row
-        uses one."""
+    def mask(self, layout: tuple, adapter_names: tuple[str, ...]):
+        """(rows x sum of ranks) boolean mask selecting each row's own adapter slice; None if no row uses one."""
         import torch
 
-        key = (layout, adapter_names, dtype)
+        key = (layout, adapter_names)
         if key not in self._masks:
             if len(self._masks) > 256:
                 self._masks.clear()
@@ -71,10 +71,10 @@ class BatchedLora:
             for name, rank in layout:
                 offsets[name] = (start, start + rank)
                 start += rank
-            mask = torch.zeros(len(adapter_names), start, dtype=dtype)
+            mask = torch.zeros(len(adapter_names), start, dtype=torch.bool)
             for row, name in enumerate(adapter_names):
                 if name in offsets:
-                    mask[row, offsets[name][0]:offsets[name][1]] = 1.0
+                    mask[row, offsets[name][0]:offsets[name][1]] = True
             # built on the CPU (row by row), moved once: one copy per new batch layout, not per layer
             self._masks[key] = mask.to(self.device) if bool(mask.any()) else None
         return self._masks[key]
@@ -170,11 +170,13 @@ def _forward(batched: BatchedLora, layer, x, *args: Any, adapter_names: list[str
     result = layer.base_layer(x, *args, **kwargs)
     if not layout:
         return result
-    mask = batched.mask(layout, tuple(adapter_names), a.dtype)
+    mask = batched.mask(layout, tuple(adapter_names))
     if mask is None:
         return result
+    import torch
+
     h = x.to(a.dtype) @ a.T
-    h = h * (mask[:, None, :] if h.dim() == 3 else mask)
+    h = torch.where(mask[:, None, :] if h.dim() == 3 else mask, h, h.new_zeros(()))
     delta = (h @ b.T).to(result.dtype)
     if scales is None:
         return result + delta

@@ -26,13 +26,13 @@ import logging
 import queue
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from edge.generation import ContextOverflow, FinishReason, TextStream, token_budget
-from pipeline.adapter_spec import ADAPTER_WEIGHTS, SPARSE_DELTA_WEIGHTS, kv_layout
-from serve.adapters import AdapterError, AdapterInfo
+from pipeline.adapter_spec import kv_layout
+from serve.adapters import AdapterError, AdapterInfo, declared
 from serve.registry import AdapterRegistry
 from serve.sampling import TorchSampling
 from serve.worker import Worker
@@ -65,6 +65,9 @@ class GenRequest:
     context_overflow: bool = False
     """Set by the engine when the prompt and the adapter's virtual tokens leave no room for an answer: the
     request ended with reason ``error`` through the client's fault (the server answers 400, not 500)."""
+    error_status: int | None = None
+    """Set by the engine when the request ended with reason ``error`` because of its adapter: the HTTP status
+    to answer (404: unloaded after the request was accepted; 422: its files no longer load)."""
     # worker state
     tokens: list[int] = field(default_factory=list)
     """Generated tokens (the stop token excluded); once generation starts, the list its ``stream`` fills."""
@@ -141,23 +144,51 @@ class Engine(Worker):
     # ---- adapter management (worker thread, via run_command) --------------------------------
     def load(self, info: AdapterInfo, source: str, pinned: bool = False) -> LoadedAdapter:
         """Load (or replace) adapter ``info.name``, registered READY; evict LRU unpinned ones beyond capacity."""
+        tensors, info = info.tensors, replace(info, tensors={})  # loaded into the model, not kept twice
         if info.kind == "prompt":
-            return self._load_virtual(info, source, pinned)
+            return self._load_virtual(info, tensors, source, pinned)
         self._counter += 1
         internal = f"a{self._counter}"
         try:
             if info.kind in ("ia3", "pir"):
-                self._load_rowwise(info, internal)
+                self._load_rowwise(info, tensors, internal)
             else:
-                with _int8_state_kept(self.model):
-                    # in the base's dtype (PEFT would keep bf16/fp16 adapters in float32: a training default)
-                    self.model.load_adapter(str(info.path), adapter_name=internal, autocast_adapter_dtype=False)
+                self._load_lora(info, tensors, internal)
         except Exception as exc:  # a library error must not take the server down (the caller marks it failed)
-            raise AdapterError(f"adapter {info.name!r} failed to load: {exc}", status=422) from None
+            self._discard(internal)
+            log.warning("adapter %s failed to load: %r", info.name, exc)
+            raise AdapterError(f"adapter {info.name!r} failed to load: {str(exc)[:300]}", status=422) from None
         self.batched.refresh()
         return self._publish(LoadedAdapter(info, BASE if info.kind in ("ia3", "pir") else internal,
                                            row_adapter=internal if info.kind in ("ia3", "pir") else None),
                              source, pinned)
+
+    def _load_lora(self, info: AdapterInfo, tensors: dict[str, Any], internal: str) -> None:
+        """PEFT's layers for ``internal`` (config from the folder), filled with the validated ``tensors``."""
+        from peft import PeftConfig
+        from peft.utils import set_peft_model_state_dict
+
+        config = PeftConfig.from_pretrained(str(info.path))
+        if config.peft_type != "LORA":  # the folder changed since intake read it
+            raise ValueError(f"its config now says {config.peft_type}, not LORA; load it again")
+        config.inference_mode = True
+        with _int8_state_kept(self.model):
+            # in the base's dtype (PEFT would keep bf16/fp16 adapters in float32: a training default)
+            self.model.add_adapter(internal, config, autocast_adapter_dtype=False)
+            result = set_peft_model_state_dict(self.model, tensors, adapter_name=internal)
+        if result.unexpected_keys:  # intake admits only LoRA keys of declared targets: PEFT must take them all
+            raise ValueError(f"weights PEFT did not place: {result.unexpected_keys[:3]}")
+
+    def _discard(self, internal: str) -> None:
+        """Remove whatever a failed load of ``internal`` left in the model (PEFT layers, also when PEFT had
+        already forgotten its config; row-wise entries), so the next load and every request run as before."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.rowwise.remove(internal)
+        self.model.peft_config.pop(internal, None)
+        for module in self.model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.delete_adapter(internal)  # drops what the layer holds of it (nothing: a no-op)
 
     def _publish(self, entry: LoadedAdapter, source: str, pinned: bool) -> LoadedAdapter:
         """Make ``entry`` its adapter's current version (READY): the version it replaces (LoRA weights, a
@@ -168,26 +199,21 @@ class Engine(Worker):
         self._evict(keep=entry.info.name)
         return entry
 
-    def _load_rowwise(self, info: AdapterInfo, internal: str) -> None:
+    def _load_rowwise(self, info: AdapterInfo, tensors: dict[str, Any], internal: str) -> None:
         """IA3 vectors or a PIR sparse delta, applied per row by hooks (see serve/rowwise.py)."""
-        from safetensors.torch import load_file
-
         if info.kind == "pir":
-            tensors = load_file(str(info.path / SPARSE_DELTA_WEIGHTS))
             deltas = {k.rsplit(".", 1)[0]: (tensors[k].long(), tensors[k.rsplit(".", 1)[0] + ".values"])
                       for k in tensors if k.endswith(".indices")}
             self.rowwise.add(internal, "pir", deltas)
             return
-        tensors = load_file(str(info.path / ADAPTER_WEIGHTS))
-        vectors = {k.removeprefix("base_model.model.").split(".ia3_l")[0]: t for k, t in tensors.items() if ".ia3_l" in k}
-        self.rowwise.add(internal, "ia3", vectors, set(info.spec.feedforward_modules))
+        vectors = {k.removeprefix("base_model.model.").removesuffix(".ia3_l"): t for k, t in tensors.items()}
+        feedforward = {m for m in vectors if declared(m, info.spec.feedforward_modules)}
+        self.rowwise.add(internal, "ia3", vectors, feedforward)
 
-    def _load_virtual(self, info: AdapterInfo, source: str, pinned: bool) -> LoadedAdapter:
+    def _load_virtual(self, info: AdapterInfo, tensors: dict[str, Any], source: str, pinned: bool) -> LoadedAdapter:
         """A prompt-learning adapter is data, not layers: its rows run as base rows whose prefill starts
         from the virtual tokens (embeddings prepended, or a key/value prefix as the initial cache)."""
-        from safetensors.torch import load_file
-
-        table = load_file(str(info.path / ADAPTER_WEIGHTS))["prompt_embeddings"].to(self.device, self.dtype)
+        table = tensors["prompt_embeddings"].to(self.device, self.dtype)
         # running requests keep the table they started with
         return self._publish(LoadedAdapter(info, BASE, virtual=table, prefix=info.spec.kind == "prefix"),
                              source, pinned)
@@ -255,7 +281,8 @@ class Engine(Worker):
                 continue
             try:  # an evicted adapter reloads here, transparently
                 entry = self._checkout(request.adapter) if request.adapter else None
-            except AdapterError as exc:
+            except AdapterError as exc:  # unloaded since it was accepted (404), or its files no longer load
+                request.error_status = exc.status
                 self._finish(request, FinishReason.ERROR, str(exc))
                 continue
             if entry is not None:

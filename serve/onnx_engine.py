@@ -171,6 +171,9 @@ class OnnxEngine(Worker):
             except ContextOverflow as exc:  # the client's prompt, not a server fault: no traceback
                 request.context_overflow = True
                 request.on_done(FinishReason.ERROR, 0, str(exc))
+            except AdapterError as exc:  # unloaded since the request was accepted (404), or it no longer loads
+                request.error_status = exc.status
+                request.on_done(FinishReason.ERROR, 0, str(exc))
             except Exception as exc:  # noqa: BLE001 - reported to the request, the server goes on
                 log.exception("onnx engine: request failed to start")
                 request.on_done(FinishReason.ERROR, 0, str(exc))

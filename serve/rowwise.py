@@ -28,14 +28,16 @@ class RowAdapters:
         self._groups: tuple[Any, dict[str, Any]] = (None, {})  # rows -> {internal: row indices}, per forward
 
     def add(self, internal: str, kind: str, tensors: dict[str, Any], feedforward: set[str] | None = None) -> None:
-        """Register adapter ``internal``: ``kind`` ``ia3`` ({module: vector}) or ``pir`` ({module: (indices, values)})."""
+        """Register adapter ``internal``: ``kind`` ``ia3`` ({module: vector}) or ``pir`` ({module: (indices, values)}).
+
+        ``feedforward``: the IA3 modules (full paths, as in ``tensors``) whose input, not output, is scaled."""
         import torch
 
         per_module = {}
         for module_name, value in tensors.items():
             layer = self._linear(module_name)
             if kind == "ia3":
-                role = "ia3_in" if module_name.rsplit(".", 1)[-1] in (feedforward or set()) else "ia3_out"
+                role = "ia3_in" if module_name in (feedforward or set()) else "ia3_out"
                 per_module[id(layer)] = (role, value.flatten().to(self.device, self.dtype))
             else:  # sizes from the layer, not its weight: a 4-bit weight is stored packed
                 indices, values = value

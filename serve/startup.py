@@ -63,10 +63,13 @@ def _torch_engine(state: AppState, model, tokenizer) -> GenerationEngine:
 
 
 def _preload(state: AppState, engine: GenerationEngine, names: list[str]) -> None:
-    """Load each adapter by its folder (bundle) name; one that fails is logged and left failed."""
+    """Load each adapter by its folder (bundle) name; one that fails is logged and left failed (with its reason
+    in ``GET /v1/models``): one bad folder never stops the server from serving the others."""
     for name in names:
         try:
             state.load_adapter(engine, check_name(name), name, name in state.settings.pinned)
             log.info("serve: adapter %s ready", name)
         except AdapterError as exc:
             log.warning("serve: adapter %s not loaded: %s", name, exc)
+        except Exception:  # noqa: BLE001 - a server fault on one adapter; the registry holds it failed
+            log.exception("serve: adapter %s not loaded", name)

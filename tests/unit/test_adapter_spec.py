@@ -110,7 +110,14 @@ def test_kv_layout_of_a_model_config() -> None:
     (b'{"peft_type": "LORA", "r": true}', "r must be a positive integer, got True"),
     (b'{"peft_type": "LORA"}', "r is missing"),
     (b'{"peft_type": "LORA", "r": 4, "rank_pattern": {"q_proj": -1}}', "rank_pattern['q_proj'] must be a positive"),
-    (b'{"peft_type": "LORA", "r": 4, "lora_alpha": "8"}', "lora_alpha must be a number"),
+    (b'{"peft_type": "LORA", "r": 4, "lora_alpha": "8"}', "lora_alpha must be a finite number"),
+    (b'{"peft_type": "LORA", "r": 4, "lora_alpha": NaN}', "lora_alpha must be a finite number, got nan"),
+    (b'{"peft_type": "LORA", "r": 4, "lora_alpha": 1e999}', "lora_alpha must be a finite number, got inf"),
+    (b'{"peft_type": "LORA", "r": 4, "alpha_pattern": {"q_proj": "x"}}', "alpha_pattern must be an object of"),
+    (b'{"peft_type": "LORA", "r": 4, "rank_pattern": [4]}', "rank_pattern must be an object, got [4]"),
+    (b'{"peft_type": "LORA", "r": 4, "rank_pattern": {"q_proj": "4"}}', "rank_pattern['q_proj'] must be a positive"),
+    (b'"LORA"', "must hold a JSON object, got str"),
+    (b"[" * 100000 + b"]" * 100000, "nested too deeply"),
     (b'{"peft_type": "LORA", "r": 4, "target_modules": [1]}', "target_modules must be a string or a list of strings"),
     (b'{"peft_type": "LORA", "r": 4, "use_dora": "yes"}', "use_dora must be true or false"),
     (b'{"peft_type": 3}', "peft_type must be a string"),
@@ -124,6 +131,19 @@ def test_a_malformed_adapter_config_names_the_file_and_the_problem(tmp_path: Pat
         read_spec(tmp_path)
     assert problem in err.value.problem and err.value.path == tmp_path / ADAPTER_CONFIG
     assert str(err.value).startswith(f"{tmp_path / ADAPTER_CONFIG}: ") and isinstance(err.value, EdgetuneError)
+
+
+def test_options_that_change_the_base_are_named(tmp_path: Path) -> None:
+    """The server refuses them (an adapter may only add its own weights): the spec names every one it finds."""
+    config = {"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"], "modules_to_save": ["embed_tokens"],
+              "layer_replication": [[0, 1]], "bias": "all", "lora_bias": False, "trainable_token_indices": None}
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps(config))
+    spec = read_spec(tmp_path)
+    assert spec.base_changes == ("bias", "layer_replication", "modules_to_save")
+    assert AdapterSpec.from_manifest(spec.to_manifest()) == spec
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps({**config, "modules_to_save": None, "layer_replication": None,
+                                                       "bias": "none"}))
+    assert read_spec(tmp_path).base_changes == ()
 
 
 def test_other_folders_that_are_not_adapters(tmp_path: Path) -> None:
