@@ -9,7 +9,7 @@ SMOLLM2_VERSION := 0.1.2
 CONFIG ?= configs/default.yaml
 RUN ?= default
 
-.PHONY: setup pipeline test gpu-check lint clean data serve bench-methods bench-pir bench-serve bench-edge serve-edge
+.PHONY: setup pipeline test gpu-check lint clean data serve bench-methods bench-pir bench-serve bench-soak bench-edge serve-edge
 
 setup: $(STAMP)
 
@@ -53,6 +53,11 @@ bench-methods: setup
 # The server under load: 8 adapters vs 1 vs a naive switching server → benchmarks/results/serve.{json,md}.
 bench-serve: setup
 	$(PY) benchmarks/serve.py
+
+# The server under sustained load with churn: 48 clients for 60 s while adapters are hot-swapped, unloaded and
+# reloaded → benchmarks/results/soak.{json,md} (5xx, unanswered requests, RSS growth, untouched answers changed).
+bench-soak: setup
+	$(PY) benchmarks/soak.py
 
 # Every deployable form of one tuned task (torch fp32/int8/NF4, ONNX fp32/int8/int4, int4 + .onnx_adapter):
 # decode and prompt speed, score, size, peak RSS → benchmarks/results/edge.{json,md} (~5 min after `make pipeline`).

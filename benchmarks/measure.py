@@ -25,3 +25,17 @@ def run_measured(cmd: list[str], what: str) -> tuple[float, float]:
     if code != 0:
         raise SystemExit(f"{what}: `{shlex.join(cmd)}` failed (exit {code})")
     return time.perf_counter() - started, usage.ru_maxrss / 1024  # Linux reports KiB
+
+
+def write_results(out: Path, name: str, result: dict, lines: list[str]) -> int:
+    """Finish a benchmark whose ``result`` has a ``checks`` dict: the markdown ``lines`` plus one PASS/FAIL line
+    per check, written with the JSON to ``out/name.{json,md}`` (atomically) and printed. The exit status:
+    0 when every check passed, else 1."""
+    from pipeline.artifacts import write_json_atomic, write_text_atomic
+
+    lines = [*lines, "", "Checks:", ""] + [f"- {'PASS' if ok else 'FAIL'}: {k}" for k, ok in result["checks"].items()]
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / f"{name}.json", result)
+    write_text_atomic(out / f"{name}.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0 if all(result["checks"].values()) else 1

@@ -38,6 +38,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.measure import write_results  # noqa: E402
 from serve.app import wait_ready  # noqa: E402
 
 N_ADAPTERS = 8
@@ -65,6 +66,23 @@ def make_adapters(base: Path, root: Path) -> list[str]:
         model.save_pretrained(root / name)
         names.append(name)
     return names
+
+
+def start_server(root: Path, log: Path, *flags: str) -> tuple[str, subprocess.Popen]:
+    """``edgetune serve --adapters root *flags`` in a child process on a free port, its output in ``log``:
+    (its URL, the process) once it answers /ready. The process is killed if it never gets ready."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--adapters", str(root), "--port",
+                               str(port), *flags], stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        wait_ready(url, server, timeout=300)
+    except BaseException:
+        server.kill()
+        raise
+    return url, server
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -159,7 +177,6 @@ def main() -> int:
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
 
-    from pipeline.artifacts import write_json_atomic, write_text_atomic
     from pipeline.device import resolve_device, resolve_dtype
     from pipeline.models import resolve_base
     from pipeline.report import machine
@@ -172,17 +189,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "adapters"
         names = make_adapters(base, root)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        url = f"http://127.0.0.1:{port}"
-        log = open(Path(tmp) / "server.log", "w")
-        server = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--adapters", str(root), "--port",
-                                   str(port), "--max-batch-size", "16", "--max-queue", "256", "--max-rank", "16",
-                                   "--device", device, "--dtype", dtype],
-                                  stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        url, server = start_server(root, Path(tmp) / "server.log", "--max-batch-size", "16", "--max-queue", "256",
+                                   "--max-rank", "16", "--device", device, "--dtype", dtype)
         try:
-            wait_ready(url, server, timeout=300)
             loads = []
             for name in names:  # a hot swap of each: validation + load + registration
                 started = time.perf_counter()
@@ -235,13 +244,7 @@ def main() -> int:
              "|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['concurrency']} | {r['latency_p50_s']:.2f} s | {r['latency_p95_s']:.2f} s | "
               f"{r['ttft_p50_s']:.2f} s | {r['ttft_p95_s']:.2f} s |" for r in latency]
-    lines += ["", "Checks:", ""] + [f"- {'PASS' if ok else 'FAIL'}: {k}" for k, ok in result["checks"].items()]
-    out = ROOT / args.out
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "serve.json", result)
-    write_text_atomic(out / "serve.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0 if all(result["checks"].values()) else 1
+    return write_results(ROOT / args.out, "serve", result, lines)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ try:  # tokenizers >= 0.21; older versions decode the whole text every token (sa
 except ImportError:  # pragma: no cover - depends on the installed tokenizers
     DecodeStream = None
 
-__all__ = ["ContextOverflow", "FinishReason", "Sampling", "SamplingParams", "TextStream", "token_budget"]
+__all__ = ["SEED_MAX", "SMALLEST", "ContextOverflow", "FinishReason", "Sampling", "SamplingParams", "TextStream",
+           "check_seed", "check_temperature", "check_top_p", "token_budget"]
 
 
 class FinishReason(str, Enum):
@@ -60,6 +61,36 @@ def token_budget(prompt_len: int, prefix_len: int, max_tokens: int, context_leng
     return min(max_tokens, room)
 
 
+SMALLEST = float(np.finfo(np.float32).tiny)
+"""The smallest positive temperature or top_p (about 1.2e-38, the smallest normal float32). The torch
+sampler divides float32 logits by the temperature and compares float32 probabilities with top_p: a
+smaller value rounds to 0 there (1e-300: 0/0 is NaN; top_p 1e-320: no token reaches it), or to a
+subnormal that a device flushing subnormals to zero (FTZ/DAZ) also treats as 0, so it is refused."""
+SEED_MAX = 2**63 - 1
+"""The largest seed: both generators (numpy's and torch's) take every seed in [0, 2**63 - 1]."""
+
+
+def check_temperature(value: float) -> float:
+    """``value`` if it is 0 (greedy) or a finite number >= :data:`SMALLEST`, else ValueError naming the range."""
+    if value == 0 or (math.isfinite(value) and value >= SMALLEST):
+        return value
+    raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {SMALLEST:.3g}, got {value!r}")
+
+
+def check_top_p(value: float) -> float:
+    """``value`` if it is in [:data:`SMALLEST`, 1], else ValueError naming the range."""
+    if SMALLEST <= value <= 1:
+        return value
+    raise ValueError(f"top_p must be in [{SMALLEST:.3g}, 1] (1: no nucleus cut), got {value!r}")
+
+
+def check_seed(value: int | None) -> int | None:
+    """``value`` if it is None (seed from the system) or an integer in [0, :data:`SEED_MAX`], else ValueError."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= SEED_MAX):
+        return value
+    raise ValueError(f"seed must be an integer in [0, 2**63 - 1] ({SEED_MAX}), got {value!r}")
+
+
 @dataclass
 class SamplingParams:
     """The sampler contract, one for every runtime (numpy: :class:`Sampling`; torch: ``serve.sampling``).
@@ -70,6 +101,9 @@ class SamplingParams:
       probability reaches ``top_p``, renormalised. The most probable token is always in it.
     - ``seed``: the same seed gives the same picks from the same logits (within one implementation);
       None seeds from the system.
+
+    The bounds (:func:`check_temperature`, :func:`check_top_p`, :func:`check_seed`) are checked here, so
+    every runtime refuses the same values; the server checks the same functions before queueing a request.
     """
 
     temperature: float = 0.0
@@ -77,10 +111,9 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        check_temperature(self.temperature)
+        check_top_p(self.top_p)
+        check_seed(self.seed)
 
     @property
     def greedy(self) -> bool:

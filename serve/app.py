@@ -6,7 +6,9 @@ Routes (:mod:`serve.routes`)
   POST /v1/completions, /v1/chat/completions            ``model`` names the adapter (the base's name: none)
   POST /v1/adapters {"name", "source", "pinned"}        load or hot-swap an adapter from the adapter root
   DELETE /v1/adapters/{name}                            unload (idempotent)
-Errors use OpenAI's body: ``{"error": {"message", "type", "param", "code"}}``.
+Errors use OpenAI's body: ``{"error": {"message", "type", "param", "code"}}``; an invalid body is a 400.
+With an API key (:mod:`serve.auth`), every path but health, ready and metrics needs it, checked before
+a body is read; /openapi.json too, and /docs and /redoc are off (a browser page cannot send the key).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from serve.errors import install_error_handlers
+from serve.auth import ApiKeyMiddleware
+from serve.errors import ERROR_RESPONSES, install_error_handlers
 from serve.routes import adapters, openai, ops
 from serve.settings import ServeSettings
 from serve.startup import start
@@ -41,11 +44,16 @@ def create_app(settings: ServeSettings, *, model=None, tokenizer=None) -> FastAP
         if state.engine is not None:
             await asyncio.to_thread(state.engine.shutdown, settings.request_timeout_s)
 
-    app = FastAPI(title="edgetune server", lifespan=lifespan)
+    keyed = settings.api_key is not None
+    app = FastAPI(title="edgetune server", lifespan=lifespan, docs_url=None if keyed else "/docs",
+                  redoc_url=None if keyed else "/redoc")
     app.state.edgetune = state
     install_error_handlers(app)
-    for module in (ops, openai, adapters):
-        app.include_router(module.router)
+    app.include_router(ops.router)
+    for module in (openai, adapters):
+        app.include_router(module.router, responses=ERROR_RESPONSES)
+    if keyed:
+        app.add_middleware(ApiKeyMiddleware, key=settings.api_key)
     return app
 
 

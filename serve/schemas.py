@@ -7,11 +7,28 @@ OpenAI's server does (a chunk's ``usage``, a delta's ``role``), other None field
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_serializer
+
+from edge.generation import SEED_MAX, SMALLEST, check_temperature, check_top_p
 
 OWNER = "edgetune"
+
+
+def _unicode(value: str) -> str:
+    """``value`` if it is valid Unicode text; a lone surrogate (JSON ``"\\ud800"``) is text no tokenizer,
+    log or response can encode, so it is refused here, as a 400 naming the field, not a 500 later."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"not valid Unicode: a lone surrogate ({value[exc.start]!r}) at character {exc.start}; "
+                         "send UTF-8 text (a \\u escape above U+FFFF needs both halves of its pair)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+"""A request string: any valid Unicode text."""
 
 
 class _Response(BaseModel):
@@ -28,24 +45,28 @@ class SamplingRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str
+    model: Text
     """The base's name, or an adapter's."""
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    # The bounds every sampler shares (edge.generation): below SMALLEST a float32 sampler rounds to 0.
+    temperature: Annotated[float, AfterValidator(check_temperature)] = Field(
+        default=1.0, ge=0.0, le=2.0, description=f"0 (greedy) or in [{SMALLEST:.3g}, 2]")
+    top_p: Annotated[float, AfterValidator(check_top_p)] = Field(
+        default=1.0, gt=0.0, le=1.0, description=f"in [{SMALLEST:.3g}, 1]")
+    stop: Text | list[Text] | None = None
+    seed: Annotated[int, Field(ge=0, le=SEED_MAX)] | None = None
+    """Repeats a sample (within one backend); what both samplers' generators take: [0, 2**63 - 1]."""
     n: int = 1
     stream: bool = False
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -55,8 +76,8 @@ class ChatCompletionRequest(SamplingRequest):
 class AdapterLoadRequest(BaseModel):
     """``POST /v1/adapters``: load (or hot-swap) ``name`` from folder ``source`` (default: ``name``)."""
 
-    name: str
-    source: str | None = None
+    name: Text
+    source: Text | None = None
     pinned: bool = False
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, ValidationError, model_validator
+from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
 
@@ -58,7 +58,9 @@ class ServeSettings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     """TCP port to listen on."""
     api_key: str | None = None
-    """When set, every /v1 route needs ``Authorization: Bearer <key>`` (health, ready, metrics stay open)."""
+    """When set, every route needs ``Authorization: Bearer <key>`` (checked before the body is read), except
+    health, ready and metrics; /openapi.json too, and /docs and /redoc are off. Visible ASCII; an empty key
+    is refused (unset it to serve without one)."""
     max_loaded_adapters: int = Field(8, ge=1)
     """Adapters held in memory at once; the least recently used unpinned one is evicted beyond this."""
     pinned: Annotated[tuple[str, ...], NoDecode, BeforeValidator(_comma_list)] = ()
@@ -78,6 +80,23 @@ class ServeSettings(BaseSettings):
     adapters load on ``POST /v1/adapters``."""
     num_threads: int = Field(0, ge=0)
     """CPU threads for torch (0: all cores)."""
+
+    @field_validator("api_key")
+    @classmethod
+    def _a_real_key(cls, key: str | None) -> str | None:
+        """An empty key would silently turn authentication off; a key with spaces or non-ASCII characters
+        could never be sent in a header (or matched)."""
+        if key is None:
+            return None
+        if not key:
+            raise PydanticCustomError(
+                "empty_api_key", "an empty key would turn authentication off: set a key, or leave --api-key "
+                                 "and EDGETUNE_SERVE_API_KEY unset to serve without one")
+        if not all("!" <= c <= "~" for c in key):
+            raise PydanticCustomError(
+                "api_key_chars", "use visible ASCII characters only (no spaces, control or non-ASCII "
+                                 "characters): clients send the key in the Authorization header")
+        return key
 
     @model_validator(mode="after")
     def _options_fit_the_backend(self) -> ServeSettings:
@@ -134,10 +153,15 @@ class _EnvironmentSource(EnvSettingsSource):
         self.env_vars = {name.lower(): value for name, value in env.items()}
 
 
+SECRETS = frozenset({"api_key"})
+"""Fields whose value an error message never repeats (it would land in a terminal or a log)."""
+
+
 def _lines(exc: ValidationError) -> list[str]:
     """``field: message (got value)`` per problem; a cross-field message names its field itself."""
     out = []
     for err in exc.errors():
         field = str(err["loc"][0]) if err["loc"] else ""  # pinned's item errors: the field is enough
-        out.append(f"{field}: {err['msg']} (got {err['input']!r})" if field else err["msg"])
+        got = "" if field in SECRETS else f" (got {err['input']!r})"
+        out.append(f"{field}: {err['msg']}{got}" if field else err["msg"])
     return out

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 
 from serve.adapters import AdapterError, check_name
 from serve.errors import ApiError
-from serve.routes.deps import RunningEngine, State, require_api_key
+from serve.routes.deps import RunningEngine, State
 from serve.schemas import AdapterDeleted, AdapterLoaded, AdapterLoadRequest
 
-router = APIRouter(prefix="/v1", tags=["adapters"], dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1", tags=["adapters"])
 
 
 @router.post("/adapters", response_model=AdapterLoaded)

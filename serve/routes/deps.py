@@ -1,4 +1,5 @@
-"""What routes depend on: the app's state, the API key check, a running engine."""
+"""What routes depend on: the app's state and a running engine (the API key is checked earlier, in
+:mod:`serve.auth`, before a body is read)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from serve.errors import ApiError
 from serve.protocol import GenerationEngine
 from serve.state import AppState
 
@@ -16,14 +16,6 @@ def app_state(request: Request) -> AppState:
 
 
 State = Annotated[AppState, Depends(app_state)]
-
-
-def require_api_key(request: Request, state: State) -> None:
-    """With ``settings.api_key`` set, the request must send ``Authorization: Bearer <key>`` (else 401)."""
-    key = state.settings.api_key
-    if key and request.headers.get("authorization") != f"Bearer {key}":
-        raise ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>", "authentication_error",
-                       code="invalid_api_key")
 
 
 def ready_engine(state: State) -> GenerationEngine:

@@ -2,7 +2,9 @@
 
 A request's ``model`` is the base's name (no adapter) or an adapter's. Validation errors are 4xx before
 anything is queued; a full queue is 429; a request past ``request_timeout_s`` is 504 (or, streaming,
-a final error event). Both response kinds read the same engine events (:mod:`serve.events`).
+a final error event). Both response kinds read the same engine events (:mod:`serve.events`), and a
+stream starts (200) only with its first event: a request the engine refuses as the client's fault before
+any token gets the same 4xx as the whole response, never a 200 stream that carries an error.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
@@ -23,7 +25,7 @@ from serve.engine import GenRequest  # the request type only: importing serve.en
 from serve.errors import ApiError
 from serve.events import Done, Event, EventQueue, Text, collect
 from serve.protocol import GenerationEngine
-from serve.routes.deps import RunningEngine, State, require_api_key
+from serve.routes.deps import RunningEngine, State
 from serve.schemas import (
     ChatChoice,
     ChatChunkChoice,
@@ -43,7 +45,7 @@ from serve.schemas import (
 )
 from serve.state import AppState
 
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1", tags=["openai"])
 
 Route = Literal["completions", "chat"]
 
@@ -75,6 +77,8 @@ async def chat_completions(body: ChatCompletionRequest, state: State, engine: Ru
             text = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except AdapterError as exc:  # the ONNX backend's template needs jinja2 for several messages
             raise ApiError(exc.status, str(exc), param="messages") from None
+        except Exception as exc:  # noqa: BLE001 - the template's own refusal (e.g. roles must alternate)
+            raise ApiError(400, f"the base's chat template refused these messages: {exc}", param="messages") from None
     else:
         text = "\n".join(m["content"] for m in messages) + "\n"
     return await _generate(state, engine, body, text, "chat")
@@ -98,7 +102,7 @@ class _Job:
 async def _generate(state: AppState, engine: GenerationEngine, body: SamplingRequest, text: str, route: Route):
     job = _submit(state, engine, body, text, route)
     if body.stream:
-        return StreamingResponse(_stream(state, job), media_type="text/event-stream")
+        return StreamingResponse(_stream(state, job, await _opening(state, job)), media_type="text/event-stream")
     try:
         result = await collect(_observed(state, job))
     finally:
@@ -128,6 +132,8 @@ def _submit(state: AppState, engine: GenerationEngine, body: SamplingRequest, te
         raise ApiError(400, f"max_tokens {max_tokens} is above this server's limit {settings.max_tokens}",
                        param="max_tokens")
     ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:  # the model needs at least one token to predict the next from
+        raise ApiError(400, "the prompt is empty (0 tokens): send some text", param="prompt")
     if len(ids) + max_tokens > engine.context_length:
         raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the context "
                        f"length {engine.context_length}; shorten the prompt or lower max_tokens",
@@ -161,17 +167,28 @@ async def _observed(state: AppState, job: _Job) -> AsyncIterator[Event]:
         yield event
 
 
-def _finished(state: AppState, job: _Job, done: Done) -> ApiError | None:
-    """Record the request's metrics; for a request that failed (timeout: 504, a prompt that leaves its
-    adapter's virtual tokens no room: 400, any other error: 500), its error."""
+def _status(job: _Job, done: Done) -> int:
+    """The HTTP status of a request that ended with ``done``: 200, or for one that failed, 504 (timeout),
+    400 (a prompt that leaves its adapter's virtual tokens no room), the adapter's status (404: unloaded after the
+    request was accepted; 422: its files no longer load), 500 (any other error)."""
     status = {"timeout": 504, "error": 500}.get(done.reason, 200)
     if status == 500 and job.request.context_overflow:
         status = 400
+    elif status == 500 and job.request.error_status is not None:
+        status = job.request.error_status
+    return status
+
+
+def _finished(state: AppState, job: _Job, done: Done) -> ApiError | None:
+    """Record the request's metrics; for a request that failed (see :func:`_status`), its error."""
+    status = _status(job, done)
     state.metrics.requests.labels(job.route, job.model, str(status)).inc()
     state.metrics.latency.labels(job.route).observe(time.perf_counter() - job.started)
     state.metrics.tokens.labels(job.model).inc(done.completion_tokens)
     if status == 504:
         return ApiError(504, f"request timed out after {state.settings.request_timeout_s:g} s", "server_error")
+    if status == job.request.error_status and status < 500:  # its adapter's fault, as the engine named it
+        return ApiError(status, str(done.error), param="model", code="model_not_found" if status == 404 else None)
     if status == 400:
         return ApiError(400, str(done.error),
                         param="messages" if job.route == "chat" else "prompt", code="context_length_exceeded")
@@ -180,12 +197,33 @@ def _finished(state: AppState, job: _Job, done: Done) -> ApiError | None:
     return None
 
 
-async def _stream(state: AppState, job: _Job) -> AsyncIterator[str]:
+async def _opening(state: AppState, job: _Job) -> AsyncIterator[Event]:
+    """The job's events, once the first has come: a request that ends before its first token for a fault
+    of the client's (a 4xx) raises that ApiError here, before any status is sent, as the whole response
+    would. Other ends (a timeout, a server error) stay in the stream, as they would after a token."""
+    events = _observed(state, job)
+    try:
+        first = await anext(events)
+        if isinstance(first, Done) and 400 <= _status(job, first) < 500:
+            raise _finished(state, job, first)
+    except BaseException:
+        job.request.cancelled = True  # refused, or the client went away while it waited
+        raise
+
+    async def replay() -> AsyncIterator[Event]:
+        yield first
+        async for event in events:
+            yield event
+
+    return replay()
+
+
+async def _stream(state: AppState, job: _Job, events: AsyncIterator[Event]) -> AsyncIterator[str]:
     """Server-sent events: a chunk per text piece, a last chunk with the finish reason and usage (or an
     error event), then ``[DONE]``."""
     first = True
     try:
-        async for event in _observed(state, job):
+        async for event in events:
             if isinstance(event, Text):
                 yield _sse(_chunk(job, event.text, None, first))
                 first = False

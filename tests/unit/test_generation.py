@@ -12,7 +12,15 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from edge.generation import ContextOverflow, FinishReason, Sampling, TextStream, token_budget
+from edge.generation import (
+    SEED_MAX,
+    SMALLEST,
+    ContextOverflow,
+    FinishReason,
+    Sampling,
+    TextStream,
+    token_budget,
+)
 from serve.sampling import TorchSampling
 from tests.tiny_model import build_tiny_tokenizer
 
@@ -100,13 +108,17 @@ def test_a_seed_repeats_its_sequence(kind: str) -> None:
 @pytest.mark.parametrize("kind", SAMPLERS)
 def test_extreme_settings_do_not_break_the_sampler(kind: str) -> None:
     big = [3e4, -2e4, 2.9e4, float("-inf"), 0.0]  # large logits and a masked token
-    for temperature in (1e-45, 1e-30, 1e-8):  # logits / T overflows unless the max goes first
+    for temperature in (SMALLEST, 1e-30, 1e-8):  # logits / T overflows unless the max goes first
         assert _sampler(kind, temperature, 0.5)(big) == 0
-    assert _sampler(kind, 100.0, 1e-12)(big) == 0
+    assert _sampler(kind, 100.0, SMALLEST)(big) == 0
     assert _sampler(kind, 1.0)([0.0] * 4) in range(4)  # all tied: any, no division by zero
+    assert _sampler(kind, 1.0, 1.0, SEED_MAX)(LOGITS) in range(len(LOGITS))  # the largest seed both generators take
     cls, _ = SAMPLERS[kind]
-    for bad in ({"temperature": -0.1}, {"temperature": float("nan")}, {"top_p": 0.0}, {"top_p": 1.5}):
-        with pytest.raises(ValueError):
+    # below SMALLEST a float32 sampler rounds the value to 0 (NaN probabilities, an empty nucleus): refused
+    for bad in ({"temperature": -0.1}, {"temperature": float("nan")}, {"temperature": 1e-300},
+                {"temperature": 5e-324}, {"top_p": 0.0}, {"top_p": 1e-320}, {"top_p": 1.5}, {"seed": -1},
+                {"seed": SEED_MAX + 1}, {"seed": 2**64}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
             cls(**bad)
 
 
