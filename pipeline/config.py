@@ -32,7 +32,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, read_utf8
 
 QuantFormat = Literal["int8", "nf4"]
 ExportTarget = Literal["safetensors", "onnx", "onnx-int8", "onnx-int4", "edge"]
@@ -377,14 +377,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def _read_yaml_file(path: Path) -> Any:
     """The YAML document in ``path``; ConfigError with file:line when it is not UTF-8 or not YAML."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise ConfigError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x}); save the config as "
-                          "UTF-8") from None
-    return _parse_yaml(text, str(path))
+    return _parse_yaml(read_utf8(path, ConfigError, "the config"), str(path))
 
 
 def _parse_yaml(text: str, where: str, *, lines: bool = True) -> Any:

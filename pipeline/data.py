@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import DataError
+from pipeline.errors import DataError, read_utf8
 
 log = logging.getLogger(__name__)
 
@@ -75,18 +75,6 @@ def load_examples(path: str | Path) -> list[Example]:
     return examples
 
 
-def _read_text(path: Path) -> str:
-    """The file's text; DataError with file:line when it is not UTF-8."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at column {column}); "
-                        "save the file as UTF-8") from None
-
-
 def _parse_json(text: str, where: str, fix: str) -> Any:
     """``json.loads`` with its failures (nesting too deep to parse included) as DataError at ``where``."""
     try:
@@ -100,7 +88,7 @@ def _parse_json(text: str, where: str, fix: str) -> Any:
 
 def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
     rows = []
-    for line_no, line in enumerate(io.StringIO(_read_text(path), newline=None), start=1):
+    for line_no, line in enumerate(io.StringIO(read_utf8(path, DataError, "the file"), newline=None), start=1):
         if line.strip():
             rows.append((line_no, _parse_json(line, f"{path}:{line_no}", "each line must be one JSON object")))
     return rows
@@ -108,7 +96,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
 
 def _read_csv(path: Path) -> list[tuple[int, Any]]:
     rows = []
-    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    reader = csv.DictReader(io.StringIO(read_utf8(path, DataError, "the file"), newline=""))
     try:
         for row in reader:
             if None in row:

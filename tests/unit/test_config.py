@@ -187,7 +187,7 @@ def test_readme_config_reference_lists_every_setting() -> None:
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"run: x\nbase: caf\xe9\n", ":2: not valid UTF-8 (byte 0xe9)"),
+    (b"run: x\nbase: caf\xe9\n", ":2: not valid UTF-8 (byte 0xe9 at column 10)"),
     (b"run: x\nbase: " + b"[" * 100_000 + b"]" * 100_000 + b"\n", ":2: nested too deeply to read"),
     (b"run: x\ntasks: [\n", ":3: not valid YAML"),
 ], ids=["latin1", "deep", "unclosed"])
