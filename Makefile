@@ -9,7 +9,7 @@ SMOLLM2_VERSION := 0.1.2
 CONFIG ?= configs/default.yaml
 RUN ?= default
 
-.PHONY: setup pipeline test gpu-check lint clean data serve bench-methods bench-pir bench-serve bench-soak bench-edge serve-edge
+.PHONY: setup pipeline test gpu-check lint clean data serve bench-methods bench-pir bench-serve bench-soak bench-edge bench-int4 serve-edge
 
 setup: $(STAMP)
 
@@ -63,6 +63,12 @@ bench-soak: setup
 # decode and prompt speed, score, size, peak RSS → benchmarks/results/edge.{json,md} (~5 min after `make pipeline`).
 bench-edge: setup
 	$(PY) benchmarks/edge.py
+
+# What 4 bits cost on every bundled task and on a user task (data/user_dates, configs/user-dates.yaml), and what
+# GPTQ calibration buys: exact match of int4 (GPTQ and round-to-nearest), the edge bundle and NF4 against fp32,
+# sizes, the shared int4 base's agreement with fp32 → benchmarks/results/int4.{json,md} (~15 min after `make pipeline`).
+bench-int4: setup
+	$(PY) benchmarks/int4.py
 
 # What each PIR importance scorer costs and picks → benchmarks/results/pir_scorers.{json,md} (~4 min).
 bench-pir: setup

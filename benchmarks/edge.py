@@ -9,8 +9,10 @@ date), each artifact is measured in a child process of its own (so its peak RSS 
   - held-out exact match on the task's test rows, and size on disk (what the artifact needs to run)
 
 Artifacts: torch fp32 (merged), torch int8 (bitsandbytes, merged), torch NF4 (4-bit base + adapter),
-ONNX fp32, ONNX int8, ONNX int4 (merged), and ONNX int4 with the task's ``.onnx_adapter`` active on
-the edge bundle's shared base. Threads: ``--threads`` (2) for torch and ONNX Runtime alike.
+ONNX fp32, ONNX int8, ONNX int4 (merged, GPTQ-calibrated: the pipeline's default), the same rounded to
+nearest (``onnx-int4@rtn-b32``, the recipe before calibration: its decode speed is the reference the
+calibrated one must keep within 10 %), and ONNX int4 with the task's ``.onnx_adapter`` active on the
+edge bundle's shared base. Threads: ``--threads`` (2) for torch and ONNX Runtime alike.
 Writes ``benchmarks/results/edge.{json,md}`` and checks the goals of issue 5.
 
     python benchmarks/edge.py [--task sentiment] [--run default] [--threads 2] [--repeats 5]
@@ -34,8 +36,9 @@ from benchmarks.measure import run_measured  # noqa: E402
 
 # (row label, evaluate artifact name)
 ARTIFACTS = [("torch fp32", "merged"), ("torch int8", "int8"), ("torch NF4", "nf4"), ("ONNX fp32", "onnx"),
-             ("ONNX int8", "onnx-int8"), ("ONNX int4", "onnx-int4"), ("ONNX int4 + .onnx_adapter", "edge")]
-GOALS = {"int4_decode_speedup": 4.0, "int4_size_ratio": 0.2, "int4_score_drop": 0.05}
+             ("ONNX int8", "onnx-int8"), ("ONNX int4", "onnx-int4"), ("ONNX int4, round-to-nearest", "onnx-int4@rtn-b32"),
+             ("ONNX int4 + .onnx_adapter", "edge")]
+GOALS = {"int4_decode_speedup": 4.0, "int4_size_ratio": 0.2, "int4_score_drop": 0.05, "calibrated_vs_rtn_decode": 0.9}
 
 
 def _config(args):
@@ -46,18 +49,29 @@ def _config(args):
 
 def child(args) -> None:
     """Measure one artifact; write its numbers as JSON to ``args.out``."""
-    import torch
 
-    from exporters.onnx import OnnxCausalLM
-    from pipeline.data import load_examples, render_prompt
     from pipeline.device import set_threads
     from pipeline.evaluate import artifact_size, load_artifact
-    from pipeline.scoring import decode_speed, exact_match
 
     cfg = _config(args)
     task = cfg.task(args.task)
     set_threads(args.threads)
+    if "@" in args.child:  # an int4 variant: built in a scratch folder for the measurement
+        from pipeline.evaluate import int4_variant
+
+        with int4_variant(cfg, task, args.child.partition("@")[2]) as (model, tokenizer, size):
+            _measure_child(args, task, model, tokenizer, size)
+        return
     model, tokenizer = load_artifact(cfg, task, args.child)
+    _measure_child(args, task, model, tokenizer, artifact_size(cfg, task, args.child))
+
+
+def _measure_child(args, task, model, tokenizer, size: int) -> None:
+    import torch
+
+    from exporters.onnx import OnnxCausalLM
+    from pipeline.data import load_examples, render_prompt
+    from pipeline.scoring import decode_speed, exact_match
     examples = [e for e in load_examples(task.test) if e.reference is not None]
     score, _ = exact_match(model, tokenizer, examples, task.max_new_tokens, 20, desc=args.child)
     prompt = render_prompt(tokenizer, examples[0])
@@ -79,7 +93,7 @@ def child(args) -> None:
             rates.append(args.prompt_tokens / (time.perf_counter() - started))
     Path(args.out).write_text(json.dumps({
         "decode_tokens_per_s": round(decode, 2), "prompt_tokens_per_s": round(statistics.median(rates), 1),
-        "exact_match": round(score, 4), "rows": len(examples), "size_bytes": artifact_size(cfg, task, args.child)}))
+        "exact_match": round(score, 4), "rows": len(examples), "size_bytes": size}))
 
 
 def main() -> None:
@@ -117,14 +131,17 @@ def write_results(args, rows: dict) -> None:
     from pipeline.report import machine
 
     fp32, onnx_fp32, int4 = rows["torch fp32"], rows["ONNX fp32"], rows["ONNX int4"]
+    rtn = rows["ONNX int4, round-to-nearest"]
     checks = {
         "int4_decode_speedup": round(int4["decode_tokens_per_s"] / fp32["decode_tokens_per_s"], 2),
         "int4_size_ratio": round(int4["size_bytes"] / onnx_fp32["size_bytes"], 3),
         "int4_score_drop": round(fp32["exact_match"] - int4["exact_match"], 4),
+        "calibrated_vs_rtn_decode": round(int4["decode_tokens_per_s"] / rtn["decode_tokens_per_s"], 3),
     }
     met = {"int4_decode_speedup": checks["int4_decode_speedup"] >= GOALS["int4_decode_speedup"],
            "int4_size_ratio": checks["int4_size_ratio"] <= GOALS["int4_size_ratio"],
-           "int4_score_drop": checks["int4_score_drop"] <= GOALS["int4_score_drop"]}
+           "int4_score_drop": checks["int4_score_drop"] <= GOALS["int4_score_drop"],
+           "calibrated_vs_rtn_decode": checks["calibrated_vs_rtn_decode"] >= GOALS["calibrated_vs_rtn_decode"]}
     command = "make bench-edge  # python benchmarks/edge.py " + shlex.join(sys.argv[1:])
     result = {"command": command.strip(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "machine": machine(), "task": args.task, "run": args.run, "threads": args.threads,
@@ -158,6 +175,8 @@ def write_results(args, rows: dict) -> None:
         f"{'yes' if met['int4_size_ratio'] else 'no'} |",
         f"| exact match drop, ONNX int4 vs torch fp32 | {checks['int4_score_drop']:.3f} | ≤ 0.05 | "
         f"{'yes' if met['int4_score_drop'] else 'no'} |",
+        f"| ONNX int4 (GPTQ) decode ÷ round-to-nearest int4 decode | {checks['calibrated_vs_rtn_decode']:.3f}× | ≥ 0.9× | "
+        f"{'yes' if met['calibrated_vs_rtn_decode'] else 'no'} |",
         "",
     ]
     (results / "edge.md").write_text("\n".join(lines))

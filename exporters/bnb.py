@@ -29,8 +29,9 @@ import gc
 import json
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
@@ -110,7 +111,8 @@ def bnb_config(fmt: str) -> BitsAndBytesConfig:
     raise ValueError(f"unknown bitsandbytes format {fmt!r}; expected one of: {', '.join(FORMATS)}")
 
 
-def quantize_to_dir(model_dir: Path, out_dir: Path, fmt: str, device: str = "cpu") -> Path:
+def quantize_to_dir(model_dir: Path, out_dir: Path, fmt: str, device: str = "cpu",
+                    refine: Callable[[PreTrainedModel], Any] | None = None) -> Path:
     """Quantize the full-precision HF causal LM in ``model_dir`` to ``fmt`` and save it to ``out_dir``.
 
     The model is loaded on ``device`` with :func:`bnb_config` (bitsandbytes quantizes each Linear as
@@ -118,6 +120,8 @@ def quantize_to_dir(model_dir: Path, out_dir: Path, fmt: str, device: str = "cpu
     and a ``config.json`` carrying the ``quantization_config``; the tokenizer files present in
     ``model_dir`` (:data:`TOKENIZER_FILES`) are copied next to it. ``out_dir`` is created if
     needed; making the write atomic (temp folder + rename) is the caller's job. Returns ``out_dir``.
+    ``refine(model)``, when given, may change the quantized weights in place before they are saved
+    (GPTQ codes: :func:`exporters.gptq.gptq_bnb_4bit`).
     """
     config = bnb_config(fmt)  # validate the format before paying for a model load
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -129,6 +133,8 @@ def quantize_to_dir(model_dir: Path, out_dir: Path, fmt: str, device: str = "cpu
     try:
         if _count_bnb_linears(model) == 0:
             raise RuntimeError(f"bnb quantize: no Linear layer of {model_dir} was quantized to {fmt}.")
+        if refine is not None:
+            refine(model)
         out_dir.mkdir(parents=True, exist_ok=True)
         # Save before any forward pass: on AVX512-BF16 CPUs the first forward repacks NF4 weights
         # and turns the double-quantized scales into bf16; saving afterwards re-quantizes those

@@ -12,15 +12,20 @@ vocabulary matrix is stored once, in 4 bits: int4 ends up near an eighth of fp32
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from exporters.onnx_lora import expose_lora_inputs
 
+if TYPE_CHECKING:
+    from exporters.gptq import BlockQuantized
+
 log = logging.getLogger(__name__)
 
-RECIPE = "mnb-int8-sym/int4-asym-shared-embedding/1"
+RECIPE = "mnb-int8-sym/int4-asym-shared-embedding/2"
 """Version of the quantization recipe: part of every quantized export's fingerprint, so changing it
 here re-quantizes existing runs instead of keeping files made the old way."""
 
@@ -110,7 +115,8 @@ def _quantize_matmuls(model, *, bits: int, block_size: int, accuracy_level: int,
     return quantizer.model.model
 
 
-def quantize_int4(src: Path, dst: Path, *, block_size: int = 32, accuracy_level: int = 4) -> Path:
+def quantize_int4(src: Path, dst: Path, *, block_size: int = 32, accuracy_level: int = 4,
+                  calibrated: Mapping[str, BlockQuantized] | None = None) -> Path:
     """4-bit block quantization of every constant-weight ``MatMul`` (``MatMulNBits``) and the embedding.
 
     ``accuracy_level`` 4 computes in int8 (what makes MatMulNBits fast on x86 CPUs; 0 keeps fp32
@@ -118,11 +124,19 @@ def quantize_int4(src: Path, dst: Path, *, block_size: int = 32, accuracy_level:
     for accuracy: each block of weights shares one fp32 scale and a 4-bit zero point. Asymmetric
     (with zero points) because on SmolLM2-135M symmetric blocks lost answers: exact match on the
     first 48 extract rows 0.854 symmetric against 0.958 asymmetric (fp32: 1.000), dates 0.958 / 1.000.
+
+    ``calibrated`` (module name -> GPTQ blocks, :mod:`exporters.gptq`) replaces the round-to-nearest
+    values of those layers (the shared embedding follows the head); the graph stays the same.
     """
     quantized = _quantize_matmuls(_load(src), bits=4, block_size=block_size, accuracy_level=accuracy_level,
                                   op_types=("MatMul", "Gather"), symmetric=False)
     if share_int4_embedding(quantized):
         log.info("int4: the embedding reads the output projection's 4-bit weight (stored once)")
+    if calibrated:
+        from exporters.gptq import apply_to_onnx
+
+        done = apply_to_onnx(quantized, calibrated)
+        log.info("int4: %d of %d layers carry GPTQ-calibrated weights", len(done), len(calibrated))
     expose_lora_inputs(quantized)
     _save(quantized, dst)
     return dst

@@ -1,7 +1,9 @@
 """The ``edgetune`` command line: the whole pipeline, each stage on its own, and method listing.
 
 Every user error ends with one ``edgetune: error: ...`` line and exit status 2; nothing that
-looks complete is left behind (stages write through temporary folders).
+looks complete is left behind (stages write through temporary folders). A run whose stages all
+finished but whose exports failed a fidelity gate ends with exit status 3 ("completed with failed
+gates"): those artifacts are not published, everything else is, and the report lists them.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 from edge import cli as edge_cli  # torch-free, like everything `run-edge` touches
 from pipeline import distributed
-from pipeline.errors import EdgetuneError
+from pipeline.errors import EXIT_FAILED_GATES, EdgetuneError
 
 log = logging.getLogger("edgetune")
 
@@ -29,6 +31,9 @@ _EPILOG = """examples:
   edgetune methods
   edgetune run-edge runs/default/export/edge --adapter sentiment "Review: great kettle. Label the sentiment."
   edgetune serve --backend onnx --bundle runs/default/export/edge
+
+exit status: 0 done; 2 error (nothing half-written); 3 completed with failed gates (those artifacts are not
+published, report.json lists them with their numbers); 130 interrupted.
 """
 
 
@@ -157,6 +162,22 @@ def run_stages(cfg, stages: Sequence[str], tasks: Sequence[str], *, force: bool,
         log.info("stage %s finished in %.0f s", stage, time.perf_counter() - started)
 
 
+def _gate_status(cfg, stages: Sequence[str], tasks: Sequence[str]) -> int:
+    """0, or :data:`EXIT_FAILED_GATES` after naming every artifact left unpublished by its fidelity gate
+    (export and evaluate runs: the report, already written, lists them with their measurements)."""
+    from pipeline.stage_outputs import failed_gates
+
+    if not {"export", "evaluate"} & set(stages) or not distributed.is_main_process():
+        return 0
+    failed = failed_gates(cfg, [cfg.task(name) for name in tasks] if tasks else list(cfg.tasks))
+    if not failed:
+        return 0
+    lines = "\n".join(f"  {what}: {reason}" for what, reason in failed.items())
+    print(f"edgetune: completed with failed gates: {len(failed)} artifact(s) not published, everything else "
+          f"was (exit status {EXIT_FAILED_GATES}; report.json lists them with their numbers):\n{lines}", file=sys.stderr)
+    return EXIT_FAILED_GATES
+
+
 def _print_methods(cfg=None) -> None:
     """One line per method; with a config, its trainable parameters (count and share) on cfg.base."""
     from pipeline.methods import METHODS
@@ -221,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stages = [args.command]
         _quiet_libraries()
         run_stages(cfg, stages, args.tasks, force=args.force, resume=getattr(args, "resume", False))
-        return 0
+        return _gate_status(cfg, stages, args.tasks)
     except EdgetuneError as exc:
         print(f"edgetune: error: {exc}", file=sys.stderr)
         return 2

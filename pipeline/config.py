@@ -205,6 +205,20 @@ class QuantizeConfig(_Section):
     """Formats whose artifact is the quantized *base* plus the task adapter kept unmerged in full
     precision (QLoRA-style inference). 4-bit rounding of merged weights erases much of a small LoRA
     delta (measured on the extract task: 0.94 exact match merged-then-NF4 against 0.97 this way)."""
+    nf4_method: Literal["gptq", "rtn"] = "gptq"
+    """How NF4 codes are chosen: ``gptq`` (bitsandbytes' own block scales, each code chosen by GPTQ on the
+    ``calibration`` rows so the layer outputs move least) or ``rtn`` (bitsandbytes' round-to-nearest).
+    The checkpoint format is bitsandbytes' either way."""
+
+
+class CalibrationConfig(_Section):
+    """The text 4-bit weights are calibrated on (GPTQ): the tasks' training rows, never their test rows."""
+
+    rows: int = Field(128, ge=1, le=4096)
+    """Training rows (prompt + reference answer, as the model sees them) per calibration: a task's own for its
+    merged model, shared evenly among every task for a base that serves them all (NF4 base, edge bundle)."""
+    batch_size: int = Field(8, ge=1)
+    """Rows per forward pass while measuring the layers' inputs."""
 
 
 class MergeConfig(_Section):
@@ -264,14 +278,29 @@ class ExportConfig(_Section):
     """Weight dtype of the safetensors bundle."""
     int4_block_size: Annotated[int, AfterValidator(_power_of_two)] = Field(32, ge=16, le=256)
     """Weights per int4 scale (16-256, a power of two): smaller is more accurate and larger on disk."""
+    int4_method: Literal["gptq", "rtn"] = "gptq"
+    """How int4 weights are rounded: ``gptq`` (calibrated on the ``calibration`` rows: the task's own for its
+    merged model, every task's for the edge bundle's base) or ``rtn`` (round-to-nearest, no data). Same
+    graph, size and speed; only the 4-bit values differ."""
     accuracy_level: int = Field(4, ge=0, le=4)
     """MatMulNBits compute type of int8 and int4: 4 = int8 (fast on x86 CPUs), 0 = fp32 activations (slower here)."""
     edge_precision: Literal["fp32", "int8", "int4"] = "int4"
     """Precision of the edge bundle's shared base (and of its merged-only task models)."""
+    edge_fallback: Literal["int8", "fp32"] | None = None
+    """A task whose adapter fails its gate on the edge bundle's base ships instead as its merged model at this
+    precision (held to that precision's gate; the manifest and report say so). ``null``: it is left out of the
+    bundle. Needs a mergeable method and a higher precision than ``edge_precision``."""
     fidelity_rows: int = Field(32, ge=1, le=1000)
     """Held-out rows (prompt + reference answer) each export is checked on."""
     gates: GatesConfig = Field(default_factory=GatesConfig)
     """Fidelity gate per precision; an export that fails its gate fails loudly and is not published."""
+
+
+def _int4_variant(value: str) -> str:
+    method, _, block = value.partition("-b")
+    if method not in ("gptq", "rtn") or not block.isdigit() or int(block) not in (16, 32, 64, 128, 256):
+        raise _problem(f"{value!r} is not an int4 variant: write <gptq|rtn>-b<16|32|64|128|256>, e.g. rtn-b32")
+    return value
 
 
 class EvaluateConfig(_Section):
@@ -287,6 +316,10 @@ class EvaluateConfig(_Section):
     """Tokens generated per decode-speed measurement (batch 1, greedy)."""
     speed_repeats: int = Field(3, ge=1)
     """Decode-speed repeats; the median is reported."""
+    int4_variants: list[Annotated[str, AfterValidator(_int4_variant)]] = Field(default_factory=lambda: ["rtn-b32"])
+    """Other int4 roundings of each merged model to measure beside ``onnx-int4`` (what 4 bits cost, and what
+    calibration buys): ``<gptq|rtn>-b<block size>``, e.g. ``rtn-b32`` (round-to-nearest), ``gptq-b64``. Scored
+    like the artifacts and plotted as ``onnx-int4@<variant>``; built in a scratch folder, never published."""
 
 
 class Config(_Section):
@@ -317,6 +350,7 @@ class Config(_Section):
     pir: PirConfig = Field(default_factory=PirConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)

@@ -21,6 +21,21 @@ class ModelError(EdgetuneError):
     """A base model or artifact cannot be found or loaded."""
 
 
+EXIT_FAILED_GATES = 3
+"""Exit status of a run that finished every stage but left artifacts unpublished because they failed
+their fidelity gates ("completed with failed gates"); report.json lists them with their numbers."""
+
+
+class GateFailed(EdgetuneError):
+    """An artifact measured worse than its fidelity gate allows: it is not published, and the run goes on.
+
+    ``metrics`` are the gate's measurements (recorded in the export record and the report)."""
+
+    def __init__(self, message: str, metrics: dict | None = None):
+        super().__init__(message)
+        self.metrics = dict(metrics or {})
+
+
 def read_utf8(path: Path, error: type[EdgetuneError], what: str) -> str:
     """The text of ``path``; ``error`` naming ``path:line`` and the offending byte and column when it is not
     UTF-8 (``what`` is the file's role in the fix: "the file", "the config")."""

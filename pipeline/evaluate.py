@@ -11,18 +11,28 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts import dir_size, fingerprint, write_json_atomic
+from pipeline.calibration import calibration_inputs
 from pipeline.config import ONNX_PRECISIONS, Config, TaskConfig
 from pipeline.data import Example, load_examples, render_prompt
 from pipeline.device import onnx_providers, resolve_device, set_threads
 from pipeline.errors import EdgetuneError
 from pipeline.models import load_model, load_tokenizer, resolve_base
+from pipeline.onnx_build import int4_recipe
 from pipeline.paths import adapter_dir, eval_file, export_dir, merged_dir, quantized_dir
 from pipeline.scoring import decode_speed, exact_match, perplexity
-from pipeline.stage_outputs import export_skips, quantized_base_of, require_stage_output, tuned_spec
+from pipeline.stage_outputs import (
+    export_failures,
+    export_skips,
+    quantized_base_of,
+    require_stage_output,
+    tuned_spec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +103,13 @@ def load_artifact(cfg: Config, task: TaskConfig, artifact: str):
         load_tokenizer(path)
 
 
+def load_bundle_manifest(path: Path) -> dict[str, Any]:
+    """The edge bundle's manifest (unverified: the runner verifies the files it loads)."""
+    from edge.bundle import load_bundle
+
+    return load_bundle(path, verify=False).manifest
+
+
 def _edge_model(cfg: Config, task: TaskConfig, bundle_path: Path):
     """The task's adapter in the edge bundle, run by the torch-free runtime (behind OnnxCausalLM)."""
     from edge.bundle import EdgeRunner, load_bundle
@@ -109,7 +126,7 @@ def _edge_model(cfg: Config, task: TaskConfig, bundle_path: Path):
 
 def _runs_on(cfg: Config, artifact: str) -> str:
     """Where ``artifact`` was scored: the torch device, or ONNX Runtime's first provider."""
-    if artifact in ONNX_PRECISIONS or artifact == "edge":
+    if artifact in ONNX_PRECISIONS or artifact == "edge" or "@" in artifact:
         return f"onnxruntime:{cfg.providers[0]}"
     return resolve_device(cfg.device)
 
@@ -129,9 +146,33 @@ def artifact_size(cfg: Config, task: TaskConfig, artifact: str) -> int:
 
 
 def evaluate_artifact(cfg: Config, task: TaskConfig, artifact: str, examples: list[Example]) -> dict[str, Any]:
-    """Measure one artifact on one task (see module docstring); returns the metrics."""
+    """Measure one artifact on one task (see module docstring); returns the metrics.
+
+    ``onnx-int4@<variant>`` (``evaluate.int4_variants``) is built from the merged model in a scratch folder,
+    measured, and deleted."""
     started = time.perf_counter()
-    model, tokenizer = load_artifact(cfg, task, artifact)
+    if "@" in artifact:
+        with int4_variant(cfg, task, artifact.partition("@")[2]) as (model, tokenizer, size):
+            result = _measure(cfg, task, artifact, model, tokenizer, examples)
+        result.update(size_bytes=size, path=None)
+    else:
+        model, tokenizer = load_artifact(cfg, task, artifact)
+        result = _measure(cfg, task, artifact, model, tokenizer, examples)
+        result.update(size_bytes=artifact_size(cfg, task, artifact), path=str(artifact_path(cfg, task, artifact)))
+    result["eval_seconds"] = round(time.perf_counter() - started, 1)
+    if artifact == "edge":  # export.edge_fallback: say what shipped instead of the adapter on the shared base
+        entry = load_bundle_manifest(artifact_path(cfg, task, artifact))["adapters"][task.name]
+        if entry.get("fallback"):
+            result["note"] = (f"the adapter on the {entry['fallback']['from']} base failed its gate; this is the "
+                              f"merged model at {entry['precision']} (export.edge_fallback)")
+    log.info("evaluate %s/%s: exact match %s, perplexity %.3f, %.1f MB, %.1f tok/s", task.name, artifact,
+             "n/a" if result["exact_match"] is None else f"{result['exact_match']:.3f}", result["perplexity"],
+             result["size_bytes"] / 1e6, result["decode_tokens_per_s"])
+    return result
+
+
+def _measure(cfg: Config, task: TaskConfig, artifact: str, model, tokenizer, examples: list[Example]) -> dict:
+    """Exact match, perplexity and batch-1 decode speed of a loaded model."""
     ev = cfg.evaluate
     scored = [e for e in examples if e.reference is not None]
     em, outputs = None, []  # text-only test sets have no reference answer: perplexity only
@@ -141,29 +182,68 @@ def evaluate_artifact(cfg: Config, task: TaskConfig, artifact: str, examples: li
     ppl = perplexity(model, tokenizer, scored or examples, cfg.tune.max_seq_len, ev.batch_size)
     prompt = render_prompt(tokenizer, scored[0]) if scored else examples[0].text or ""
     speed = decode_speed(model, tokenizer, prompt, ev.speed_new_tokens, ev.speed_repeats)
-    result = {
+    return {
         "exact_match": None if em is None else round(em, 4),
         "perplexity": round(ppl, 4),
-        "size_bytes": artifact_size(cfg, task, artifact),
         "decode_tokens_per_s": round(speed, 2),
         "rows": len(scored),
         "device": _runs_on(cfg, artifact),
-        "path": str(artifact_path(cfg, task, artifact)),
-        "eval_seconds": round(time.perf_counter() - started, 1),
         "mistakes": [o for o in outputs if o["got"] != (o["expected"] or "").strip()][:5],
     }
-    log.info("evaluate %s/%s: exact match %s, perplexity %.3f, %.1f MB, %.1f tok/s", task.name, artifact,
-             "n/a" if em is None else f"{em:.3f}", ppl, result["size_bytes"] / 1e6, speed)
-    return result
+
+
+def variant_config(cfg: Config, variant: str) -> Config:
+    """``cfg`` with the int4 rounding of ``variant`` (``<gptq|rtn>-b<block>``)."""
+    method, _, block = variant.partition("-b")
+    return cfg.model_copy(update={"export": cfg.export.model_copy(
+        update={"int4_method": method, "int4_block_size": int(block)})})
+
+
+@contextmanager
+def int4_variant(cfg: Config, task: TaskConfig, variant: str) -> Iterator[tuple[Any, Any, int]]:
+    """(ONNX model, tokenizer, bytes on disk) of ``task``'s merged model rounded to int4 as ``variant`` says,
+    in a scratch folder under the task's eval folder that is deleted afterwards."""
+    import shutil
+    import tempfile
+
+    from exporters.onnx import TOKENIZER_FILES, load_onnx_model
+    from pipeline.onnx_build import fp32_onnx, quantize_onnx
+
+    merged = merged_dir(cfg, task)
+    require_stage_output(merged, "merge", task)
+    vcfg = variant_config(cfg, variant)
+    scratch = eval_file(cfg, task, "x").parent
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=scratch, prefix=".tmp-variant-") as tmp:
+        out = Path(tmp) / "model"
+        out.mkdir()
+        fp32 = fp32_onnx(cfg, task, Path(tmp) / "fp32")
+        calibrate = None
+        if vcfg.export.int4_method == "gptq":
+            calibrate = (load_model(merged, "cpu"), load_tokenizer(merged), [task])
+        log.info("evaluate %s: building the int4 variant %s", task.name, variant)
+        quantize_onnx(vcfg, "int4", fp32 / "model.onnx", out / "model.onnx", calibrate=calibrate)
+        del calibrate
+        for name in (*TOKENIZER_FILES, "config.json"):
+            if (fp32 / name).is_file():
+                shutil.copy2(fp32 / name, out / name)
+        model = load_onnx_model(out, set_threads(cfg.num_threads), providers=onnx_providers(cfg.providers))
+        yield model, load_tokenizer(out), dir_size(out)
 
 
 def evaluate_cached(cfg: Config, task: TaskConfig, artifact: str, examples: list[Example],
                     force: bool) -> dict[str, Any]:
     """:func:`evaluate_artifact`, reusing the stored result while artifact, test file and settings are unchanged."""
-    inputs = {"artifact": artifact_path(cfg, task, artifact), "test": Path(task.test)}
+    if "@" in artifact:  # an int4 variant: made from the merged model (and, calibrated, the training rows)
+        variant = artifact.partition("@")[2]
+        inputs = {"merged": merged_dir(cfg, task), "test": Path(task.test),
+                  **(calibration_inputs(cfg, [task]) if variant.startswith("gptq") else {})}
+        settings = variant + int4_recipe(variant_config(cfg, variant))
+    else:
+        inputs, settings = {"artifact": artifact_path(cfg, task, artifact), "test": Path(task.test)}, ""
     # where it runs is part of what is measured (speed, and bitsandbytes kernels differ by device)
     fp, _ = fingerprint("evaluate", inputs, cfg.section_hash("evaluate", "num_threads", "providers") + json.dumps(
-        [resolve_device(cfg.device), task.name, task.max_new_tokens, cfg.tune.max_seq_len]))
+        [resolve_device(cfg.device), task.name, task.max_new_tokens, cfg.tune.max_seq_len, settings]))
     file = eval_file(cfg, task, artifact)
     if not force and file.is_file():
         cached = json.loads(file.read_text())
@@ -186,14 +266,23 @@ def run(cfg: Config, tasks: list[TaskConfig], *, force: bool = False) -> Path:
         examples = load_examples(task.test)
         if cfg.evaluate.max_rows:
             examples = examples[: cfg.evaluate.max_rows]
-        artifacts, skipped = {}, {}
+        artifacts, skipped, failed = {}, {}, {}
+        failures = export_failures(cfg, task)
         for artifact in cfg.evaluate.artifacts:
             reason = skip_reason(cfg, task, artifact)
             if reason:
                 log.info("evaluate %s/%s: skipped (%s)", task.name, artifact, reason)
                 skipped[artifact] = reason
                 continue
+            if artifact in failures:  # not published: the report shows what its gate measured instead
+                log.info("evaluate %s/%s: not published, it failed its fidelity gate", task.name, artifact)
+                failed[artifact] = failures[artifact]
+                continue
             artifacts[artifact] = evaluate_cached(cfg, task, artifact, examples, force)
+            if artifact == "onnx-int4":  # beside it, the other roundings it could have had
+                for variant in cfg.evaluate.int4_variants:
+                    name = f"onnx-int4@{variant}"
+                    artifacts[name] = evaluate_cached(cfg, task, name, examples, force)
         results[task.name] = {"test_file": task.test, "test_rows": len(examples), "artifacts": artifacts,
-                              "skipped": skipped}
+                              "skipped": skipped, "failed": failed}
     return write_report(cfg, results)

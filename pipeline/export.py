@@ -10,11 +10,14 @@ Targets (``export.targets``):
   - ``edge``: the run's edge bundle (:mod:`pipeline.bundle`): one base, every task's adapter.
 
 Every ONNX export passes the fidelity gate of its precision (:mod:`pipeline.fidelity`) inside a
-temporary folder first: one that fails is not published, and what was there stays.
+temporary folder first. One that fails is not published (an earlier file of that target is removed:
+it no longer matches what this config accepts), and the stage goes on with the other targets and
+tasks; the run then ends with exit status 3, "completed with failed gates"
+(:data:`pipeline.errors.EXIT_FAILED_GATES`), after the report lists the failure with its numbers.
 
 When every configured target of a task is done, ``runs/<run>/export/records/<task>.json`` records
-which were written where and which were skipped, and why (a prompt-learning adapter has no ONNX
-merged export); evaluate reads the reasons from there.
+which were written where, which were skipped and why (a prompt-learning adapter has no ONNX merged
+export), and which failed their gate, with the reason and the measurements; evaluate reads them there.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts import atomic_dir, fingerprint, is_fresh, write_manifest
+from pipeline.calibration import calibration_inputs
 from pipeline.config import ONNX_PRECISIONS, Config, TaskConfig
 from pipeline.device import onnx_providers, set_threads
+from pipeline.errors import GateFailed
 from pipeline.models import load_model, load_tokenizer, resolve_base
-from pipeline.onnx_build import export_settings, fp32_onnx, quantize_onnx
+from pipeline.onnx_build import export_settings, fp32_onnx, int4_recipe, quantize_onnx
 from pipeline.paths import adapter_dir, export_dir, merged_dir
 from pipeline.stage_outputs import (
     copy_adapter,
@@ -55,6 +60,7 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False) -> list[Path]:
     loaded = []
     exported: dict[str, str] = {}
     skipped: dict[str, str] = {}
+    failed: dict[str, dict[str, Any]] = {}
 
     def merged_model():
         """The PyTorch merged model every ONNX target of this task is gated against: loaded once, on first use."""
@@ -67,8 +73,11 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False) -> list[Path]:
         if target == "edge":
             from pipeline.bundle import add_task
 
-            outs.append(add_task(cfg, task, force=force, merged_model=merged_model if mergeable else None))
-            exported[target] = str(outs[-1])
+            try:
+                outs.append(add_task(cfg, task, force=force, merged_model=merged_model if mergeable else None))
+                exported[target] = str(outs[-1])
+            except GateFailed as exc:
+                failed[target] = _failure(task, target, exc)
             continue
         out = export_dir(cfg, task, target)
         if not mergeable and target in ONNX_PRECISIONS:
@@ -76,20 +85,35 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False) -> list[Path]:
             remove_stale(out, f"export {task.name}")
             skipped[target] = ONNX_SKIP_REASON
             continue
-        fp, inputs = fingerprint("export", {"merged" if mergeable else "adapter": src}, export_settings(cfg, target))
+        sources = {"merged" if mergeable else "adapter": src}
+        if target == "onnx-int4" and cfg.export.int4_method == "gptq":  # calibrated on the task's training rows
+            sources.update(calibration_inputs(cfg, [task]))
+        fp, inputs = fingerprint("export", sources, export_settings(cfg, target))
         outs.append(out)
         exported[target] = str(out)
         if not force and is_fresh(out, fp):
             log.info("export %s %s: up to date (%s), nothing to do; --force redoes it", task.name, target, out)
             continue
         log.info("export %s: %s", task.name, target)
-        with atomic_dir(out) as tmp:
-            metrics = _export_safetensors(cfg, task, src, tmp) if target == "safetensors" else \
-                _export_onnx(cfg, task, merged_model, tmp, target)
-            write_manifest(tmp, stage="export", fp=fp, inputs=inputs, config_hash=export_settings(cfg, target),
-                           metrics=metrics, extra={"task": task.name, "target": target})
-    write_export_record(cfg, task, exported, skipped)
+        try:
+            with atomic_dir(out) as tmp:
+                metrics = _export_safetensors(cfg, task, src, tmp) if target == "safetensors" else \
+                    _export_onnx(cfg, task, merged_model, tmp, target)
+                write_manifest(tmp, stage="export", fp=fp, inputs=inputs, config_hash=export_settings(cfg, target),
+                               metrics=metrics, extra={"task": task.name, "target": target})
+        except GateFailed as exc:
+            outs.pop()
+            del exported[target]
+            remove_stale(out, f"export {task.name} {target}", why="it failed the gate this config sets")
+            failed[target] = _failure(task, target, exc)
+    write_export_record(cfg, task, exported, skipped, failed)
     return outs
+
+
+def _failure(task: TaskConfig, target: str, exc: GateFailed) -> dict[str, Any]:
+    """The export record's entry for a target that failed its gate (logged: the run goes on)."""
+    log.error("%s; the run goes on without it and will end with exit status 3", exc)
+    return {"reason": str(exc), "metrics": exc.metrics}
 
 
 def _export_safetensors(cfg: Config, task: TaskConfig, src: Path, out: Path) -> dict:
@@ -119,11 +143,13 @@ def _export_onnx(cfg: Config, task: TaskConfig, merged_model: Callable[[], Any],
     else:
         scratch = out / ".fp32"
         fp32 = fp32_onnx(cfg, task, scratch)
-        quantize_onnx(cfg, precision, fp32 / "model.onnx", out / "model.onnx")
+        quantize_onnx(cfg, precision, fp32 / "model.onnx", out / "model.onnx",
+                      calibrate=(merged_model(), load_tokenizer(src), [task]))
         for name in (*TOKENIZER_FILES, "config.json"):
             if (fp32 / name).is_file():
                 shutil.copy2(fp32 / name, out / name)
         shutil.rmtree(scratch, ignore_errors=True)
     exported = load_onnx_model(out, set_threads(cfg.num_threads), providers=onnx_providers(cfg.providers))
-    return gate(cfg, task, precision, merged_model(), exported, load_tokenizer(src), f"{task.name} {target}")
+    metrics = gate(cfg, task, precision, merged_model(), exported, load_tokenizer(src), f"{task.name} {target}")
+    return {**metrics, "recipe": int4_recipe(cfg)} if precision == "int4" else metrics
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline.config import Config, TaskConfig
 from pipeline.data import load_examples, render_prompt
-from pipeline.errors import EdgetuneError
+from pipeline.errors import EdgetuneError, GateFailed
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def measure(cfg: Config, task: TaskConfig, torch_model, export_model, tokenizer)
 
 
 def check(cfg: Config, precision: str, metrics: dict[str, Any], what: str, *, logits: bool = True) -> None:
-    """Raise :class:`EdgetuneError` naming every gate ``metrics`` fail for ``precision``.
+    """Raise :class:`GateFailed` naming every gate ``metrics`` fail for ``precision``.
 
     ``logits=False`` applies only the task-score gate (the bare base of the edge bundle: it was not
     trained for the task, so its answer-position logits are low-confidence guesses that quantization
@@ -85,10 +85,12 @@ def check(cfg: Config, precision: str, metrics: dict[str, Any], what: str, *, lo
         failed.append(f"exact match {metrics['score_export']:.3f} vs PyTorch {metrics['score_torch']:.3f}, a drop of "
                       f"{metrics['score_drop']:.3f} > {gate.max_score_drop:g} (max_score_drop)")
     if failed:
-        raise EdgetuneError(
+        raise GateFailed(
             f"export {what}: the {precision} fidelity gate failed on {metrics['rows']} held-out rows: "
-            + "; ".join(failed) + ". Nothing was published. If this trade-off is acceptable, loosen the gate, e.g. "
-            f"--set export.gates.{precision}.<setting>=VALUE; for int4 a smaller export.int4_block_size is more accurate")
+            + "; ".join(failed) + ". It is not published. If this trade-off is acceptable, loosen the gate, e.g. "
+            f"--set export.gates.{precision}.<setting>=VALUE; for int4, export.int4_method=gptq (the default) and a "
+            "smaller export.int4_block_size are more accurate, and export.edge_fallback=int8 ships a task whose int4 "
+            "adapter fails at int8 instead", {"precision": precision, **metrics})
     log.info("export %s: %s gate passed: max |Δlogit| %.3g, top-1 %.3f, KL %.3g, exact match %.3f vs %.3f (torch)",
              what, precision, metrics["max_abs_logit_diff"], metrics["top1_agreement"], metrics["kl"],
              metrics["score_export"], metrics["score_torch"])

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pipeline.artifacts import fingerprint, is_fresh
 from pipeline.config import ONNX_PRECISIONS, Config, TaskConfig
@@ -23,7 +25,9 @@ def export_settings(cfg: Config, target: str) -> str:
     from exporters.onnx_quant import RECIPE
 
     gates = cfg.section_hash("export")  # gates, block size, fidelity rows: any change re-checks
-    return f"{target}:{gates}" if ONNX_PRECISIONS[target] == "fp32" else f"{target}:{gates}:{RECIPE}"
+    if ONNX_PRECISIONS[target] == "fp32":
+        return f"{target}:{gates}"
+    return f"{target}:{gates}:{RECIPE}" + (f":{int4_recipe(cfg)}" if ONNX_PRECISIONS[target] == "int4" else "")
 
 
 def fp32_onnx(cfg: Config, task: TaskConfig, scratch: Path) -> Path:
@@ -39,8 +43,12 @@ def fp32_onnx(cfg: Config, task: TaskConfig, scratch: Path) -> Path:
     return export_onnx_fp32(merged_dir(cfg, task), scratch)
 
 
-def quantize_onnx(cfg: Config, precision: str, src: Path, dst: Path) -> Path:
-    """``src`` (an fp32 ONNX file) at ``precision`` into ``dst`` (a file path)."""
+def quantize_onnx(cfg: Config, precision: str, src: Path, dst: Path, *,
+                  calibrate: tuple[Any, Any, Sequence[TaskConfig]] | None = None) -> Path:
+    """``src`` (an fp32 ONNX file) at ``precision`` into ``dst`` (a file path).
+
+    For int4 with ``export.int4_method: gptq``, ``calibrate`` = (the PyTorch model ``src`` was exported
+    from, its tokenizer, the tasks whose training rows calibrate it) is required; other precisions ignore it."""
     from exporters.onnx_quant import quantize_int4, quantize_int8
 
     if precision == "fp32":
@@ -48,5 +56,32 @@ def quantize_onnx(cfg: Config, precision: str, src: Path, dst: Path) -> Path:
     elif precision == "int8":
         quantize_int8(src, dst, accuracy_level=cfg.export.accuracy_level)
     else:
-        quantize_int4(src, dst, block_size=cfg.export.int4_block_size, accuracy_level=cfg.export.accuracy_level)
+        calibrated = None
+        if cfg.export.int4_method == "gptq":
+            if calibrate is None:
+                raise ValueError("int4 with export.int4_method=gptq needs the PyTorch model and calibration tasks")
+            calibrated = gptq_int4(cfg, *calibrate)
+        quantize_int4(src, dst, block_size=cfg.export.int4_block_size, accuracy_level=cfg.export.accuracy_level,
+                      calibrated=calibrated)
     return dst
+
+
+def int4_recipe(cfg: Config) -> str:
+    """The int4 rounding recipe (manifest and fingerprint): method, block size, calibration settings."""
+    from pipeline.calibration import recipe
+
+    return f"{recipe(cfg.export.int4_method, cfg)}:block={cfg.export.int4_block_size}"
+
+
+def gptq_int4(cfg: Config, model, tokenizer, tasks: Sequence[TaskConfig]) -> dict:
+    """GPTQ blocks of every linear layer of ``model``, calibrated on ``tasks``' training rows."""
+    import time
+
+    from exporters.gptq import gptq_layers
+    from pipeline.calibration import layer_hessians
+
+    hessians = layer_hessians(cfg, model, tasks, tokenizer)
+    started = time.perf_counter()
+    layers = gptq_layers(model, hessians, cfg.export.int4_block_size)
+    log.info("int4: GPTQ rounded %d layers in %.0f s", len(layers), time.perf_counter() - started)
+    return layers

@@ -63,6 +63,20 @@ def _score(r: dict[str, Any]) -> tuple[float, str]:
     return 1.0 / r["perplexity"], "1 / perplexity (held-out)"
 
 
+def failed_lines(task: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(artifact, why, what its gate measured) for each artifact of ``task`` left unpublished by its gate."""
+    out = []
+    for artifact, entry in task.get("failed", {}).items():
+        m = entry.get("metrics", {})
+        measured = ""
+        if "score_export" in m:
+            measured = (f"on {m.get('rows', '?')} held-out rows: exact match {m['score_export']:.3f} against "
+                        f"{m['score_torch']:.3f} for its PyTorch source, top-1 agreement {m['top1_agreement']:.3f}, "
+                        f"KL {m['kl']:.3g}")
+        out.append((artifact, entry.get("reason", ""), measured))
+    return out
+
+
 def write_plots(report: dict[str, Any], folder: Path) -> dict[str, Path]:
     """One PNG per task: score vs size on disk (left) and score vs decode tokens/s (right)."""
     import matplotlib
@@ -128,8 +142,14 @@ def render_html(report: dict[str, Any], plots: dict[str, Path], run_dir: Path) -
             parts.append(f"<tr><td>{e(artifact)}</td><td>{em}</td><td>{r['perplexity']:.3f}</td>"
                          f"<td>{r['size_bytes'] / 1e6:.1f}</td><td>{r['decode_tokens_per_s']:.1f}</td></tr>")
         parts.append("</table>")
+        for artifact, r in task["artifacts"].items():
+            if r.get("note"):
+                parts.append(f"<p><code>{e(artifact)}</code>: {e(r['note'])}.</p>")
         for artifact, reason in task.get("skipped", {}).items():
             parts.append(f"<p>Not produced: <code>{e(artifact)}</code>: {e(reason)}.</p>")
+        for artifact, reason, measured in failed_lines(task):
+            parts.append(f"<p><b>Failed its fidelity gate, not published</b>: <code>{e(artifact)}</code>, measured "
+                         f"{e(measured)}. {e(reason)}</p>")
     parts.append("<p><code>report.json</code> is the machine-readable source of these numbers.</p></body></html>")
     return "\n".join(parts) + "\n"
 
@@ -153,7 +173,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             em = "n/a" if r["exact_match"] is None else f"{r['exact_match']:.3f}"
             lines.append(f"| {artifact} | {em} | {r['perplexity']:.3f} | "
                          f"{r['size_bytes'] / 1e6:.1f} MB | {r['decode_tokens_per_s']:.1f} |")
+        lines += [f"\n`{artifact}`: {r['note']}." for artifact, r in task["artifacts"].items() if r.get("note")]
         lines += [f"\nNot produced: `{artifact}`: {reason}." for artifact, reason in task.get("skipped", {}).items()]
+        lines += [f"\n**Failed its fidelity gate, not published**: `{artifact}`, measured {measured}. {reason}"
+                  for artifact, reason, measured in failed_lines(task)]
         lines.append("")
     lines.append("Size of `adapter` is the adapter alone (it runs on the shared base); `base` is the base snapshot; "
                  "`edge` is the bundle's shared base plus this task's adapter file. Plots: `report.html`.")

@@ -47,11 +47,11 @@ def copy_adapter(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
-def remove_stale(folder: Path, what: str) -> None:
-    """Delete an artifact an earlier run with another method left where this method publishes none,
-    so nothing later picks up a result that does not belong to the current adapter."""
+def remove_stale(folder: Path, what: str, why: str = "left by an earlier run with another method") -> None:
+    """Delete an artifact an earlier run left where this run publishes none (another method's, or one
+    that fails this config's gate), so nothing later picks up a result that does not belong to it."""
     if folder.exists():
-        log.info("%s: removing %s, left by an earlier run with another method", what, folder)
+        log.info("%s: removing %s, %s", what, folder, why)
         shutil.rmtree(folder)
 
 
@@ -61,8 +61,10 @@ def quantized_base_of(folder: Path) -> Path | None:
     return Path(manifest["quantized_base"]) if manifest.get("kind") == "unmerged" else None
 
 
-def write_export_record(cfg: Config, task: TaskConfig, exported: dict[str, str], skipped: dict[str, str]) -> Path:
-    """Record (atomically) which export targets of ``task`` were written where and which were skipped, and why.
+def write_export_record(cfg: Config, task: TaskConfig, exported: dict[str, str], skipped: dict[str, str],
+                        failed: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Record (atomically) which export targets of ``task`` were written where, which were skipped and why,
+    and which failed their fidelity gate (``{"reason": ..., "metrics": {...}}``: not published).
 
     The record names the tune result it was made from (its fingerprint), so a reader can tell a
     record that no longer describes the current adapter.
@@ -71,7 +73,7 @@ def write_export_record(cfg: Config, task: TaskConfig, exported: dict[str, str],
     tune = require_stage_output(adapter_dir(cfg, task), "tune", task)
     record = {"version": RECORD_VERSION, "task": task.name, "tune_fingerprint": tune.get("fingerprint"),
               "adapter_kind": tuned_spec(cfg, task).kind, "exported": dict(sorted(exported.items())),
-              "skipped": dict(sorted(skipped.items()))}
+              "skipped": dict(sorted(skipped.items())), "failed": dict(sorted((failed or {}).items()))}
     if _read_json(path) != record:  # an up-to-date re-run changes nothing on disk
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, record)
@@ -93,6 +95,25 @@ def export_skips(cfg: Config, task: TaskConfig) -> dict[str, str]:
         raise EdgetuneError(f"{path} describes an earlier tune result of {task.name!r}; run `edgetune export "
                             f"--task {task.name}` (or `edgetune pipeline`) first")
     return dict(record.get("skipped", {}))
+
+
+def export_failures(cfg: Config, task: TaskConfig) -> dict[str, dict[str, Any]]:
+    """Export targets of ``task`` that failed their fidelity gate -> ``{"reason", "metrics"}`` ({} when
+    export has not run, or its record describes an earlier tune result: those say nothing now)."""
+    path = export_record(cfg, task)
+    record = _read_json(path) if path.is_file() else None
+    if not isinstance(record, dict):
+        return {}
+    tune = read_manifest(adapter_dir(cfg, task)) or {}
+    if record.get("tune_fingerprint") != tune.get("fingerprint"):
+        return {}
+    return dict(record.get("failed", {}))
+
+
+def failed_gates(cfg: Config, tasks: list[TaskConfig]) -> dict[str, str]:
+    """``"<task>/<target>" -> reason`` for every export of ``tasks`` that failed its gate (the run's exit status)."""
+    return {f"{task.name}/{target}": entry.get("reason", "") for task in tasks
+            for target, entry in sorted(export_failures(cfg, task).items())}
 
 
 def _read_json(path: Path) -> Any:

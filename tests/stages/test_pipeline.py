@@ -99,7 +99,9 @@ def test_report_scores_every_artifact_and_equivalent_artifacts_agree(tiny_run) -
     assert report["schema_version"] == 1 and report["machine"]["cores"] >= 1
     for task, rows in (("sentiment", 6), ("praise", 2)):
         entry = report["tasks"][task]
-        assert entry["test_rows"] == rows and list(entry["artifacts"]) == ARTIFACTS
+        # the round-to-nearest int4 variant is scored beside the (GPTQ) onnx-int4 export: what calibration buys
+        with_variant = [x for a in ARTIFACTS for x in ([a, "onnx-int4@rtn-b32"] if a == "onnx-int4" else [a])]
+        assert entry["test_rows"] == rows and list(entry["artifacts"]) == with_variant
         for name, r in entry["artifacts"].items():
             assert 0.0 <= r["exact_match"] <= 1.0, name
             assert math.isfinite(r["perplexity"]) and r["perplexity"] > 1.0, name
@@ -293,7 +295,7 @@ def test_unmergeable_and_sparse_methods_flow_through_every_stage(method: str, tm
             assert isinstance(model, PeftModel)
     else:
         assert (run / "adapters" / "sentiment" / "sparse_delta.safetensors").is_file()
-        assert set(report["artifacts"]) == set(ARTIFACTS) and report["skipped"] == {}
+        assert set(report["artifacts"]) == {*ARTIFACTS, "onnx-int4@rtn-b32"} and report["skipped"] == {}
         merge = json.loads((run / "merged" / "sentiment" / "manifest.json").read_text())
         assert merge["metrics"]["max_abs_logit_diff_vs_adapter"] < 1e-4
         arts = report["artifacts"]
@@ -376,22 +378,6 @@ print(json.dumps({{"models": sorted(models), "kinds": sorted(m.get("kind", "") f
     assert result["missing"] == 404 and result["unload"]["deleted"] is True
     assert result["again"] == 404  # unloaded is gone: the bundle adapter must be loaded again by name
     assert result["torch"] is False
-
-
-def test_a_failed_fidelity_gate_publishes_nothing(tiny_run, capsys) -> None:
-    """An export that fails its gate leaves the run as it was: every manifest and export record unchanged
-    (so this test changes nothing the others see, whatever order they run in)."""
-    sets, run = tiny_run
-    published = run / "export" / "onnx-int8" / "praise" / "manifest.json"
-    before = {p: p.read_text() for p in [*run.rglob("manifest.json"), *(run / "export" / "records").iterdir()]}
-    assert cli("export", "--config", "configs/tiny.yaml", "--task", "praise",
-               sets=[*sets, "export.targets=[onnx-int8]", "export.gates.int8.max_abs_logit_diff=1e-9"]) == 2
-    err = capsys.readouterr().err
-    assert "int8 fidelity gate failed" in err and "max_abs_logit_diff" in err and "Nothing was published" in err
-    assert published in before
-    after = {p: p.read_text() for p in [*run.rglob("manifest.json"), *(run / "export" / "records").iterdir()]}
-    assert after == before  # the earlier exports and records are untouched
-    assert not [p for p in (run / "export").rglob("*") if ".tmp-" in p.name]
 
 
 def test_bf16_mixed_precision_trains_and_keeps_an_fp32_adapter(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -1,0 +1,142 @@
+"""Calibrated 4-bit weights: the packing is ONNX Runtime's own, GPTQ moves a layer's outputs less than
+round-to-nearest on the calibration inputs, and the values land in ONNX and bitsandbytes unchanged."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from exporters import gptq as G
+
+
+def _correlated_inputs(rng: np.random.Generator, rows: int, k: int) -> np.ndarray:
+    """Inputs with strongly correlated channels (a few directions carry most of the signal) of very different
+    scales, as transformer activations have."""
+    mix = rng.standard_normal((k // 4, k))
+    x = rng.standard_normal((rows, k // 4)) @ mix + 0.1 * rng.standard_normal((rows, k))
+    return (x * np.linspace(0.2, 4.0, k)).astype(np.float32)
+
+
+@pytest.mark.parametrize(("n", "k", "block"), [(48, 96, 32), (64, 576, 32), (10, 256, 16), (7, 512, 128)])
+def test_round_to_nearest_packs_byte_identical_to_onnxruntime(n: int, k: int, block: int) -> None:
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    rng = np.random.default_rng(n)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    w[3, :block] = 0  # an all-zero block: scale 0, zero point 0
+    w[2, block:2 * block] = np.abs(w[2, block:2 * block])  # a block with no negative weight
+    blocks = k // block
+    packed = np.zeros((n, blocks, block // 2), np.uint8)
+    zero_points = np.zeros((n, (blocks + 1) // 2), np.uint8)
+    scales = np.zeros((n, blocks), np.float32)
+    quantize_matmul_4bits(packed, np.ascontiguousarray(w.T), scales, zero_points, block, n, k, False)
+    b, s, z = G.pack(G.round_to_nearest(w, block))
+    assert np.array_equal(b, packed) and np.array_equal(s, scales) and np.array_equal(z, zero_points)
+
+
+def test_gptq_moves_the_layer_outputs_less_than_round_to_nearest() -> None:
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 256)).astype(np.float32)
+    x, held_out = np.split(_correlated_inputs(rng, 6000, 256), [4000])  # calibration rows, then unseen ones
+    h = x.T @ x / len(x)
+    q = G.gptq(w, h, 32)
+    assert q.codes.max() <= 15 and q.zeros.max() <= 15
+    ordered = G.gptq(w, h, 32, act_order=True)  # static groups: the grid is RTN's, the codes are not
+    assert np.array_equal(ordered.scales, G.round_to_nearest(w, 32).scales)
+    error = {name: float(np.mean((held_out @ w.T - held_out @ v.dequantize().T) ** 2))
+             for name, v in (("rtn", G.round_to_nearest(w, 32)), ("gptq", q), ("act_order", ordered))}
+    assert error["gptq"] < 0.7 * error["rtn"] and error["act_order"] < error["gptq"], error
+
+
+def test_gptq_with_a_codebook_keeps_the_given_scales() -> None:
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((32, 128)).astype(np.float32)
+    x = _correlated_inputs(rng, 3000, 128)
+    levels = np.sort(rng.uniform(-1, 1, 16)).astype(np.float32)
+    levels[0], levels[-1] = -1.0, 1.0
+    scales = np.abs(w).reshape(32, -1, 64).max(axis=2)
+    q = G.gptq(w, x.T @ x / len(x), 64, codebook=levels, scales=scales)
+    assert np.array_equal(q.scales, scales)
+    rebuilt = levels[q.codes] * np.repeat(scales, 64, axis=1)
+    nearest = levels[np.abs(w.reshape(32, -1, 64)[..., None] / scales[..., None, None] - levels).argmin(-1)]
+    rtn = nearest.reshape(32, 128) * np.repeat(scales, 64, axis=1)
+    err = lambda v: float(np.mean((x @ w.T - x @ v.T) ** 2))  # noqa: E731
+    assert err(rebuilt) < 0.8 * err(rtn)
+
+
+def test_calibration_hessians_share_one_matrix_per_input_and_skip_padding() -> None:
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k, self.o = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4), torch.nn.Linear(8, 8)
+
+        def forward(self, input_ids, attention_mask):
+            x = torch.nn.functional.one_hot(input_ids, 8).float() * 3 - 1
+            return self.o(self.q(x) + torch.cat([self.k(x), self.k(x)], -1))
+
+    model = Block()
+    batches = [{"input_ids": torch.tensor([[1, 2, 3], [0, 4, 5]]), "attention_mask": torch.tensor([[1, 1, 1], [0, 1, 1]])}]
+    h = G.calibration_hessians(model, batches, ["q", "k", "o"])
+    x = torch.nn.functional.one_hot(torch.tensor([1, 2, 3, 4, 5]), 8).float() * 3 - 1  # the five unpadded tokens
+    assert np.allclose(h["q"], (x.T @ x / 5).numpy()) and np.array_equal(h["q"], h["k"])
+    with torch.no_grad():
+        mid = model.q(x) + torch.cat([model.k(x), model.k(x)], -1)
+    assert np.allclose(h["o"], (mid.T @ mid / 5).numpy(), atol=1e-5)
+
+
+def test_calibrated_blocks_replace_the_onnx_weights_and_compute_what_they_say(tmp_path) -> None:
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from exporters.onnx_quant import _quantize_matmuls
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((48, 64)).astype(np.float32)  # nn.Linear layout [out, in]; ONNX MatMul takes w.T
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="/model/layers.0/mlp/up_proj/MatMul")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 48])], [numpy_helper.from_array(w.T.copy(), "w")])
+    model = _quantize_matmuls(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), bits=4,
+                              block_size=32, accuracy_level=0, op_types=("MatMul",), symmetric=False)
+    before = {i.name: numpy_helper.to_array(i).copy() for i in model.graph.initializer}
+    assert G.apply_to_onnx(model, {"model.layers.0.mlp.up_proj": G.round_to_nearest(w, 32)}) == [
+        "model.layers.0.mlp.up_proj"]
+    assert all(np.array_equal(before[i.name], numpy_helper.to_array(i)) for i in model.graph.initializer)
+
+    x = _correlated_inputs(rng, 500, 64)
+    q = G.gptq(w, x.T @ x / len(x), 32)
+    G.apply_to_onnx(model, {"model.layers.0.mlp.up_proj": q})
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    y = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.allclose(y, x @ q.dequantize().T, atol=1e-3)
+    with pytest.raises(ValueError, match="block size"):
+        G.apply_to_onnx(model, {"model.layers.0.mlp.up_proj": G.round_to_nearest(w, 16)})
+
+
+def test_gptq_codes_land_in_bitsandbytes_nf4_unchanged() -> None:
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    torch.manual_seed(0)
+    reference = torch.nn.Sequential(torch.nn.Linear(128, 64, bias=False))
+    quantized = torch.nn.Sequential(bnb.nn.Linear4bit(128, 64, bias=False, quant_type="nf4", compress_statistics=True,
+                                                      compute_dtype=torch.float32))
+    quantized[0].weight = bnb.nn.Params4bit(reference[0].weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                            compress_statistics=True)
+    quantized[0].weight = quantized[0].weight._quantize("cpu") if hasattr(quantized[0].weight, "_quantize") \
+        else quantized[0].weight.to("cpu")
+    x = torch.from_numpy(_correlated_inputs(np.random.default_rng(4), 3000, 128))
+    state = quantized[0].weight.quant_state
+    rtn = bnbf.dequantize_4bit(quantized[0].weight.data, state).clone()
+    assert G.gptq_bnb_4bit(quantized, reference, {"0": (x.T @ x / len(x)).numpy()}, progress=False) == ["0"]
+    refined = bnbf.dequantize_4bit(quantized[0].weight.data, state)
+    # bitsandbytes' own block scales are kept: every weight is one of the 16 NF4 levels times its block's absmax
+    absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    ratio = refined.reshape(-1, 64) / absmax[:, None]
+    assert (ratio.reshape(-1, 1) - state.code.reshape(1, -1)).abs().min(1).values.max() < 1e-5
+    assert not torch.equal(refined, rtn)  # the codes did change
+    w = reference[0].weight.detach()
+    err = lambda v: float(((x @ w.T - x @ v.T) ** 2).mean())  # noqa: E731
+    assert err(refined) < 0.8 * err(rtn)
