@@ -56,6 +56,9 @@ def child(args) -> None:
     cfg = _config(args)
     task = cfg.task(args.task)
     set_threads(args.threads)
+    if args.child == "pair":
+        _paired_int4(args, cfg, task)
+        return
     if "@" in args.child:  # an int4 variant: built in a scratch folder for the measurement
         from pipeline.evaluate import int4_variant
 
@@ -64,6 +67,24 @@ def child(args) -> None:
         return
     model, tokenizer = load_artifact(cfg, task, args.child)
     _measure_child(args, task, model, tokenizer, artifact_size(cfg, task, args.child))
+
+
+def _paired_int4(args, cfg, task) -> None:
+    """Decode speed of the calibrated int4 export and its round-to-nearest twin, rounds interleaved in one
+    process (same graph: any gap is noise or a real cost of the calibrated values, and interleaving keeps
+    the machine's drift out of the ratio)."""
+    from pipeline.data import load_examples, render_prompt
+    from pipeline.evaluate import int4_variant, load_artifact
+
+    gptq, tokenizer = load_artifact(cfg, task, "onnx-int4")
+    example = next(e for e in load_examples(task.test) if e.reference is not None)
+    ids = tokenizer(render_prompt(tokenizer, example), add_special_tokens=False)["input_ids"]
+    rates: dict[str, list[float]] = {"gptq": [], "rtn": []}
+    with int4_variant(cfg, task, "rtn-b32") as (rtn, _, _):
+        for _ in range(2 * args.repeats):
+            for name, model in (("gptq", gptq), ("rtn", rtn)):
+                rates[name].append(model.decoder.decode_speed(ids, args.new_tokens, 1))
+    Path(args.out).write_text(json.dumps({k: round(statistics.median(v), 2) for k, v in rates.items()}))
 
 
 def _measure_child(args, task, model, tokenizer, size: int) -> None:
@@ -124,19 +145,22 @@ def main() -> None:
             _, rss = run_measured([sys.executable, __file__, *common, "--child", artifact, "--out", str(out)], label)
             rows[label] = {"artifact": artifact, **json.loads(out.read_text()), "peak_rss_mb": round(rss)}
             print(f"{label}: {rows[label]}", flush=True)
-    write_results(args, rows)
+        out = Path(tmp) / "pair.json"
+        run_measured([sys.executable, __file__, *common, "--child", "pair", "--out", str(out)], "int4 pair")
+        pair = json.loads(out.read_text())
+        print(f"interleaved int4 decode: {pair}", flush=True)
+    write_results(args, rows, pair)
 
 
-def write_results(args, rows: dict) -> None:
+def write_results(args, rows: dict, pair: dict) -> None:
     from pipeline.report import machine
 
     fp32, onnx_fp32, int4 = rows["torch fp32"], rows["ONNX fp32"], rows["ONNX int4"]
-    rtn = rows["ONNX int4, round-to-nearest"]
     checks = {
         "int4_decode_speedup": round(int4["decode_tokens_per_s"] / fp32["decode_tokens_per_s"], 2),
         "int4_size_ratio": round(int4["size_bytes"] / onnx_fp32["size_bytes"], 3),
         "int4_score_drop": round(fp32["exact_match"] - int4["exact_match"], 4),
-        "calibrated_vs_rtn_decode": round(int4["decode_tokens_per_s"] / rtn["decode_tokens_per_s"], 3),
+        "calibrated_vs_rtn_decode": round(pair["gptq"] / pair["rtn"], 3),
     }
     met = {"int4_decode_speedup": checks["int4_decode_speedup"] >= GOALS["int4_decode_speedup"],
            "int4_size_ratio": checks["int4_size_ratio"] <= GOALS["int4_size_ratio"],
@@ -146,7 +170,7 @@ def write_results(args, rows: dict) -> None:
     result = {"command": command.strip(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "machine": machine(), "task": args.task, "run": args.run, "threads": args.threads,
               "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
-              "artifacts": rows, "checks": checks, "goals": GOALS, "met": met}
+              "artifacts": rows, "int4_interleaved_decode": pair, "checks": checks, "goals": GOALS, "met": met}
     results = ROOT / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / "edge.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -175,7 +199,8 @@ def write_results(args, rows: dict) -> None:
         f"{'yes' if met['int4_size_ratio'] else 'no'} |",
         f"| exact match drop, ONNX int4 vs torch fp32 | {checks['int4_score_drop']:.3f} | ≤ 0.05 | "
         f"{'yes' if met['int4_score_drop'] else 'no'} |",
-        f"| ONNX int4 (GPTQ) decode ÷ round-to-nearest int4 decode | {checks['calibrated_vs_rtn_decode']:.3f}× | ≥ 0.9× | "
+        f"| ONNX int4 (GPTQ) decode ÷ round-to-nearest int4 decode, {2 * args.repeats} interleaved rounds each "
+        f"({pair['gptq']:.1f} vs {pair['rtn']:.1f} tok/s) | {checks['calibrated_vs_rtn_decode']:.3f}× | ≥ 0.9× | "
         f"{'yes' if met['calibrated_vs_rtn_decode'] else 'no'} |",
         "",
     ]

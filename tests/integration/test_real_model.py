@@ -36,7 +36,8 @@ def test_real_model_pipeline(tmp_path: Path) -> None:
 
     report = json.loads((run / "report.json").read_text())
     artifacts = report["tasks"]["sentiment"]["artifacts"]
-    assert list(artifacts) == ["base", "adapter", "merged", "int8", "nf4", "onnx", "onnx-int8", "onnx-int4", "edge"]
+    assert list(artifacts) == ["base", "adapter", "merged", "int8", "nf4", "onnx", "onnx-int8", "onnx-int4",
+                               "onnx-int4@rtn-b32", "edge"]  # the round-to-nearest int4, scored beside the GPTQ one
     for name, r in artifacts.items():
         assert r["decode_tokens_per_s"] > 0 and r["size_bytes"] > 0, name
     # Quantized artifacts are smaller on disk than the fp32 merged model.
@@ -48,10 +49,18 @@ def test_real_model_pipeline(tmp_path: Path) -> None:
     assert edge["adapters"]["sentiment"]["kind"] == "lora" and edge["base_fidelity"]["precision"] == "int4"
     assert json.loads((run / "export" / "onnx" / "sentiment" / "manifest.json").read_text())[
         "metrics"]["max_abs_logit_diff"] < 1e-3
+    # the 4-bit forms are calibrated on the task's training rows, and their manifests say how
+    int4 = json.loads((run / "export" / "onnx-int4" / "sentiment" / "manifest.json").read_text())["metrics"]
+    assert int4["recipe"].startswith("gptq:rows=128") and "calibration:sentiment" in json.loads(
+        (run / "export" / "onnx-int4" / "sentiment" / "manifest.json").read_text())["inputs"]
+    assert edge["recipe"].endswith(":block=32") and "gptq" in edge["recipe"]
+    assert json.loads((run / "quantized" / "base-nf4" / "manifest.json").read_text())["recipe"].startswith("gptq")
 
     cfg = load_config("configs/default.yaml", sets)
     task = cfg.task("sentiment")
     for name in artifacts:
+        if "@" in name:  # a measured variant, not a published artifact
+            continue
         model, tokenizer = load_artifact(cfg, task, name)
         batch = tokenizer(["<|im_start|>user\nReview: Great kettle, works well.\nLabel the sentiment.<|im_end|>\n"
                            "<|im_start|>assistant\n"], return_tensors="pt", add_special_tokens=False)
