@@ -190,6 +190,18 @@ def _temporary_name(name: str, kind: str) -> str:
     return f".{name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
+@contextlib.contextmanager
+def scratch_dir(parent: Path, name: str) -> Iterator[Path]:
+    """A folder under ``parent`` for files that are used and deleted (never published), named like the
+    stages' temporaries so that what a killed run leaves is cleaned by the next one."""
+    path = Path(parent) / _temporary_name(name, "tmp")
+    path.mkdir(parents=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def remove_stale_temporaries(root: Path, *, name: str | None = None) -> list[Path]:
     """Clean what killed writers left under ``root``; return the entries removed or restored.
 

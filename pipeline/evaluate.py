@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import dir_size, fingerprint, write_json_atomic
+from pipeline.artifacts import dir_size, fingerprint, scratch_dir, write_json_atomic
 from pipeline.calibration import calibration_inputs
 from pipeline.config import ONNX_PRECISIONS, Config, TaskConfig
 from pipeline.data import Example, load_examples, render_prompt
@@ -204,7 +204,6 @@ def int4_variant(cfg: Config, task: TaskConfig, variant: str) -> Iterator[tuple[
     """(ONNX model, tokenizer, bytes on disk) of ``task``'s merged model rounded to int4 as ``variant`` says,
     in a scratch folder under the task's eval folder that is deleted afterwards."""
     import shutil
-    import tempfile
 
     from exporters.onnx import TOKENIZER_FILES, load_onnx_model
     from pipeline.onnx_build import fp32_onnx, quantize_onnx
@@ -212,9 +211,7 @@ def int4_variant(cfg: Config, task: TaskConfig, variant: str) -> Iterator[tuple[
     merged = merged_dir(cfg, task)
     require_stage_output(merged, "merge", task)
     vcfg = variant_config(cfg, variant)
-    scratch = eval_file(cfg, task, "x").parent
-    scratch.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=scratch, prefix=".tmp-variant-") as tmp:
+    with scratch_dir(eval_file(cfg, task, "x").parent, f"variant-{variant}") as tmp:
         out = Path(tmp) / "model"
         out.mkdir()
         fp32 = fp32_onnx(cfg, task, Path(tmp) / "fp32")
