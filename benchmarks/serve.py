@@ -1,22 +1,35 @@
-"""`make bench-serve`: the multi-adapter server under load, against a single adapter and a naive server.
+"""`make bench-serve`: the multi-adapter server under load, on both backends, against a naive server.
 
 On the default base, with 8 LoRA adapters (rank 16, all linear layers, random weights: speed does
-not depend on what they learned) in a temporary adapter root:
-  1. ``edgetune serve`` in a child process; each adapter is (re)loaded through POST /v1/adapters
-     to time adapter loads.
-  2. Throughput at concurrency 16: the same requests spread over 8 adapters, then all on one,
-     interleaved ``--repeats`` times; the median run of each is reported.
-  3. Latency p50/p95 and time to first token (streaming) at concurrency 1, 4 and 16.
-  4. The naive baseline, after the server has stopped: one PEFT model holding the same 8 adapters,
-     ``set_adapter`` per request and ``generate`` one request at a time, in this process (no HTTP
-     cost, so the comparison flatters the baseline).
-Every request generates exactly ``--tokens`` tokens (``ignore_eos``-style: stop sequences none, the
-random adapters rarely emit EOS; throughput counts the tokens actually generated).
-Server and baseline run on ``--device`` in ``--dtype`` (default auto: CUDA in bfloat16 when a GPU is
-visible, else the CPU in float32); the results say which.
+not depend on what they learned), for each backend:
+
+- ``torch``: ``edgetune serve`` over the adapters in a temporary adapter root (full precision, ``--device``
+  and ``--dtype``);
+- ``onnx``: ``edgetune serve --backend onnx`` over an edge bundle made of the ``make pipeline`` run's
+  shared int4 base (``runs/<run>/export/edge/model.onnx``) and the same 8 adapters as ``.onnx_adapter``
+  files.
+
+Each server runs in a child process on 2 threads' worth of cores; measured through HTTP:
+
+  1. Adapter load: each adapter unloaded and loaded again through ``POST /v1/adapters`` (validation, load,
+     registration), p50 over the 8.
+  2. Throughput at concurrency 16: the same requests spread over 8 adapters, then all on one, interleaved
+     ``--repeats`` times; the median run of each is reported.
+  3. Latency p50/p95 and time to first token (streaming) at concurrency 1, 4 and 16; the concurrency-1 run
+     also gives the backend's single-stream decode speed (tokens after the first / time after the first).
+  4. The naive baseline, after the server has stopped, in this process (no HTTP cost, so the comparison
+     flatters it): one request at a time, switching the adapter per request (torch: one PEFT model holding
+     the 8 adapters, ``set_adapter`` + ``generate``; onnx: the edge runtime's ``EdgeRunner.generate`` with
+     the adapter named per call).
+
+Every request asks for ``--tokens`` tokens, greedy; the random adapters leave the base's answers, so some
+end early at the end-of-sequence token: throughput counts the tokens actually generated, alike for every
+row. The prompts are 4 short chat prompts in turn (the server's prefix cache sees them repeat, as it would
+a shared system prompt; its hit rate is reported).
 Writes ``benchmarks/results/serve.{json,md}``.
 
-    python benchmarks/serve.py [--requests 48] [--tokens 32] [--repeats 3] [--device auto] [--dtype auto]
+    python benchmarks/serve.py [--backends torch,onnx] [--requests 48] [--tokens 32] [--repeats 3]
+                               [--device auto] [--dtype auto] [--run default]
 """
 
 from __future__ import annotations
@@ -68,21 +81,51 @@ def make_adapters(base: Path, root: Path) -> list[str]:
     return names
 
 
-def start_server(root: Path, log: Path, *flags: str) -> tuple[str, subprocess.Popen]:
-    """``edgetune serve --adapters root *flags`` in a child process on a free port, its output in ``log``:
-    (its URL, the process) once it answers /ready. The process is killed if it never gets ready."""
+def start_server(log: Path, *flags: str) -> tuple[str, subprocess.Popen]:
+    """``edgetune serve *flags`` in a child process on a free port, its output in ``log``: (its URL, the
+    process) once it answers /ready. The process is killed if it never gets ready."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--adapters", str(root), "--port",
-                               str(port), *flags], stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    server = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--port", str(port), *flags],
+                              stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
     try:
         wait_ready(url, server, timeout=300)
     except BaseException:
         server.kill()
         raise
     return url, server
+
+
+def make_bundle(edge: Path, adapters: Path, names: list[str], out: Path) -> Path:
+    """An edge bundle at ``out``: the pipeline bundle's base, tokenizer and chat format, and ``names`` (PEFT
+    folders under ``adapters``) as ``.onnx_adapter`` files."""
+    from edge.bundle import MANIFEST, load_bundle, sha256
+    from exporters.onnx_lora import write_onnx_adapter
+
+    source = load_bundle(edge)  # verified: the base is the one the pipeline gated
+    manifest = json.loads((edge / MANIFEST).read_text())
+    (out / "adapters").mkdir(parents=True)
+    files = {}
+    for rel in (manifest["model"], manifest["tokenizer"], "chat_template.jinja"):
+        if (edge / rel).is_file():
+            try:  # a hard link: the 90 MB base is not copied
+                os.link(edge / rel, out / rel)
+            except OSError:
+                (out / rel).write_bytes((edge / rel).read_bytes())
+            files[rel] = manifest["files"][rel]
+    manifest["adapters"] = {}
+    for name in names:
+        rel = f"adapters/{name}.onnx_adapter"
+        write_onnx_adapter(adapters / name, out / rel)
+        files[rel] = {"bytes": (out / rel).stat().st_size, "sha256": sha256(out / rel)}
+        manifest["adapters"][name] = {"kind": "lora", "file": rel}
+    manifest["files"] = files
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    load_bundle(out)  # every file as listed
+    del source
+    return out
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -131,10 +174,14 @@ def load(url: str, models: list[str], requests: int, concurrency: int, tokens: i
     if stream:
         ttft = [r["ttft"] for r in results if r["ttft"] is not None]
         out |= {"ttft_p50_s": round(percentile(ttft, 0.5), 3), "ttft_p95_s": round(percentile(ttft, 0.95), 3)}
+        decode = [(r["tokens"] - 1) / (r["latency"] - r["ttft"]) for r in results
+                  if r["ttft"] is not None and r["tokens"] > 1 and r["latency"] > r["ttft"]]
+        out["decode_tokens_per_s_p50"] = round(percentile(decode, 0.5), 2) if decode else None
     return out
 
 
-def naive(base: Path, root: Path, names: list[str], requests: int, tokens: int, device: str, dtype: str) -> dict:
+def naive_torch(base: Path, root: Path, names: list[str], requests: int, tokens: int, device: str,
+                dtype: str) -> dict:
     """One request at a time, switching the active adapter per request (what a simple server does), on the
     server's device and dtype."""
     import torch
@@ -165,17 +212,70 @@ def naive(base: Path, root: Path, names: list[str], requests: int, tokens: int, 
             "tokens_per_s": round(produced / wall, 2)}
 
 
+def naive_onnx(bundle: Path, names: list[str], requests: int, tokens: int) -> dict:
+    """One request at a time on the edge runtime, the adapter named per request (ONNX Runtime activates one
+    ``.onnx_adapter`` per run)."""
+    from edge.bundle import EdgeRunner, load_bundle
+
+    runner = EdgeRunner(load_bundle(bundle))
+    for name in names:
+        runner.resolve(name)  # loaded up front, as a server would hold them
+    produced, started = 0, time.perf_counter()
+    for i in range(requests):
+        ids = runner.encode_chat(PROMPTS[i % len(PROMPTS)])
+        generated, text = runner.start(ids, tokens, adapter=names[i % len(names)])
+        for token in generated:
+            text.push(token)
+            if text.finish_reason is not None:
+                break
+        produced += len(text.tokens)
+    wall = time.perf_counter() - started
+    return {"requests": requests, "seconds": round(wall, 2), "tokens": produced,
+            "tokens_per_s": round(produced / wall, 2)}
+
+
+def measure(url: str, names: list[str], args) -> dict:
+    """Adapter loads, throughput (8 vs 1 adapter), latency and TTFT of the server at ``url``."""
+    loads = []
+    for name in names:  # unload, then time a real load: validation + load + registration
+        httpx.delete(f"{url}/v1/adapters/{name}", timeout=120).raise_for_status()
+        started = time.perf_counter()
+        httpx.post(f"{url}/v1/adapters", json={"name": name, "source": name}, timeout=120).raise_for_status()
+        loads.append(time.perf_counter() - started)
+    load(url, names, 16, 16, 4)  # warm-up
+    runs: dict[str, list] = {"spread": [], "single": []}
+    for _ in range(args.repeats):  # interleaved, so drift in the machine hits both alike
+        runs["spread"].append(load(url, names, args.requests, 16, args.tokens))
+        runs["single"].append(load(url, names[:1], args.requests, 16, args.tokens))
+    latency = [load(url, names, max(c * 2, 8), c, args.tokens, stream=True) for c in (1, 4, 16)]
+    metrics = httpx.get(f"{url}/metrics", timeout=30).text
+    hit = [line for line in metrics.splitlines() if line.startswith("edgetune_prefix_cache_hit_ratio ")]
+    return {"adapter_load_p50_s": round(statistics.median(loads), 4), "adapter_loads_s": [round(x, 4) for x in loads],
+            "spread_8_adapters": median_run(runs["spread"]), "single_adapter": median_run(runs["single"]),
+            "latency": latency, "single_stream_decode_tokens_per_s": latency[0]["decode_tokens_per_s_p50"],
+            "prefix_cache_hit_ratio": float(hit[0].split()[1]) if hit else None}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backends", default="torch,onnx", help="comma-separated: torch, onnx")
     parser.add_argument("--requests", type=int, default=48, help="requests per throughput measurement")
     parser.add_argument("--tokens", type=int, default=32, help="max_tokens of every request")
     parser.add_argument("--repeats", type=int, default=3, help="throughput runs per load; the median is reported")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                        help="where the server and the baseline run (auto: CUDA when visible)")
+                        help="where the torch server and its baseline run (auto: CUDA when visible)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="weights dtype (auto: bfloat16 on a GPU, float32 on the CPU)")
+                        help="torch weights dtype (auto: bfloat16 on a GPU, float32 on the CPU)")
+    parser.add_argument("--run", default="default", help="the make pipeline run whose edge bundle's base the onnx "
+                                                         "backend serves (runs/<run>/export/edge)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if not set(backends) <= {"torch", "onnx"} or not backends:
+        parser.error(f"--backends: torch and/or onnx, got {args.backends!r}")
+    edge = ROOT / "runs" / args.run / "export" / "edge"
+    if "onnx" in backends and not (edge / "manifest.json").is_file():
+        parser.error(f"the onnx backend serves {edge}'s int4 base: run `make pipeline` first (or --backends torch)")
 
     from pipeline.device import resolve_device, resolve_dtype
     from pipeline.models import resolve_base
@@ -186,65 +286,92 @@ def main() -> int:
     dtype = str(resolve_dtype(args.dtype, device)).removeprefix("torch.")
     base = resolve_base("smollm2-135m-instruct")
     total_started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
+    result: dict = {"command": "make bench-serve", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "machine": machine(), "base": "smollm2-135m-instruct", "adapters": N_ADAPTERS,
+                    "max_tokens": args.tokens, "backends": {}}
+    common = ["--max-batch-size", "16", "--max-queue", "256", "--max-rank", "16"]
+    with tempfile.TemporaryDirectory(dir=ROOT / "runs" if (ROOT / "runs").is_dir() else None) as tmp:
         root = Path(tmp) / "adapters"
         names = make_adapters(base, root)
-        url, server = start_server(root, Path(tmp) / "server.log", "--max-batch-size", "16", "--max-queue", "256",
-                                   "--max-rank", "16", "--device", device, "--dtype", dtype)
-        try:
-            loads = []
-            for name in names:  # a hot swap of each: validation + load + registration
-                started = time.perf_counter()
-                httpx.post(f"{url}/v1/adapters", json={"name": name, "source": name}, timeout=120).raise_for_status()
-                loads.append(time.perf_counter() - started)
-            load(url, names, 16, 16, 4)  # warm-up
-            runs = {"spread": [], "single": []}
-            for _ in range(args.repeats):  # interleaved, so drift in the machine hits both alike
-                runs["spread"].append(load(url, names, args.requests, 16, args.tokens))
-                runs["single"].append(load(url, names[:1], args.requests, 16, args.tokens))
-            spread, single = (median_run(runs[k]) for k in ("spread", "single"))
-            latency = [load(url, names, max(c * 2, 8), c, args.tokens, stream=True) for c in (1, 4, 16)]
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
-        baseline = naive(base, root, names, max(args.requests // 3, 8), args.tokens, device, dtype)
+        for backend in backends:
+            if backend == "torch":
+                flags = ["--adapters", str(root), "--device", device, "--dtype", dtype, *common]
+            else:
+                bundle = make_bundle(edge, root, names, Path(tmp) / "bundle")
+                flags = ["--backend", "onnx", "--bundle", str(bundle), *common]
+            print(f"bench-serve: {backend} backend", flush=True)
+            url, server = start_server(Path(tmp) / f"{backend}.log", *flags)
+            try:
+                measured = measure(url, names, args)
+            finally:
+                server.terminate()
+                server.wait(timeout=60)
+            requests = max(args.requests // 3, 8)
+            measured["naive_switching"] = naive_torch(base, root, names, requests, args.tokens, device, dtype) \
+                if backend == "torch" else naive_onnx(bundle, names, requests, args.tokens)
+            spread = measured["spread_8_adapters"]["tokens_per_s"]
+            measured["ratio_spread_vs_single"] = round(spread / measured["single_adapter"]["tokens_per_s"], 3)
+            measured["ratio_spread_vs_naive"] = round(spread / measured["naive_switching"]["tokens_per_s"], 3)
+            if measured["single_stream_decode_tokens_per_s"]:
+                measured["ratio_spread_vs_single_stream"] = round(spread / measured["single_stream_decode_tokens_per_s"], 3)
+            measured["settings"] = {"device": device, "dtype": dtype} if backend == "torch" else \
+                {"bundle_base": str(edge.relative_to(ROOT) / "model.onnx"), "precision": "int4 (MatMulNBits)"}
+            result["backends"][backend] = measured
+    result["total_minutes"] = round((time.perf_counter() - total_started) / 60, 1)
+    result["checks"] = checks = {}
+    for backend, m in result["backends"].items():
+        checks[f"{backend}: 8 adapters >= 0.8x single adapter"] = m["ratio_spread_vs_single"] >= 0.8
+        checks[f"{backend}: 8 adapters >= 2x naive switching server"] = m["ratio_spread_vs_naive"] >= 2.0
+    if {"torch", "onnx"} <= set(result["backends"]):
+        t, o = result["backends"]["torch"], result["backends"]["onnx"]
+        result["ratio_onnx_vs_torch"] = round(o["spread_8_adapters"]["tokens_per_s"]
+                                              / t["spread_8_adapters"]["tokens_per_s"], 3)
+        checks["onnx 8 adapters at concurrency 16 >= 5x torch's"] = result["ratio_onnx_vs_torch"] >= 5.0
+    if "onnx" in result["backends"]:
+        o = result["backends"]["onnx"]
+        checks["onnx 8 adapters at concurrency 16 >= 200 tokens/s"] = o["spread_8_adapters"]["tokens_per_s"] >= 200
+        checks["onnx 8 adapters >= 4x its single-stream decode"] = o.get("ratio_spread_vs_single_stream", 0) >= 4.0
+        checks["onnx p50 time to first token at concurrency 16 <= 1.0 s"] = o["latency"][2]["ttft_p50_s"] <= 1.0
+        checks["onnx adapter load p50 <= 100 ms"] = o["adapter_load_p50_s"] <= 0.1
+    return write_results(ROOT / args.out, "serve", result, _markdown(result, args))
 
-    result = {
-        "command": "make bench-serve", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": machine(), "device": device, "dtype": dtype,
-        "base": "smollm2-135m-instruct", "adapters": N_ADAPTERS, "max_tokens": args.tokens,
-        "adapter_load_p50_s": round(statistics.median(loads), 3), "spread_8_adapters": spread,
-        "single_adapter": single, "naive_switching": baseline, "latency": latency,
-        "ratio_spread_vs_single": round(spread["tokens_per_s"] / single["tokens_per_s"], 3),
-        "ratio_spread_vs_naive": round(spread["tokens_per_s"] / baseline["tokens_per_s"], 3),
-        "total_minutes": round((time.perf_counter() - total_started) / 60, 1),
-    }
-    result["checks"] = {"8 adapters >= 0.8x single adapter": result["ratio_spread_vs_single"] >= 0.8,
-                        "8 adapters >= 2x naive switching server": result["ratio_spread_vs_naive"] >= 2.0}
+
+def _markdown(result: dict, args) -> list[str]:
     m = result["machine"]
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
     lines = ["# Multi-adapter serving", "",
              f"Base `smollm2-135m-instruct`, {N_ADAPTERS} LoRA adapters (r=16, all linear layers), "
-             f"max_tokens {args.tokens}, greedy.  ",
-             f"Machine: {m['cpu']}, {m['cores']} cores{gpu}. "
-             f"Measured on **{device}** in {dtype} (server and baseline). Command: `make bench-serve`, "
-             f"{result['created']}.", "",
-             f"| load | requests | tokens/s (median of {args.repeats}) | p50 latency | p95 latency |",
-             "|---|---:|---:|---:|---:|",
-             f"| 8 adapters, concurrency 16 | {spread['requests']} | {spread['tokens_per_s']:.1f} | "
-             f"{spread['latency_p50_s']:.2f} s | {spread['latency_p95_s']:.2f} s |",
-             f"| 1 adapter, concurrency 16 | {single['requests']} | {single['tokens_per_s']:.1f} | "
-             f"{single['latency_p50_s']:.2f} s | {single['latency_p95_s']:.2f} s |",
-             f"| naive: switch adapter per request, one at a time | {baseline['requests']} | "
-             f"{baseline['tokens_per_s']:.1f} | | |", "",
-             f"8 adapters vs 1: **{result['ratio_spread_vs_single']:.2f}×**; vs naive: "
-             f"**{result['ratio_spread_vs_naive']:.2f}×**. Adapter load (hot swap) p50 "
-             f"{result['adapter_load_p50_s'] * 1000:.0f} ms.", "",
-             "| concurrency (8 adapters, streaming) | p50 latency | p95 latency | p50 time to first token | p95 TTFT |",
-             "|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['concurrency']} | {r['latency_p50_s']:.2f} s | {r['latency_p95_s']:.2f} s | "
-              f"{r['ttft_p50_s']:.2f} s | {r['ttft_p95_s']:.2f} s |" for r in latency]
-    return write_results(ROOT / args.out, "serve", result, lines)
+             f"max_tokens {args.tokens}, greedy, {args.requests} requests per throughput run.  ",
+             f"Machine: {m['cpu']}, {m['cores']} cores{gpu}. Command: `make bench-serve`, {result['created']} "
+             f"({result['total_minutes']} min).", ""]
+    for backend, b in result["backends"].items():
+        spread, single, naive = b["spread_8_adapters"], b["single_adapter"], b["naive_switching"]
+        where = (f"torch on {b['settings']['device']} in {b['settings']['dtype']}" if backend == "torch" else
+                 f"ONNX Runtime, the edge bundle's shared int4 base ({b['settings']['bundle_base']}) + .onnx_adapter files")
+        lines += [f"## {backend} backend: {where}", "",
+                  f"| load | requests | tokens/s (median of {args.repeats}) | p50 latency | p95 latency |",
+                  "|---|---:|---:|---:|---:|",
+                  f"| 8 adapters, concurrency 16 | {spread['requests']} | {spread['tokens_per_s']:.1f} | "
+                  f"{spread['latency_p50_s']:.2f} s | {spread['latency_p95_s']:.2f} s |",
+                  f"| 1 adapter, concurrency 16 | {single['requests']} | {single['tokens_per_s']:.1f} | "
+                  f"{single['latency_p50_s']:.2f} s | {single['latency_p95_s']:.2f} s |",
+                  f"| naive: switch adapter per request, one at a time | {naive['requests']} | "
+                  f"{naive['tokens_per_s']:.1f} | | |", "",
+                  f"8 adapters vs 1: **{b['ratio_spread_vs_single']:.2f}×**; vs naive: "
+                  f"**{b['ratio_spread_vs_naive']:.2f}×**; vs its single-stream decode "
+                  f"({b['single_stream_decode_tokens_per_s']} tokens/s): "
+                  f"**{b.get('ratio_spread_vs_single_stream', 0):.2f}×**. Adapter load p50 "
+                  f"{b['adapter_load_p50_s'] * 1000:.0f} ms."
+                  + (f" Prefix cache hit ratio {b['prefix_cache_hit_ratio']:.2f}." if b.get("prefix_cache_hit_ratio")
+                     is not None else ""), "",
+                  "| concurrency (8 adapters, streaming) | p50 latency | p95 latency | p50 time to first token | "
+                  "p95 TTFT |", "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['concurrency']} | {r['latency_p50_s']:.2f} s | {r['latency_p95_s']:.2f} s | "
+                  f"{r['ttft_p50_s']:.2f} s | {r['ttft_p95_s']:.2f} s |" for r in b["latency"]]
+        lines.append("")
+    if "ratio_onnx_vs_torch" in result:
+        lines += [f"ONNX int4 vs torch fp32, 8 adapters at concurrency 16: **{result['ratio_onnx_vs_torch']:.2f}×**."]
+    return lines
 
 
 if __name__ == "__main__":

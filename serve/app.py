@@ -6,6 +6,7 @@ Routes (:mod:`serve.routes`)
   POST /v1/completions, /v1/chat/completions            ``model`` names the adapter (the base's name: none)
   POST /v1/adapters {"name", "source", "pinned"}        load or hot-swap an adapter from the adapter root
   DELETE /v1/adapters/{name}                            unload (idempotent)
+  POST /v1/load_lora_adapter, /v1/unload_lora_adapter   vLLM's adapter routes and answers (:mod:`serve.routes.vllm`)
 Errors use OpenAI's body: ``{"error": {"message", "type", "param", "code"}}``; an invalid body is a 400.
 With an API key (:mod:`serve.auth`), every path but health, ready and metrics needs it, checked before
 a body is read; /openapi.json too, and /docs and /redoc are off (a browser page cannot send the key).
@@ -23,7 +24,7 @@ from fastapi import FastAPI
 
 from serve.auth import ApiKeyMiddleware
 from serve.errors import ERROR_RESPONSES, install_error_handlers
-from serve.routes import adapters, openai, ops
+from serve.routes import adapters, openai, ops, vllm
 from serve.settings import ServeSettings
 from serve.startup import start
 from serve.state import AppState
@@ -50,7 +51,7 @@ def create_app(settings: ServeSettings, *, model=None, tokenizer=None) -> FastAP
     app.state.edgetune = state
     install_error_handlers(app)
     app.include_router(ops.router)
-    for module in (openai, adapters):
+    for module in (openai, adapters, vllm):
         app.include_router(module.router, responses=ERROR_RESPONSES)
     if keyed:
         app.add_middleware(ApiKeyMiddleware, key=settings.api_key)

@@ -21,6 +21,10 @@ class Metrics:
         self.load_time = Histogram("edgetune_adapter_load_seconds", "Adapter load time", registry=r)
         self.batch = Histogram("edgetune_decode_batch_size", "Requests decoded together per step", registry=r,
                                buckets=(1, 2, 4, 8, 16, 32, 64))
+        self.prefix_hit = Gauge("edgetune_prefix_cache_hit_ratio", "Share of prompt tokens served from the prefix "
+                                "cache instead of prefilled (ONNX backend)", registry=r)
+        self.prefix_bytes = Gauge("edgetune_prefix_cache_bytes", "Memory held by cached prompt blocks (ONNX backend)",
+                                  registry=r)
 
     def render(self) -> str:
         """The Prometheus text exposition of every metric."""

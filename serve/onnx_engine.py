@@ -1,12 +1,23 @@
 """The ONNX backend of the server: an edge bundle's base and adapters on ONNX Runtime, no PyTorch.
 
 It satisfies the same :class:`serve.protocol.GenerationEngine` as the torch engine (``submit``, ``load``,
-``unload``, ``registry``...), so routes, auth, metrics and back-pressure are the same. One
-worker thread owns generation: it admits up to ``max_batch_size`` requests and advances each by
-one token in turn, so concurrent requests all stream (interleaved, batch-1 forwards: a LoRA
-adapter is a per-run setting in ONNX Runtime, so rows of different adapters cannot share a run).
-Adapters are the bundle's; ``POST /v1/adapters`` loads one by name, and every bundle adapter
-loads on its first request.
+``unload``, ``registry``...), so routes, auth, metrics and back-pressure are the same. Adapters are the
+bundle's; ``POST /v1/adapters`` loads one by name, and every bundle adapter loads on its first request.
+
+**Batched** (the default, when the bundle's graph can be fused: :mod:`serve.fused_graph`): one worker thread
+runs continuous batching over :class:`serve.slots.SlotDecoder` slots. Every running request holds a
+slot of the in-place key/value cache; each iteration prefills the new requests together (up to
+``PREFILL_TOKENS`` prompt tokens, so running requests keep streaming) and then decodes one token for
+every running request in **one** run, whatever adapters they use: LoRA rows through the stacked
+factors and a per-row mask, prompt-learning rows from their key/value prefix in their slot, base rows
+with an all-zero mask. A merged adapter (DoRA, IA3, full...) is its own model: its rows batch together
+on its own fused decoder. Prompt blocks already computed for the same adapter are copied from the
+prefix cache (:mod:`serve.prefix_cache`) instead of prefilled. At start the fused graph's logits are
+checked against the bundle's own graph on a probe prompt; a mismatch (or a graph that cannot be fused)
+falls back to interleaved serving, with a warning.
+
+**Interleaved** (the fallback): requests advance one token each in turn, batch-1 forwards of the
+bundle's own graph (a LoRA adapter is then a per-run ONNX Runtime setting).
 """
 
 from __future__ import annotations
@@ -14,16 +25,25 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge.generation import ContextOverflow, FinishReason, Sampling, TextStream
+import numpy as np
+
+from edge.generation import ContextOverflow, FinishReason, Sampling, TextStream, token_budget
 from serve.adapters import AdapterError, AdapterInfo
 from serve.registry import AdapterRegistry
 from serve.worker import Worker
 
 log = logging.getLogger(__name__)
+
+PREFILL_TOKENS = 512
+"""Prompt tokens prefilled per iteration at most (at least one request): bounds how long running requests
+wait for new ones, and spreads a burst's first tokens over several iterations."""
+PROBE_TOLERANCE = 0.05
+"""The fused graph's probe logits may differ from the bundle graph's by this share of their range (int4
+kernels quantize activations, so the two graphs round differently; a broken rewrite is off by far more)."""
 
 
 @dataclass
@@ -37,13 +57,41 @@ class _Loaded:
 
 @dataclass
 class _Running:
-    """A request being generated: its tokens (one forward per ``next``) and their text."""
+    """A request on the interleaved path: its tokens (one forward per ``next``) and their text."""
 
     request: Any
     source: str | None
     """The bundle adapter it runs (None: the base): not released while this runs."""
     tokens: Iterator[int]
     text: TextStream
+
+
+@dataclass
+class _Row:
+    """A request on the batched path: where it runs, its prompt and its text."""
+
+    request: Any
+    source: str | None
+    """The bundle adapter it runs (None: the base): not released while this runs."""
+    group: _Group
+    prompt: list[int]
+    text: TextStream
+    sampling: Sampling
+    lora: str | None = None
+    """The stacked LoRA adapter its slot selects."""
+    prefix: Any = None
+    """A prompt-learning adapter's key/value prefix, written into its slot before the prompt."""
+    last: int | None = None
+    """The token it generated last: the next decode step's input."""
+
+
+@dataclass
+class _Group:
+    """The rows running on one fused decoder (the shared base, or one merged adapter's model); ``rows[i]`` is in
+    slot ``i``."""
+
+    decoder: Any
+    rows: list[_Row] = field(default_factory=list)
 
 
 class BundleTokenizer:
@@ -85,7 +133,10 @@ class BundleTokenizer:
 class OnnxEngine(Worker):
     """Generation over an edge bundle; same public interface as :class:`serve.engine.Engine`."""
 
-    def __init__(self, runner, *, max_batch_size: int = 16, max_queue: int = 64, max_loaded_adapters: int = 8) -> None:
+    def __init__(self, runner, *, max_batch_size: int = 16, max_queue: int = 64, max_loaded_adapters: int = 8,
+                 batched: bool = True, prefix_cache_mb: int = 64) -> None:
+        """``batched``: serve through the fused graph when it can be built and passes its probe (else, and with
+        False, interleaved); ``prefix_cache_mb``: memory for cached prompt blocks (0: no prefix cache)."""
         self.runner = runner
         self.tokenizer = BundleTokenizer(runner)
         self.max_batch_size = max_batch_size
@@ -96,8 +147,53 @@ class OnnxEngine(Worker):
             self.registry.known(name, name, runner.bundle.adapters[name].kind)
         self.on_step: Callable[[int], None] = lambda batch_size: None
         self.resolver: Callable[[str, str], AdapterInfo] = self.inspect
-        self.active: list[_Running] = []
-        self._start_worker(max_queue, "edgetune-onnx-engine", self._run)
+        self.active: list = []
+        """Running requests: ``_Row`` (batched) or ``_Running`` (interleaved); the drain waits for them."""
+        self.groups: dict[str | None, _Group] = {}
+        """Fused decoders by model: None, the shared base; a merged adapter's bundle name, its own model."""
+        self.prefixes: dict[str, Any] = {}
+        self.waiting: list[_Row] = []
+        """Admitted, not prefilled yet."""
+        self.cache = None
+        self.mode = "interleaved"
+        """``batched`` or ``interleaved``: how this engine runs requests (see the module docstring)."""
+        if batched:
+            self._start_batched(prefix_cache_mb)
+        self._start_worker(max_queue, "edgetune-onnx-engine",
+                           self._run_batched if self.mode == "batched" else self._run_interleaved)
+
+    def _start_batched(self, prefix_cache_mb: int) -> None:
+        """Fuse the base, check it against the bundle's own graph on a probe prompt, set up the prefix cache."""
+        from serve.fused_graph import FuseError
+        from serve.prefix_cache import PrefixCache
+
+        try:
+            decoder = self._fused_decoder(self.runner.bundle.model_path)
+        except (FuseError, ImportError) as exc:
+            log.warning("onnx engine: serving requests interleaved, one token each in turn: %s", exc)
+            return
+        probe = (self.runner.encode_chat("Say hello.") or [0])[:32]
+        want = self.runner.base.logits(np.asarray([probe]))[0, -1]
+        got = decoder.prefill(0, [probe])[0]
+        off = float(np.abs(want - got).max()) / max(float(want.max() - want.min()), 1e-6)
+        if not off <= PROBE_TOLERANCE:
+            log.warning("onnx engine: the fused graph's logits differ from the bundle's by %.3f of their range "
+                        "(allowed %.2f); serving requests interleaved instead", off, PROBE_TOLERANCE)
+            return
+        self.groups[None] = _Group(decoder)
+        self.cache = PrefixCache(layers=decoder.layers, kv_heads=decoder.kv_heads, head_dim=decoder.head_dim,
+                                 max_bytes=prefix_cache_mb << 20)
+        self.mode = "batched"
+        log.info("onnx engine: batched, %d slots, fused graph within %.4f of the bundle's logits range; prefix "
+                 "cache %d MB", self.max_batch_size, off, prefix_cache_mb)
+
+    def _fused_decoder(self, path: Path):
+        from serve.fused_graph import fuse_decoder
+        from serve.slots import SlotDecoder
+
+        fused = fuse_decoder(path, max_length=self.context_length)
+        return SlotDecoder(fused, slots=self.max_batch_size, threads=self.runner.threads,
+                           providers=self.runner.providers, capacity=min(256, self.context_length))
 
     # ---- public API (any thread) -------------------------------------------------------------
     def inspect(self, name: str, source: str) -> AdapterInfo:
@@ -112,7 +208,15 @@ class OnnxEngine(Worker):
     def load(self, info: AdapterInfo, source: str, pinned: bool = False) -> _Loaded:
         """Load bundle adapter ``source`` under ``info.name``, registered READY (worker thread, via run_command)."""
         started = time.perf_counter()
-        self.runner.resolve(source)  # loads the .onnx_adapter / prefix / merged model
+        try:
+            if self.mode == "batched":
+                self._prepare(source)
+            else:
+                self.runner.resolve(source)  # loads the .onnx_adapter / prefix / merged model
+        except AdapterError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a damaged or foreign file: the load fails, the server goes on
+            raise AdapterError(f"adapter {info.name!r} failed to load: {str(exc)[:300]}", status=422) from None
         entry = _Loaded(info, source)
         old = self.registry.ready(info.name, entry, source, pinned, info.kind)
         if old is not None and old.source != source:
@@ -122,6 +226,27 @@ class OnnxEngine(Worker):
                  1000 * (time.perf_counter() - started))
         return entry
 
+    def _prepare(self, source: str) -> None:
+        """Make bundle adapter ``source`` servable on the batched path (idempotent)."""
+        from edge.runtime import Prefix
+
+        entry = self.runner.bundle.adapters[source]
+        path = self.runner.bundle.root / entry.file
+        base = self.groups[None].decoder
+        if entry.kind == "lora":
+            if base.lora is None or source not in base.lora.ranges:
+                base.load_lora(source, path)
+        elif entry.kind == "prefix":
+            if source not in self.prefixes:
+                prefix = Prefix.load(path)
+                base._check_prefix(prefix)
+                self.prefixes[source] = prefix
+        elif entry.kind == "merged":
+            if source not in self.groups:
+                self.groups[source] = _Group(self._fused_decoder(path))
+        else:
+            raise AdapterError(f"adapter {source!r} has unknown kind {entry.kind!r}", status=422)
+
     def unload(self, name: str) -> bool:
         """Unload ``name``; like the torch engine, it is then unknown until ``POST /v1/adapters`` loads it."""
         entry = self.registry.forget(name)
@@ -130,20 +255,205 @@ class OnnxEngine(Worker):
         self._release(entry.source)
         return True
 
+    def _busy(self) -> set[str | None]:
+        return {r.source for r in self.active} | {r.source for r in self.waiting}
+
     def _evict(self, keep: str | None = None) -> None:
         """Release least recently used unpinned adapters no running request uses, beyond capacity."""
-        busy = {r.source for r in self.active}
+        busy = self._busy()
         for _, entry in self.registry.evict_beyond(self.max_loaded_adapters, keep, lambda a: a.source not in busy):
             self._release(entry.source)
 
-    def _release(self, source: str) -> None:
+    def _release(self, source: str | None) -> None:
         """Free a bundle adapter's memory unless a running request or another loaded name still uses it."""
-        if not any(r.source == source for r in self.active) and \
-                not any(a.source == source for a in self.registry.handles()):
+        if source is None or source in self._busy() or any(a.source == source for a in self.registry.handles()):
+            return
+        if self.mode == "interleaved":
             self.runner.release(source)
+            return
+        self.groups[None].decoder.unload_lora(source)
+        self.prefixes.pop(source, None)
+        self.groups.pop(source, None)
+        self.cache.drop(source)
 
-    # ---- the worker loop ---------------------------------------------------------------------
-    def _run(self) -> None:
+    # ---- the batched worker loop -------------------------------------------------------------
+    def _run_batched(self) -> None:
+        while not self._stop.is_set():
+            self._run_commands()
+            self._admit_rows()
+            if not self.active and not self.waiting:
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            self._expire()
+            advanced = 0
+            try:
+                advanced += self._prefill()
+            except Exception as exc:  # noqa: BLE001 - the rows being started fail, the others go on
+                log.exception("onnx engine: prefill failed")
+                for row in [r for r in self.active if r.last is None]:
+                    self._end(row, FinishReason.ERROR, str(exc))
+            self._expire()  # a client that left on its first token gets no second one
+            for group in list(self.groups.values()):
+                if group.rows:
+                    try:
+                        advanced += self._decode(group)
+                    except Exception as exc:  # noqa: BLE001 - this model's rows fail, the server goes on
+                        log.exception("onnx engine: decode step failed")
+                        for row in list(group.rows):
+                            self._end(row, FinishReason.ERROR, str(exc))
+            if advanced:
+                self.on_step(advanced)
+
+    def _admit_rows(self) -> None:
+        """Take queued requests while slots are free: check their adapter out, budget their tokens."""
+        while len(self.active) + len(self.waiting) < self.max_batch_size and not self.pending.empty():
+            request = self.pending.get_nowait()
+            if request.cancelled:
+                continue
+            try:
+                # an evicted adapter reloads here, transparently
+                source = self._checkout(request.adapter).source if request.adapter is not None else None
+                kind = self.runner.bundle.adapters[source].kind if source is not None else None
+                prefix = self.prefixes[source] if kind == "prefix" else None
+                budget = token_budget(len(request.prompt_ids), prefix.length if prefix else 0, request.max_tokens,
+                                      self.context_length)
+                if not request.prompt_ids:
+                    raise ValueError("the prompt is empty: give at least one token")
+                text = TextStream(self.runner.tokenizer, max_tokens=budget, stop=request.stop,
+                                  stop_ids=self.runner.stop_ids)
+                group = self.groups[source if kind == "merged" else None]
+                self.waiting.append(_Row(request, source, group, list(request.prompt_ids), text,
+                                         Sampling(request.temperature, request.top_p, request.seed),
+                                         lora=source if kind == "lora" else None, prefix=prefix))
+            except ContextOverflow as exc:  # the client's prompt, not a server fault: no traceback
+                request.context_overflow = True
+                request.on_done(FinishReason.ERROR, 0, str(exc))
+            except AdapterError as exc:  # unloaded since the request was accepted (404), or it no longer loads
+                request.error_status = exc.status
+                request.on_done(FinishReason.ERROR, 0, str(exc))
+            except Exception as exc:  # noqa: BLE001 - reported to the request, the server goes on
+                log.exception("onnx engine: request failed to start")
+                request.on_done(FinishReason.ERROR, 0, str(exc))
+
+    def _expire(self) -> None:
+        """End requests whose client left or whose deadline passed."""
+        now = time.monotonic()
+        for row in [*self.waiting, *self.active]:
+            if row.request.cancelled:
+                self._end(row, FinishReason.CANCELLED)
+            elif row.request.deadline is not None and now > row.request.deadline:
+                self._end(row, FinishReason.TIMEOUT)
+
+    def _prefill(self) -> int:
+        """Start waiting requests (up to ``PREFILL_TOKENS`` prompt tokens, one run per model): their slot gets
+        its prefix and cached blocks, the rest of the prompt runs, and each samples its first token."""
+        if not self.waiting:
+            return 0
+        taken, tokens = [], 0
+        for row in list(self.waiting):
+            if taken and tokens + len(row.prompt) > PREFILL_TOKENS:
+                break
+            taken.append(row)
+            tokens += len(row.prompt)
+        started = 0
+        for group in {id(r.group): r.group for r in taken}.values():
+            todo = self._place(group, [r for r in taken if r.group is group])
+            # Rows that start from an empty slot run together (padded to the longest); a row whose slot already
+            # holds positions (a prefix, cached blocks) runs alone: GroupQueryAttention takes a prompt after
+            # past positions only at batch 1.
+            fresh = [t for t in todo if t[1] == 0]
+            for batch in ([fresh] if fresh else []) + [[t] for t in todo if t[1] > 0]:
+                slot = group.rows.index(batch[0][0])  # rows placed together are in consecutive slots
+                logits = group.decoder.prefill(slot, [row.prompt[skip:] for row, _, skip in batch],
+                                               [past for _, past, _ in batch], pad_id=self.runner.pad_id)
+                for (row, _, _), row_logits in zip(batch, logits):
+                    self._store_blocks(row)
+                    self._emit(row, row.sampling.pick(row_logits))
+                    started += 1
+        return started
+
+    def _place(self, group: _Group, rows: list[_Row]) -> list[tuple[_Row, int, int]]:
+        """Give ``rows`` the next slots of ``group`` (contiguous, in order), write each one's prefix and cached
+        blocks there; returns the rows that need a prefill run, each with (positions already in its slot, prompt
+        tokens they cover). A row whose cached blocks cover all its prompt but the last token needs none: that
+        token is its input to the next decode step."""
+        looked = []
+        for row in rows:
+            self.waiting.remove(row)
+            virtual = row.prefix.length if row.prefix is not None else 0
+            blocks = self.cache.lookup(row.source or "", row.prompt)
+            looked.append((row, virtual, blocks, virtual + sum(b.shape[3] for b in blocks)))
+        # rows that prefill from an empty slot first: they run together, so their slots must be consecutive
+        looked.sort(key=lambda item: not (item[3] == 0 and len(item[0].prompt) > 1))
+        out = []
+        for row, virtual, blocks, past in looked:
+            slot = len(group.rows)
+            group.rows.append(row)
+            self.active.append(row)
+            decoder = group.decoder
+            decoder.set_adapter(slot, row.lora)
+            if row.prefix is not None:
+                decoder.write_prefix(slot, row.prefix)
+            covered = 0
+            for block in blocks:
+                decoder.write_block(slot, virtual + covered, block)
+                covered += block.shape[3]
+            decoder.lengths[slot] = past  # what is in the slot now (a move before its prefill copies it)
+            self.cache.hits += covered
+            self.cache.misses += len(row.prompt) - covered
+            if covered == len(row.prompt) - 1:  # only the last token is left: it joins the next decode step
+                row.last = row.prompt[-1]
+                continue
+            out.append((row, past, covered))
+        return out
+
+    def _store_blocks(self, row: _Row) -> None:
+        """Keep the full blocks of ``row``'s prompt (just prefilled in its slot) in the prefix cache."""
+        decoder, slot = row.group.decoder, row.group.rows.index(row)
+        virtual = row.prefix.length if row.prefix is not None else 0
+        self.cache.store(row.source or "", row.prompt,
+                         lambda start, length: decoder.read_block(slot, virtual + start, length))
+
+    def _decode(self, group: _Group) -> int:
+        """One token for every running row of ``group``, in one run."""
+        rows = list(group.rows)
+        logits = group.decoder.decode([r.last for r in rows])
+        for row, row_logits in zip(rows, logits):
+            self._emit(row, row.sampling.pick(row_logits))
+        return len(rows)
+
+    def _emit(self, row: _Row, token: int) -> None:
+        """Push ``row``'s new token to its text; send what it completes; end the row when it is done."""
+        piece = row.text.push(token)
+        if piece:
+            row.request.on_text(piece)
+        if row.text.finish_reason is not None:
+            self._end(row, row.text.finish_reason)
+        else:
+            row.last = token
+
+    def _end(self, row: _Row, reason: FinishReason, error: str | None = None) -> None:
+        """End ``row``: free its slot (the group's last row moves into it), send held-back text, report."""
+        if row in self.waiting:
+            self.waiting.remove(row)
+        if row in self.active:
+            self.active.remove(row)
+            rows = row.group.rows
+            hole, last = rows.index(row), len(rows) - 1
+            if hole != last:
+                row.group.decoder.move(last, hole)
+                rows[hole] = rows[last]
+            rows.pop()
+        self._release(row.source)
+        rest = row.text.flush()
+        if rest:
+            row.request.on_text(rest)
+        row.request.tokens = list(row.text.tokens)
+        row.request.on_done(reason, len(row.text.tokens), error)
+
+    # ---- the interleaved worker loop ---------------------------------------------------------
+    def _run_interleaved(self) -> None:
         while not self._stop.is_set():
             self._run_commands()
             self._admit()
@@ -206,6 +516,7 @@ class OnnxEngine(Worker):
         rest = running.text.flush()
         if rest:
             running.request.on_text(rest)
+        running.request.tokens = list(running.text.tokens)
         running.request.on_done(reason, len(running.text.tokens), error)
 
 
@@ -220,5 +531,5 @@ def start_onnx_engine(bundle_path: Path, settings) -> tuple[OnnxEngine, str]:
         raise AdapterError(str(exc), status=500) from exc
     log.info("onnx engine: execution providers %s", ", ".join(runner.base.providers))
     engine = OnnxEngine(runner, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
-                        max_loaded_adapters=settings.max_loaded_adapters)
+                        max_loaded_adapters=settings.max_loaded_adapters, prefix_cache_mb=settings.prefix_cache_mb)
     return engine, str(bundle.manifest.get("base_name") or "base")

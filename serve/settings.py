@@ -78,6 +78,9 @@ class ServeSettings(BaseSettings):
     preload: bool = True
     """Load every adapter folder under the root at start-up (up to ``max_loaded_adapters``); without it,
     adapters load on ``POST /v1/adapters``."""
+    prefix_cache_mb: int = Field(64, ge=0)
+    """ONNX backend: memory for the keys and values of prompt blocks already computed, per adapter (a later
+    prompt that begins with the same blocks copies them instead of recomputing them); 0 turns it off."""
     num_threads: int = Field(0, ge=0)
     """CPU threads for torch (0: all cores)."""
 
@@ -114,6 +117,10 @@ class ServeSettings(BaseSettings):
                 raise PydanticCustomError(
                     "torch_only", "device: applies to the torch backend; the ONNX backend runs on --providers "
                                   "(cuda: with the gpu extra, onnxruntime-gpu)")
+        elif self.prefix_cache_mb != 64:
+            raise PydanticCustomError(
+                "onnx_only", "prefix_cache_mb: applies to the ONNX backend (--backend onnx), whose batched decoder "
+                             "keeps prompt blocks; the torch backend has no prefix cache")
         elif self.providers != ("cpu",):
             raise PydanticCustomError(
                 "onnx_only", "providers: apply to the ONNX backend (--backend onnx); the torch backend runs on "

@@ -32,4 +32,9 @@ async def metrics(state: State) -> PlainTextResponse:
     if state.engine is not None:
         state.metrics.queue.set(state.engine.queue_depth())
         state.metrics.loaded.set(len(state.engine.registry.loaded()))
+        cache = getattr(state.engine, "cache", None)  # the ONNX backend's prefix cache, when it batches
+        if cache is not None:
+            stats = cache.stats()
+            state.metrics.prefix_hit.set(stats["hit_rate"])
+            state.metrics.prefix_bytes.set(stats["bytes"])
     return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -201,7 +201,8 @@ def test_the_openapi_schema_advertises_400_with_the_error_body_never_422(served)
     operations = [(path, method, op) for path, item in schema["paths"].items() for method, op in item.items()]
     with_input = [(p, m, op) for p, m, op in operations if op.get("requestBody") or op.get("parameters")]
     assert {(p, m) for p, m, _ in with_input} == {("/v1/completions", "post"), ("/v1/chat/completions", "post"),
-                                                  ("/v1/adapters", "post"), ("/v1/adapters/{name}", "delete")}
+                                                  ("/v1/adapters", "post"), ("/v1/adapters/{name}", "delete"),
+                                                  ("/v1/load_lora_adapter", "post"), ("/v1/unload_lora_adapter", "post")}
     for path, method, op in with_input:
         error = op["responses"]["400"]["content"]["application/json"]["schema"]
         assert error == {"$ref": "#/components/schemas/ErrorBody"}, (path, method)

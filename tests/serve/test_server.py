@@ -409,3 +409,45 @@ def test_a_prompt_that_leaves_the_adapters_virtual_tokens_no_room_is_a_400(tiny_
         assert refused.status_code == 400, refused.text
         assert refused.json()["error"]["code"] == "context_length_exceeded"
         assert "after 6 virtual tokens" in refused.json()["error"]["message"]
+
+
+def test_a_vllm_style_load_and_unload_sequence(tiny_model_dir: Path, root: Path, tmp_path: Path) -> None:
+    """vLLM's routes and answers, as an orchestrator or an RL trainer drives them, with the same safety as ours."""
+    from openai import OpenAI
+
+    with _in_process(tiny_model_dir, root, preload=False) as (client, engine):
+        openai = OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client)
+        added = client.post("/v1/load_lora_adapter", json={"lora_name": "policy", "lora_path": "alpha"})
+        assert added.status_code == 200 and added.text == "Success: LoRA adapter 'policy' added successfully."
+        by_path = client.post("/v1/load_lora_adapter", json={"lora_name": "ref", "lora_path": str(root / "beta")})
+        assert by_path.status_code == 200  # an absolute path inside the adapter root
+        again = client.post("/v1/load_lora_adapter", json={"lora_name": "policy", "lora_path": "beta"})
+        assert again.status_code == 400 and "has already been loaded" in again.json()["error"]["message"]
+
+        def answer(model: str) -> str:
+            return openai.completions.create(model=model, prompt="Review: great mug", max_tokens=6,
+                                             temperature=0).choices[0].text
+
+        before, ref = answer("policy"), answer("ref")
+        assert before != ref
+        # an RL step: the trainer writes new weights and swaps them in under the same name
+        swapped = client.post("/v1/load_lora_adapter", json={"lora_name": "policy", "lora_path": "beta",
+                                                             "load_inplace": True})
+        assert swapped.status_code == 200 and answer("policy") == ref
+        outside = tmp_path / "elsewhere"
+        shutil.copytree(root / "alpha", outside)
+        refused = client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(outside)})
+        assert refused.status_code == 400 and "outside the adapter root" in refused.json()["error"]["message"]
+        missing = client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "nope"})
+        assert missing.status_code == 404
+        for body in ({"lora_name": "x"}, {"lora_path": "alpha"}, {"lora_name": "../x", "lora_path": "alpha"}):
+            assert client.post("/v1/load_lora_adapter", json=body).status_code == 400
+        removed = client.post("/v1/unload_lora_adapter", json={"lora_name": "policy"})
+        assert removed.status_code == 200 and removed.text == "Success: LoRA adapter 'policy' removed successfully."
+        assert client.post("/v1/unload_lora_adapter", json={"lora_name": "policy"}).status_code == 404
+        assert client.post("/v1/unload_lora_adapter", json={}).status_code == 400
+        assert _complete_in(client, "policy").status_code == 404 and answer("ref") == ref
+
+
+def _complete_in(client, model: str):
+    return client.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 2, "temperature": 0})

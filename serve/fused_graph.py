@@ -1,0 +1,319 @@
+"""The serving graph: an edge bundle's decoder rewritten for batches of independent requests.
+
+The exported decoder (optimum's layout) takes a dense key/value cache, concatenates each step's keys
+onto it (a copy of the whole cache per layer per step), expands it from the key/value heads to the
+query heads (another copy), and masks padding from an ``attention_mask``; every adapter row of a
+batch must use the same ``.onnx_adapter``. This module rewrites that graph, once, in memory, into
+the form :class:`serve.slots.SlotDecoder` runs:
+
+- **Attention** of every layer becomes ONNX Runtime's ``GroupQueryAttention`` (com.microsoft), with
+  rotary embedding inside it and a key/value buffer shared between ``past_key_values.<i>.*`` and
+  ``present.<i>.*``: the new keys and values are written in place at each row's own length
+  (``seqlens_k``), so rows of different lengths share a step and nothing else of the cache is copied.
+  The rotary tables are the exported graph's own, evaluated once for every position of the context.
+- **LoRA rows**: each projection's LoRA down-projection is multiplied by ``lora_rows`` ([batch, 1,
+  rank]), so with the adapters' factors stacked along the rank axis every row keeps only its own
+  adapter's slice (the algebra of :mod:`serve.batched_lora`). The down factor ``lora.<m>.A`` is taken
+  transposed, ``[rank, in]``, so any run of stacked adapters is a contiguous block of both factors:
+  a run binds only the block its rows use (see :class:`serve.slots.LoraStack`).
+- **Logits** are computed for one position per row (``last_index``, [batch, 1]): a prompt's answer
+  needs only its last token's, which saves the vocabulary projection of every other prompt token.
+
+Supported: decoders whose attention projections are ``q_proj``/``k_proj``/``v_proj``/``o_proj`` under
+``/model/layers.N/self_attn/`` with the rotary subgraph under ``/model/rotary_emb/`` (Llama, Mistral
+without a sliding window, Qwen2, SmolLM). Anything else raises :class:`FuseError` and is served
+unfused (see :mod:`serve.onnx_engine`). Needs the ``onnx`` package (not the device runtime).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["FuseError", "FusedGraph", "fuse_decoder"]
+
+SEQLENS, TOTAL, ROWS, LAST = "seqlens_k", "total_sequence_length", "lora_rows", "last_index"
+_LAYER = re.compile(r"^/model/layers\.(\d+)/self_attn/")
+
+
+class FuseError(ValueError):
+    """The decoder cannot be rewritten for batched serving (the message says what was not found)."""
+
+
+@dataclass(frozen=True)
+class FusedGraph:
+    """The rewritten model (serialized) and what the runtime needs to drive it."""
+
+    model: bytes
+    layers: int
+    kv_heads: int
+    head_dim: int
+    max_length: int
+    """Positions the rotary tables cover: the longest sequence a row may reach."""
+
+
+def _scope_outputs(graph, prefix: str, consumers: dict[str, list]) -> list[str]:
+    """Tensors produced by nodes named ``prefix*`` and consumed (or output) outside that scope."""
+    outputs = {o.name for o in graph.output}
+    found = []
+    for node in graph.node:
+        if not node.name.startswith(prefix):
+            continue
+        for out in node.output:
+            if out in outputs or any(not c.name.startswith(prefix) for c in consumers.get(out, [])):
+                found.append(out)
+    return found
+
+
+def _scope_inputs(graph, prefix: str, producers: dict[str, object], skip: set[str]) -> list[str]:
+    """Tensors consumed by nodes named ``prefix*`` that come from a node outside the scope."""
+    found = []
+    for node in graph.node:
+        if node.name.startswith(prefix):
+            for name in node.input:
+                src = producers.get(name)
+                if name and name not in skip and src is not None and not src.name.startswith(prefix) \
+                        and name not in found:
+                    found.append(name)
+    return found
+
+
+def _rotary_tables(model, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(cos, sin), each [max_length, head_dim / 2], from the graph's own rotary subgraph at positions
+    0 .. max_length - 1 (whatever scaling the export baked in)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    graph = model.graph
+    prefix = "/model/rotary_emb/"
+    nodes = [n for n in graph.node if n.name.startswith(prefix)]
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outs = _scope_outputs(graph, prefix, consumers)
+    if not nodes or len(outs) != 2:
+        raise FuseError(f"no rotary subgraph with two outputs under {prefix} (found {len(outs)})")
+    # every node the two tables depend on (the scope, plus any constants it reads from outside)
+    producers = {o: n for n in graph.node for o in n.output}
+    nodes, todo, seen = [], list(outs), set()
+    while todo:
+        node = producers.get(todo.pop())
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        nodes.append(node)
+        todo.extend(node.input)
+    nodes = _toposort(nodes, {i.name for i in graph.input} | {i.name for i in graph.initializer})
+    used = {i for n in nodes for i in n.input}
+    inits = [i for i in graph.initializer if i.name in used]
+    if used & ({i.name for i in graph.input} - {"position_ids"}):
+        raise FuseError("the rotary tables depend on inputs other than position_ids")
+    position = next(i for i in graph.input if i.name == "position_ids")
+    sub = helper.make_graph(nodes, "rotary", [position],
+                            [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in outs], inits)
+    sub_model = helper.make_model(sub, opset_imports=list(model.opset_import))
+    sub_model.ir_version = model.ir_version
+    session = ort.InferenceSession(sub_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    a, b = session.run(outs, {"position_ids": np.arange(max_length, dtype=np.int64)[None]})
+    a, b = a.reshape(max_length, -1), b.reshape(max_length, -1)
+    cos, sin = (a, b) if np.abs(b[0]).max() < np.abs(a[0]).max() else (b, a)  # sin(0) = 0
+    half = cos.shape[1] // 2
+    if not (np.allclose(cos[:, :half], cos[:, half:]) and np.allclose(sin[:, :half], sin[:, half:])):
+        raise FuseError("the rotary tables are not in the rotate-half layout GroupQueryAttention takes")
+    return np.ascontiguousarray(cos[:, :half], np.float32), np.ascontiguousarray(sin[:, :half], np.float32)
+
+
+def fuse_decoder(path: Path, *, max_length: int) -> FusedGraph:
+    """Rewrite the decoder at ``path`` (see the module docstring); ``max_length``: the context length.
+
+    Raises :class:`FuseError` when the graph does not have the expected structure."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    inputs = {i.name: i for i in graph.input}
+    pasts = sorted((n for n in inputs if n.startswith("past_key_values.")), key=lambda n: (int(n.split(".")[1]), n))
+    if "position_ids" not in inputs or not pasts:
+        raise FuseError("not an optimum decoder with position_ids and past_key_values inputs")
+    layers = len(pasts) // 2
+    shape = inputs[pasts[0]].type.tensor_type.shape.dim
+    kv_heads, head_dim = int(shape[1].dim_value), int(shape[3].dim_value)
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    cos, sin = _rotary_tables(model, max_length)
+    graph.initializer.extend([numpy_helper.from_array(cos, "gqa.cos_cache"),
+                              numpy_helper.from_array(sin, "gqa.sin_cache")])
+
+    new_nodes = []
+    for i in range(layers):
+        scope = f"/model/layers.{i}/self_attn/"
+        qkv = []
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            outs = _scope_outputs(graph, f"{scope}{proj}/", consumers)
+            if len(outs) != 1:
+                raise FuseError(f"layer {i}: {proj} has {len(outs)} outputs used outside it, expected 1")
+            qkv.append(outs[0])
+        attn = _scope_inputs(graph, f"{scope}o_proj/", producers, skip=set())
+        attn = [a for a in attn if not a.startswith("lora.")]
+        if len(attn) != 1:
+            raise FuseError(f"layer {i}: o_proj takes {len(attn)} inputs from outside it, expected 1")
+        key_out, value_out = f"present.{i}.key", f"present.{i}.value"
+        for out in (key_out, value_out):
+            if out not in producers:
+                raise FuseError(f"no {out} output")
+        for out in (key_out, value_out, attn[0]):  # their old producers go; what only they used is pruned
+            producers[out].output[list(producers[out].output).index(out)] = f"{out}/unfused"
+        new_nodes.append((i, qkv, attn[0], key_out, value_out))
+
+    q_width = _width(graph, new_nodes[0][1][0], producers)
+    num_heads = q_width // head_dim if q_width else None
+    if not num_heads or num_heads % kv_heads:
+        raise FuseError(f"could not read the number of query heads (q width {q_width}, head_dim {head_dim})")
+    for i, (q, k, v), attn, key_out, value_out in new_nodes:
+        graph.node.append(helper.make_node(
+            "GroupQueryAttention",
+            [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", SEQLENS, TOTAL,
+             "gqa.cos_cache", "gqa.sin_cache"],
+            [attn, key_out, value_out], name=f"/model/layers.{i}/self_attn/GroupQueryAttention", domain="com.microsoft",
+            num_heads=num_heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0,
+            scale=float(head_dim ** -0.5)))
+    graph.input.extend([helper.make_tensor_value_info(SEQLENS, TensorProto.INT32, ["batch"]),
+                        helper.make_tensor_value_info(TOTAL, TensorProto.INT32, [])])
+
+    _stacked_lora(graph)
+    _last_position_logits(graph)
+    _prune(graph)
+    used = {i for n in graph.node for i in n.input}
+    keep = [i for i in graph.input if i.name in used]
+    del graph.input[:]
+    graph.input.extend(keep)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return FusedGraph(model.SerializeToString(), layers, kv_heads, head_dim, max_length)
+
+
+def _width(graph, tensor: str, producers) -> int | None:
+    """The last dimension of ``tensor`` (a projection's output), read off the projection's weights."""
+    node = producers.get(tensor)
+    seen = 0
+    inits = {i.name: i for i in graph.initializer}
+    while node is not None and seen < 8:
+        seen += 1
+        if node.op_type == "MatMulNBits":
+            return next(a.i for a in node.attribute if a.name == "N")
+        if node.op_type == "MatMul" and node.input[1] in inits:
+            return int(inits[node.input[1]].dims[-1])
+        # walk back through the LoRA add, a bias add, a dequantize chain: first input that has a producer
+        node = next((producers[i] for i in node.input if i in producers), None)
+    return None
+
+
+def _stacked_lora(graph) -> None:
+    """Rewrite every LoRA branch for stacked adapters with a per-row mask (see the module docstring).
+
+    ``lora.<m>.A`` becomes ``[rank, in]`` (the transpose of the ``.onnx_adapter`` factor), so that any run of
+    adapters in the stack is a contiguous block of rows of both factors (``.B`` stays ``[rank, out]``):
+    ``down = Reshape(Gemm(Reshape(x, [-1, in]), A, transB=1), [batch, seq, -1]) * lora_rows``.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = {i.name: i for i in graph.initializer}
+    nodes = list(graph.node)
+    del graph.node[:]
+    shapes: set[int] = set()
+    stacked = 0
+    for node in nodes:  # (appending copies a node: edit it first)
+        if not (node.op_type == "MatMul" and node.name.endswith("/lora_A") and node.input[1] in inits):
+            graph.node.append(node)
+            continue
+        x, a, out = node.input[0], node.input[1], node.output[0]
+        width = int(inits[a].dims[0])
+        shapes.add(width)
+        inits[a].CopyFrom(numpy_helper.from_array(np.zeros((0, width), np.float32), a))
+        graph.node.extend([
+            helper.make_node("Reshape", [x, f"lora_shape.{width}"], [f"{out}/x2d"], name=f"{node.name}/x2d"),
+            helper.make_node("Gemm", [f"{out}/x2d", a], [f"{out}/h2d"], name=f"{node.name}/gemm", transB=1),
+            helper.make_node("Reshape", [f"{out}/h2d", "lora_shape.rows"], [f"{out}/h"], name=f"{node.name}/h"),
+            helper.make_node("Mul", [f"{out}/h", ROWS], [out], name=f"{node.name}/rows")])
+        for item in graph.input:
+            if item.name == a:
+                item.CopyFrom(helper.make_tensor_value_info(a, TensorProto.FLOAT, [f"rank_{stacked}", width]))
+        stacked += 1
+    if not stacked:
+        return
+    graph.node.extend([
+        helper.make_node("Shape", ["input_ids"], ["lora_shape.batch_seq"], name="/lora/shape"),
+        helper.make_node("Concat", ["lora_shape.batch_seq", "lora_shape.minus1"], ["lora_shape.rows"],
+                         name="/lora/shape_rows", axis=0)])
+    graph.initializer.extend([numpy_helper.from_array(np.asarray([-1], np.int64), "lora_shape.minus1"),
+                              numpy_helper.from_array(np.ones((1, 1, 1), np.float32), ROWS)]
+                             + [numpy_helper.from_array(np.asarray([-1, w], np.int64), f"lora_shape.{w}")
+                                for w in sorted(shapes)])
+    graph.input.append(helper.make_tensor_value_info(ROWS, TensorProto.FLOAT, ["rows", 1, "stacked_rank"]))
+
+
+def _last_position_logits(graph) -> None:
+    """Logits of one position per row: the hidden state at ``last_index`` [batch, 1] goes to the head."""
+    from onnx import TensorProto, helper
+
+    head = next((n for n in graph.node if "logits" in n.output), None)
+    if head is None:
+        raise FuseError("no logits output")
+    hidden = head.input[0]
+    picked = f"{hidden}/last"
+    head.input[0] = picked
+    graph.node.extend([
+        helper.make_node("GatherND", [hidden, LAST], [f"{picked}/2d"], name="/model/last_position", batch_dims=1),
+        helper.make_node("Unsqueeze", [f"{picked}/2d", "/model/last_position/axis"], [picked],
+                         name="/model/last_position/unsqueeze")])
+    from onnx import numpy_helper
+    graph.initializer.append(numpy_helper.from_array(np.asarray([1], np.int64), "/model/last_position/axis"))
+    graph.input.append(helper.make_tensor_value_info(LAST, TensorProto.INT64, ["batch", 1]))
+
+
+def _prune(graph) -> None:
+    """Drop nodes whose outputs nothing uses, and initializers no node uses; then sort topologically."""
+    producers = {o: n for n in graph.node for o in n.output}
+    keep, todo, seen = [], [o.name for o in graph.output], set()
+    while todo:  # everything the outputs depend on
+        node = producers.get(todo.pop())
+        if node is not None and id(node) not in seen:
+            seen.add(id(node))
+            keep.append(node)
+            todo.extend(i for i in node.input if i)
+    position = {id(n): k for k, n in enumerate(graph.node)}
+    keep.sort(key=lambda n: position[id(n)])
+    order = _toposort(keep, {i.name for i in graph.input} | {i.name for i in graph.initializer})
+    del graph.node[:]
+    graph.node.extend(order)
+    used = {i for n in order for i in n.input}
+    inits = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+
+
+def _toposort(nodes: list, available: set[str]) -> list:
+    ready = set(available) | {""}
+    out, pending = [], list(nodes)
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in ready for i in node.input):
+                out.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            missing = [i for i in rest[0].input if i not in ready]
+            raise FuseError(f"the rewritten graph has a cycle or a missing input at {rest[0].name} ({missing})")
+        pending = rest
+    return out
