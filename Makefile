@@ -50,7 +50,8 @@ gpu-check: setup
 bench-methods: setup
 	$(PY) benchmarks/methods.py
 
-# The server under load: 8 adapters vs 1 vs a naive switching server → benchmarks/results/serve.{json,md}.
+# The server under load, torch and ONNX backends: 8 adapters vs 1 vs a naive switching server, latency, time to
+# first token, adapter loads → benchmarks/results/serve.{json,md} (~15 min; the ONNX backend needs `make pipeline`).
 bench-serve: setup
 	$(PY) benchmarks/serve.py
 

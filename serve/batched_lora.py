@@ -11,7 +11,11 @@ sum of ranks, each adapter's scaling folded in), and computes for the whole batc
 where ``row_mask`` keeps, for each row, only its own adapter's rank slice (none for ``__base__``). It
 selects rather than multiplies by 0, so another adapter's values can never reach a row (0 * inf is NaN);
 its B must be finite, which intake guarantees (:data:`serve.adapters.VALUE_BOUND`).
-The concatenation is rebuilt after an adapter is loaded or deleted (:meth:`BatchedLora.refresh`);
+Plain LoRA adapters need no PEFT modules at all: :meth:`BatchedLora.add` keeps their factors on the
+layers PEFT already wraps (the engine's shell wraps every linear layer), which makes a load a few tensor
+copies instead of PEFT's injection (hundreds of module constructions and model walks). Their rows reach
+the layers through :attr:`BatchedLora.rows` (PEFT is shown ``__base__`` for them, since it does not
+know them). The concatenation is rebuilt after an adapter is loaded or deleted (:meth:`BatchedLora.refresh`);
 masks are built once per step and shared by every layer with the same adapters. DoRA rows (which
 PEFT cannot mix into a batch at all) get their per-output magnitude factor on top. Layers with
 another PEFT variant or a LoRA bias keep PEFT's own path. Masks are boolean, made on the model's device.
@@ -32,8 +36,30 @@ class BatchedLora:
         self.model = model
         self.device = device
         self.version = 0
+        self.fast: set[str] = set()
+        """Adapters held by :meth:`add` (not PEFT's): the engine shows their rows to PEFT as ``__base__``."""
+        self.rows: tuple[str, ...] | None = None
+        """Per row of the running forward, the adapter it uses (PEFT's or :meth:`add`'s; set by the engine)."""
         self._masks: dict[tuple, Any] = {}
         self.refresh()
+
+    def add(self, name: str, factors: dict[Any, tuple[Any, Any]]) -> None:
+        """Hold plain LoRA adapter ``name``: {PEFT LoRA layer: (A [r, in], B [out, r] with its scaling folded
+        in)}, already in the layers' dtype and device. Call :meth:`refresh` after."""
+        for layer, pair in factors.items():
+            layer.__dict__.setdefault("_edgetune_fast", {})[name] = pair
+        self.fast.add(name)
+
+    def remove(self, name: str) -> None:
+        """Drop adapter ``name`` held by :meth:`add` (a no-op for others). Call :meth:`refresh` after."""
+        from peft.tuners.lora import LoraLayer
+
+        if name not in self.fast:
+            return
+        for module in self.model.modules():
+            if isinstance(module, LoraLayer):
+                module.__dict__.get("_edgetune_fast", {}).pop(name, None)
+        self.fast.discard(name)
 
     def refresh(self) -> None:
         """Call after loading or deleting an adapter: new layers get the fast path, concatenations rebuild."""
@@ -111,6 +137,7 @@ def _concatenated(batched: BatchedLora, layer):
     if cached is not None and cached[0] == batched.version:
         return cached[1:]
     names = [n for n in layer.lora_A.keys() if not n.startswith("_")]  # "_shell" is never used by a request
+    fast = layer.__dict__.get("_edgetune_fast", {})
     variants = getattr(layer, "lora_variant", {})
     dora = [n for n in names if n in variants]
     weight = _dense_weight(layer.get_base_layer()) if dora else None
@@ -118,12 +145,13 @@ def _concatenated(batched: BatchedLora, layer):
         dora and (weight is None or weight.dim() != 2))
     if unsupported or any(getattr(layer, "lora_bias", {}).get(n) for n in names):
         result = (None, None, None, None)
-    elif not names:
+    elif not names and not fast:
         result = ((), None, None, None)
     else:
         with torch.no_grad():
-            a = torch.cat([layer.lora_A[n].weight for n in names], dim=0)
-            b = torch.cat([layer.lora_B[n].weight * layer.scaling[n] for n in names], dim=1)
+            a = torch.cat([layer.lora_A[n].weight for n in names] + [f[0] for f in fast.values()], dim=0)
+            b = torch.cat([layer.lora_B[n].weight * layer.scaling[n] for n in names] + [f[1] for f in fast.values()],
+                          dim=1)
             scales = None
             if dora:
                 rows = []
@@ -133,8 +161,10 @@ def _concatenated(batched: BatchedLora, layer):
                         rows.append(layer.lora_magnitude_vector[n].weight / full.norm(p=2, dim=1))
                     else:
                         rows.append(weight.new_ones(weight.shape[0]))
+                rows += [weight.new_ones(weight.shape[0]) for _ in fast]
                 scales = torch.stack(rows)
-        result = (tuple((n, layer.lora_A[n].weight.shape[0]) for n in names), a, b, scales)
+        result = (tuple((n, layer.lora_A[n].weight.shape[0]) for n in names)
+                  + tuple((n, f[0].shape[0]) for n, f in fast.items()), a, b, scales)
     layer.__dict__["_edgetune_cat"] = (batched.version, *result)
     return result
 
@@ -161,8 +191,10 @@ def _dense_weight(base_layer):
 
 def _forward(batched: BatchedLora, layer, x, *args: Any, adapter_names: list[str], **kwargs: Any):
     layout, a, b, scales = _concatenated(batched, layer)
-    if layout is None:  # a LoRA bias or another variant: PEFT's per-adapter path
-        return layer._edgetune_original(x, *args, adapter_names=adapter_names, **kwargs)
+    rows = batched.rows if batched.rows is not None and len(batched.rows) == len(adapter_names) else adapter_names
+    if layout is None:  # a LoRA bias or another variant: PEFT's per-adapter path, plus the rows of add()'s adapters
+        return layer._edgetune_original(x, *args, adapter_names=adapter_names, **kwargs) + _fast_delta(layer, x, rows)
+    adapter_names = rows
     from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 
     for key in VARIANT_KWARG_KEYS:
@@ -187,3 +219,19 @@ def _forward(batched: BatchedLora, layer, x, *args: Any, adapter_names: list[str
     if bias is None:
         return (result + delta) * factor
     return (result - bias + delta) * factor + bias
+
+
+def _fast_delta(layer, x, rows):
+    """The LoRA update of the rows whose adapter :meth:`BatchedLora.add` holds, 0 for the others (rows x ... x out)."""
+    import torch
+
+    fast = layer.__dict__.get("_edgetune_fast", {})
+    delta = None
+    for name, (a, b) in fast.items():
+        picked = torch.tensor([r == name for r in rows], device=x.device)
+        if not bool(picked.any()):
+            continue
+        part = (x.to(a.dtype) @ a.T) @ b.T
+        part = torch.where(picked.view(-1, *([1] * (part.dim() - 1))), part, part.new_zeros(()))
+        delta = part if delta is None else delta + part
+    return 0 if delta is None else delta

@@ -1,8 +1,10 @@
 """The generation engine: one frozen base, many adapters of every kind, continuous mixed-adapter batching.
 
 A single worker thread owns the model. Requests wait in a bounded queue; between decode steps the
-worker admits new ones (prefilled alone, then merged into the running batch's KV cache) and
-drops finished ones, so a request never waits for a whole batch to finish. Each row of a decode
+worker admits new ones (prefilled alone, then copied into a free slot of the preallocated key/value
+cache, :mod:`serve.torch_slots`, which every step writes in place) and drops finished ones (the last
+row moves into the freed slot), so a request never waits for a whole batch to finish and no step
+copies the running rows' cache. Each row of a decode
 step names its adapter (PEFT's ``adapter_names``; ``__base__`` is the bare base), so requests for
 different adapters share forward passes. LoRA/DoRA/QLoRA rows go through the two-product LoRA
 layer (:mod:`serve.batched_lora`); IA3 and PIR rows through per-row hooks (:mod:`serve.rowwise`);
@@ -136,8 +138,12 @@ class Engine(Worker):
         self.resolver: Callable[[str, str], AdapterInfo] | None = None
         """(name, source) -> validated AdapterInfo: lets the worker reload an evicted adapter on demand."""
         self.active: list[GenRequest] = []
-        self._cache = None
-        self._mask = None
+        from serve.torch_slots import KVSlots
+
+        layers, kv_heads, head_dim = kv_layout(self.model.config)
+        self.kv = KVSlots(layers, max_batch_size, kv_heads, head_dim, dtype=self.dtype, device=self.device,
+                          max_length=self.context_length)
+        """Running request ``i`` decodes from slot ``i`` (see :mod:`serve.torch_slots`)."""
         self._counter = 0
         self._start_worker(max_queue, "edgetune-engine", self._run)
 
@@ -164,13 +170,19 @@ class Engine(Worker):
                              source, pinned)
 
     def _load_lora(self, info: AdapterInfo, tensors: dict[str, Any], internal: str) -> None:
-        """PEFT's layers for ``internal`` (config from the folder), filled with the validated ``tensors``."""
+        """Load ``internal`` from the validated ``tensors`` (config from the folder): a plain LoRA adapter as factors
+        on the layers the shell wraps (:meth:`serve.batched_lora.BatchedLora.add`, tens of milliseconds), anything
+        else (DoRA, a module the shell does not wrap) through PEFT's own layers."""
         from peft import PeftConfig
         from peft.utils import set_peft_model_state_dict
 
         config = PeftConfig.from_pretrained(str(info.path))
         if config.peft_type != "LORA":  # the folder changed since intake read it
             raise ValueError(f"its config now says {config.peft_type}, not LORA; load it again")
+        factors = self._plain_lora(config, tensors)
+        if factors is not None:
+            self.batched.add(internal, factors)
+            return
         config.inference_mode = True
         with _int8_state_kept(self.model):
             # in the base's dtype (PEFT would keep bf16/fp16 adapters in float32: a training default)
@@ -179,12 +191,48 @@ class Engine(Worker):
         if result.unexpected_keys:  # intake admits only LoRA keys of declared targets: PEFT must take them all
             raise ValueError(f"weights PEFT did not place: {result.unexpected_keys[:3]}")
 
+    def _plain_lora(self, config, tensors: dict[str, Any]) -> dict[Any, tuple[Any, Any]] | None:
+        """{LoRA layer: (A, B * scaling)} in the model's dtype and device when the adapter is plain LoRA on layers
+        the shell wraps (scaling as PEFT computes it: alpha / r, or / sqrt(r) with rsLoRA, per-module patterns);
+        None when it needs PEFT's own layers (DoRA, another variant, fan-in-fan-out, a module not wrapped)."""
+        import math
+
+        from peft.tuners.lora import LoraLayer
+        from peft.utils.other import get_pattern_key
+
+        if config.use_dora or getattr(config, "lora_bias", False) or config.fan_in_fan_out or \
+                getattr(config, "use_qalora", False) or getattr(config, "arrow_config", None) or \
+                getattr(config, "target_parameters", None):
+            return None
+        model = self.model.get_base_model()
+        factors = {}
+        for key, a in tensors.items():
+            if ".lora_A." not in key:
+                continue
+            module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
+            try:
+                layer = model.get_submodule(module)
+            except AttributeError:
+                return None
+            if not isinstance(layer, LoraLayer) or a.dim() != 2:
+                return None
+            b = tensors[key.replace(".lora_A.", ".lora_B.")]
+            alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
+            rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
+            if a.shape[0] != rank:  # PEFT would build rank-r layers and then fail to place these weights
+                raise ValueError(f"{key} has rank {a.shape[0]}, but its config gives {module} rank {rank}")
+            scaling = alpha / (math.sqrt(rank) if config.use_rslora else rank)
+            # in the base's dtype, as PEFT's path keeps them (autocast_adapter_dtype=False)
+            factors[layer] = (a.to(self.device, self.dtype), (b * scaling).to(self.device, self.dtype))
+        return factors or None
+
     def _discard(self, internal: str) -> None:
         """Remove whatever a failed load of ``internal`` left in the model (PEFT layers, also when PEFT had
         already forgotten its config; row-wise entries), so the next load and every request run as before."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         self.rowwise.remove(internal)
+        self.batched.remove(internal)
         self.model.peft_config.pop(internal, None)
         for module in self.model.modules():
             if isinstance(module, BaseTunerLayer):
@@ -242,6 +290,8 @@ class Engine(Worker):
         for entry in gone:
             if entry.row_adapter:
                 self.rowwise.remove(entry.row_adapter)
+            elif entry.internal in self.batched.fast:
+                self.batched.remove(entry.internal)
             elif entry.internal != BASE:
                 self.model.delete_adapter(entry.internal)
             self.retired.remove(entry)
@@ -269,7 +319,7 @@ class Engine(Worker):
                 log.exception("decode step failed")
                 for r in self.active:
                     self._finish(r, FinishReason.ERROR, str(exc))
-                self.active, self._cache, self._mask = [], None, None
+                self.active = []
 
     def _admit(self) -> None:
         while len(self.active) < self.max_batch_size:
@@ -300,11 +350,14 @@ class Engine(Worker):
     def _forward(self, input_ids, attention_mask, position_ids, cache, adapters: list[str],
                  row_adapters: list[str | None] | None = None, **inputs):
         self.rowwise.rows = row_adapters
+        self.batched.rows = tuple(adapters)  # PEFT knows only its own adapters: the others are base rows to it
         try:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              past_key_values=cache, use_cache=True, adapter_names=adapters, **inputs)
+                              past_key_values=cache, use_cache=True,
+                              adapter_names=[BASE if a in self.batched.fast else a for a in adapters], **inputs)
         finally:
             self.rowwise.rows = None
+            self.batched.rows = None
 
     def _prefill(self, request: GenRequest) -> None:
         """Run the prompt alone (after any virtual tokens), sample its first token, join the batch."""
@@ -342,22 +395,9 @@ class Engine(Worker):
             self._merge(request, out.past_key_values, mask)
 
     def _merge(self, request: GenRequest, cache, mask) -> None:
-        """Add a prefilled request to the running batch, left-padding whichever side is shorter."""
-        import torch
-        from transformers import DynamicCache
-
-        if self._cache is None:
-            self._cache, self._mask, self.active = cache, mask, [request]
-            return
-        old_len, new_len = self._mask.shape[1], mask.shape[1]
-        width = max(old_len, new_len)
-        merged = DynamicCache()
-        for i, (layer_old, layer_new) in enumerate(zip(self._cache.layers, cache.layers)):
-            k = torch.cat([_left_pad(layer_old.keys, width), _left_pad(layer_new.keys, width)])
-            v = torch.cat([_left_pad(layer_old.values, width), _left_pad(layer_new.values, width)])
-            merged.update(k, v, i)
-        self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(mask, width, dim=1)])
-        self._cache = merged
+        """Add a prefilled request to the running batch: its cache goes into the next free slot (no other row's
+        cache is touched)."""
+        self.kv.write(len(self.active), cache)
         self.active.append(request)
 
     def _decode_step(self) -> None:
@@ -371,35 +411,25 @@ class Engine(Worker):
             self._keep(rows)
             if not rows:
                 return
+        n = len(self.active)
         ids = torch.tensor([[r.tokens[-1]] for r in self.active], device=self.device)
-        self._mask = torch.cat([self._mask, self._mask.new_ones(len(self.active), 1)], dim=1)
-        positions = (self._mask.sum(dim=1, keepdim=True) - 1)
-        out = self._forward(ids, self._mask, positions, self._cache, [r.internal for r in self.active],
-                            [r.row_adapter for r in self.active])
-        self._cache = out.past_key_values
-        self.on_step(len(self.active))
+        cache, mask, positions, cache_position = self.kv.step(n)
+        out = self._forward(ids, mask, positions, cache, [r.internal for r in self.active],
+                            [r.row_adapter for r in self.active], cache_position=cache_position)
+        self.kv.advance(n)
+        self.on_step(n)
         for row, r in enumerate(list(self.active)):
             self._emit(r, self._sample(r, out.logits[row, -1]))
         self._keep([r for r in self.active if not r.finished])
 
     def _keep(self, rows: list[GenRequest]) -> None:
-        """Shrink the batch to ``rows`` (still running), dropping padding columns no row needs."""
-        import torch
-
-        if not rows:
-            self.active, self._cache, self._mask = [], None, None
-            return
-        if len(rows) == len(self.active):
-            return
-        index = torch.tensor([self.active.index(r) for r in rows], device=self.device)
-        mask = self._mask.index_select(0, index)
-        first = int((mask.sum(dim=0) > 0).nonzero()[0])  # leading columns that are padding in every row
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        for i, layer in enumerate(self._cache.layers):
-            cache.update(layer.keys.index_select(0, index)[:, :, first:], layer.values.index_select(0, index)[:, :, first:], i)
-        self._cache, self._mask, self.active = cache, mask[:, first:], rows
+        """Shrink the batch to ``rows`` (still running): each slot left empty takes the last row (one row's copy)."""
+        for gone in [r for r in self.active if r not in rows]:
+            hole, last = self.active.index(gone), len(self.active) - 1
+            if hole != last:
+                self.kv.move(last, hole)
+                self.active[hole] = self.active[last]
+            self.active.pop()
 
     def _sample(self, request: GenRequest, logits) -> int:
         """The request's next token from its row of logits (see :class:`edge.generation.SamplingParams`)."""
@@ -437,18 +467,6 @@ class Engine(Worker):
         self._collect_retired()
 
 
-def _left_pad(t, width: int, dim: int = 2):
-    """Left-pad ``t`` with zeros along ``dim`` to ``width``."""
-    import torch
-
-    missing = width - t.shape[dim]
-    if missing <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
 @contextlib.contextmanager
 def _int8_state_kept(model) -> Iterator[None]:
     """Restore every bitsandbytes int8 layer's weight and matmul state after the block. Loading a DoRA adapter
@@ -469,15 +487,12 @@ def _expired(request: GenRequest) -> bool:
 
 
 def _peft_shell(model):
-    """Wrap a plain model so it can hold many LoRA adapters: a PeftModel with one rank-1 LoRA that
-    never takes part (rows without an adapter run as ``__base__``)."""
-    import torch
+    """Wrap a plain model so it can hold many LoRA adapters: a PeftModel with one rank-1 LoRA on every linear
+    layer but the head that never takes part (rows without an adapter run as ``__base__``)."""
     from peft import LoraConfig, get_peft_model
 
-    head = model.get_output_embeddings()
-    first_linear = next(n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                        if isinstance(m, torch.nn.Linear) and m is not head)
-    return get_peft_model(model, LoraConfig(r=1, target_modules=[first_linear], task_type="CAUSAL_LM"),
+    # every linear layer but the head: a plain LoRA adapter then loads as factors on these wrappers
+    return get_peft_model(model, LoraConfig(r=1, target_modules="all-linear", task_type="CAUSAL_LM"),
                           adapter_name="_shell")
 
 

@@ -35,13 +35,27 @@ def _generate(engine: Engine, tokenizer, adapter: str | None, prompt: str, n: in
     return request, done
 
 
-@pytest.mark.parametrize("kind", ["prompt", "ptuning", "prefix", "ia3", "pir"])
+@pytest.mark.parametrize("kind", ["lora", "lora-patterns", "dora", "prompt", "ptuning", "prefix", "ia3", "pir"])
 def test_every_adapter_kind_matches_its_model_alone(kind: str, tiny_model_dir: Path, tmp_path: Path) -> None:
-    """Soft prompts, P-tuning and prefixes (virtual tokens at prefill) and IA3/PIR (per-row hooks) give the first logits
-    and greedy tokens of the adapter's own model run alone, also beside a base row in one batch."""
+    """LoRA (factors held by the batched layers; with per-module ranks and alphas and rsLoRA too), DoRA (PEFT's
+    layers), soft prompts, P-tuning and prefixes (virtual tokens at prefill) and IA3/PIR (per-row hooks) give the
+    first logits and greedy tokens of the adapter's own model run alone, also beside a base row in one batch."""
     from pipeline.tuned import load_tuned
 
-    build_adapter(kind, tiny_model_dir, tmp_path / kind)
+    if kind == "lora-patterns":
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(5)
+        model = get_peft_model(load_model(tiny_model_dir), LoraConfig(
+            r=4, lora_alpha=8, target_modules="all-linear", rank_pattern={"q_proj": 2, "down_proj": 6},
+            alpha_pattern={"v_proj": 32}, use_rslora=True, init_lora_weights=False, task_type="CAUSAL_LM"))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.5)
+        model.save_pretrained(tmp_path / kind)
+    else:
+        build_adapter(kind, tiny_model_dir, tmp_path / kind)
     tokenizer = load_tokenizer(tiny_model_dir)
     prompt = "Review: great mug"
     ids = tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
@@ -274,13 +288,16 @@ def test_replacing_an_adapter_with_another_kind_frees_the_old_weights(tiny_model
     try:
         shell = set(engine.model.peft_config)
         lora = load("lora")
-        assert lora.internal in engine.model.peft_config
+        assert lora.internal in engine.batched.fast  # a plain LoRA: factors on the shell's layers, no PEFT module
         load("prompt")
         assert set(engine.model.peft_config) == shell and not engine.retired  # the LoRA weights are gone
         load("ia3")
         assert engine.registry.handle("task").row_adapter in engine.rowwise.adapters
         load("lora")
         assert not engine.rowwise.adapters and not engine.retired  # the IA3 vectors are gone too
+        engine.run_command(lambda: engine.unload("task"))
+        assert not engine.batched.fast and set(engine.model.peft_config) == shell
+        assert not any(getattr(m, "_edgetune_fast", None) for m in engine.model.modules())  # no factor left
     finally:
         engine.shutdown(1)
 
