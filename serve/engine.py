@@ -5,8 +5,8 @@ worker admits new ones (prefilled alone, then copied into a free slot of the pre
 cache, :mod:`serve.torch_slots`, which every step writes in place) and drops finished ones (the last
 row moves into the freed slot), so a request never waits for a whole batch to finish and no step
 copies the running rows' cache. Each row of a decode
-step names its adapter (PEFT's ``adapter_names``; ``__base__`` is the bare base), so requests for
-different adapters share forward passes. LoRA/DoRA/QLoRA rows go through the two-product LoRA
+step names its adapter (:attr:`serve.batched_lora.BatchedLora.rows`; ``__base__`` is the bare base), so
+requests for different adapters share forward passes. LoRA/DoRA/QLoRA rows go through the two-product LoRA
 layer (:mod:`serve.batched_lora`); IA3 and PIR rows through per-row hooks (:mod:`serve.rowwise`);
 prompt-learning rows are base rows whose prefill starts from their virtual tokens.
 
@@ -350,11 +350,10 @@ class Engine(Worker):
     def _forward(self, input_ids, attention_mask, position_ids, cache, adapters: list[str],
                  row_adapters: list[str | None] | None = None, **inputs):
         self.rowwise.rows = row_adapters
-        self.batched.rows = tuple(adapters)  # PEFT knows only its own adapters: the others are base rows to it
+        self.batched.rows = tuple(adapters)  # each LoRA layer reads its rows' adapters here (serve/batched_lora.py)
         try:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              past_key_values=cache, use_cache=True,
-                              adapter_names=[BASE if a in self.batched.fast else a for a in adapters], **inputs)
+                              past_key_values=cache, use_cache=True, **inputs)
         finally:
             self.rowwise.rows = None
             self.batched.rows = None
