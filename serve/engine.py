@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 BASE = "__base__"
 """PEFT's name for "no adapter" in a mixed batch."""
+PREFILL_TOKENS = 512
+"""Prompt tokens prefilled together at most (the first request always runs): bounds how long running requests
+wait for new ones."""
 
 
 @dataclass
@@ -322,11 +325,14 @@ class Engine(Worker):
                 self.active = []
 
     def _admit(self) -> None:
-        while len(self.active) < self.max_batch_size:
+        """Take queued requests while slots are free and prefill them: those without virtual tokens together
+        (right-padded, up to ``PREFILL_TOKENS`` prompt tokens), the others one by one."""
+        plain: list[GenRequest] = []
+        while len(self.active) + len(plain) < self.max_batch_size:
             try:
                 request = self.pending.get_nowait()
             except queue.Empty:
-                return
+                break
             if request.cancelled:
                 continue
             try:  # an evicted adapter reloads here, transparently
@@ -340,12 +346,29 @@ class Engine(Worker):
                     entry.in_flight += 1
                 request.internal, request.virtual, request.prefix = entry.internal, entry.virtual, entry.prefix
                 request.row_adapter = entry.row_adapter
-            try:
-                self._prefill(request)
-            except Exception as exc:
-                log.exception("prefill failed")
-                self._release(request)
-                self._finish(request, FinishReason.ERROR, str(exc))
+            if not self._budget(request):
+                continue
+            if request.virtual is None and sum(len(r.prompt_ids) for r in plain) + len(request.prompt_ids) \
+                    <= PREFILL_TOKENS or not plain and request.virtual is None:
+                plain.append(request)  # prefilled together below
+                continue
+            self._prefill_guarded([request])
+        if plain:
+            self._prefill_guarded(plain)
+
+    def _prefill_guarded(self, requests: list[GenRequest]) -> None:
+        """Prefill ``requests``; if that fails they fail (with the error), the running batch goes on."""
+        try:
+            if len(requests) == 1 and requests[0].virtual is not None:
+                self._prefill(requests[0])
+            else:
+                self._prefill_plain(requests)
+        except Exception as exc:
+            log.exception("prefill failed")
+            for request in requests:
+                if not request.finished and request not in self.active:
+                    self._release(request)
+                    self._finish(request, FinishReason.ERROR, str(exc))
 
     def _forward(self, input_ids, attention_mask, position_ids, cache, adapters: list[str],
                  row_adapters: list[str | None] | None = None, **inputs):
@@ -358,28 +381,54 @@ class Engine(Worker):
             self.rowwise.rows = None
             self.batched.rows = None
 
-    def _prefill(self, request: GenRequest) -> None:
-        """Run the prompt alone (after any virtual tokens), sample its first token, join the batch."""
-        import torch
-        from transformers import DynamicCache
-
+    def _budget(self, request: GenRequest) -> bool:
+        """Give ``request`` its token budget and text stream; False (and the request ended with a 400's error)
+        when its prompt and virtual tokens leave no room to answer: it is not run at all."""
         n_virtual = 0 if request.virtual is None else request.virtual.shape[0]
-        try:  # a prompt (with its virtual tokens) that leaves no room to answer is not run at all
+        try:
             budget = token_budget(len(request.prompt_ids), n_virtual, request.max_tokens, self.context_length)
         except ContextOverflow as exc:
             request.context_overflow = True
+            self._release(request)
             self._finish(request, FinishReason.ERROR, str(exc))
-            return
+            return False
         request.stream = TextStream(self.tokenizer, max_tokens=budget, stop=request.stop,
                                     stop_ids=[self.tokenizer.eos_token_id])
         request.tokens = request.stream.tokens  # one list: the stream appends, the decode step reads
+        return True
+
+    def _prefill_plain(self, requests: list[GenRequest]) -> None:
+        """Run the prompts of ``requests`` (no virtual tokens) in one forward, right-padded: each row's real
+        tokens attend only to its own earlier ones; sample each first token; copy each row's cache, its real
+        positions only, into a free slot."""
+        import torch
+        from transformers import DynamicCache
+
+        lengths = [len(r.prompt_ids) for r in requests]
+        width = max(lengths)
+        # the padding's value never matters (masked, and after every real token): token 0 exists in every vocabulary
+        ids = torch.tensor([r.prompt_ids + [0] * (width - len(r.prompt_ids)) for r in requests], device=self.device)
+        mask = (torch.arange(width, device=self.device)[None] < torch.tensor(lengths, device=self.device)[:, None])
+        positions = torch.arange(width, device=self.device)[None].expand(len(requests), -1)
+        out = self._forward(ids, mask.long(), positions, DynamicCache(), [r.internal for r in requests],
+                            [r.row_adapter for r in requests])
+        for row, (request, length) in enumerate(zip(requests, lengths)):
+            self._emit(request, self._sample(request, out.logits[row, length - 1]))
+            if not request.finished:  # a request ended by its first token (end of sequence, a stop) never joins
+                self.kv.write(len(self.active), out.past_key_values, row, length)
+                self.active.append(request)
+
+    def _prefill(self, request: GenRequest) -> None:
+        """Run a prompt with virtual tokens alone (after them), sample its first token, join the batch."""
+        import torch
+        from transformers import DynamicCache
+
+        n_virtual = request.virtual.shape[0]
         ids = torch.tensor([request.prompt_ids], device=self.device)
         mask = torch.ones(1, n_virtual + ids.shape[1], dtype=torch.long, device=self.device)
         positions = torch.arange(n_virtual, n_virtual + ids.shape[1], device=self.device).unsqueeze(0)
         cache = DynamicCache()
-        if request.virtual is None:
-            out = self._forward(ids, mask, positions, cache, [request.internal], [request.row_adapter])
-        elif request.prefix:  # PEFT's layout: per layer a key (slot 2l) then a value (slot 2l+1)
+        if request.prefix:  # PEFT's layout: per layer a key (slot 2l) then a value (slot 2l+1)
             layers, kv_heads, head_dim = kv_layout(self.model.config)
             table = request.virtual.view(n_virtual, layers * 2, kv_heads, head_dim).permute(1, 2, 0, 3)
             for layer in range(layers):
@@ -391,13 +440,8 @@ class Engine(Worker):
                                 inputs_embeds=embeds)
         self._emit(request, self._sample(request, out.logits[0, -1]))
         if not request.finished:  # a request ended by its first token (end of sequence, a stop) never joins
-            self._merge(request, out.past_key_values, mask)
-
-    def _merge(self, request: GenRequest, cache, mask) -> None:
-        """Add a prefilled request to the running batch: its cache goes into the next free slot (no other row's
-        cache is touched)."""
-        self.kv.write(len(self.active), cache)
-        self.active.append(request)
+            self.kv.write(len(self.active), out.past_key_values)  # the next free slot; no other row is touched
+            self.active.append(request)
 
     def _decode_step(self) -> None:
         import torch

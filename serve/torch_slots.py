@@ -97,13 +97,14 @@ class KVSlots:
         if length > self.capacity:
             self._grow(min(self.max_length, max(length, 2 * self.capacity)))
 
-    def write(self, slot: int, cache) -> None:
-        """Copy a prefilled request's cache (a transformers cache of batch 1) into ``slot``."""
-        length = cache.get_seq_length()
+    def write(self, slot: int, cache, row: int = 0, length: int | None = None) -> None:
+        """Copy row ``row`` of a prefill's cache (a transformers cache), its first ``length`` positions (default:
+        all), into ``slot``."""
+        length = cache.get_seq_length() if length is None else length
         self.reserve(length + 1)
         for layer, entry in enumerate(cache.layers):
-            self.keys[layer][slot, :, :length] = entry.keys[0]
-            self.values[layer][slot, :, :length] = entry.values[0]
+            self.keys[layer][slot, :, :length] = entry.keys[row, :, :length]
+            self.values[layer][slot, :, :length] = entry.values[row, :, :length]
         self.lengths[slot] = length
 
     def move(self, src: int, dst: int) -> None:
