@@ -9,12 +9,14 @@ not depend on what they learned), for each backend:
   shared int4 base (``runs/<run>/export/edge/model.onnx``) and the same 8 adapters as ``.onnx_adapter``
   files.
 
-Each server runs in a child process on 2 threads' worth of cores; measured through HTTP:
+Both servers run at once, each in a child process, and are measured through HTTP:
 
   1. Adapter load: each adapter unloaded and loaded again through ``POST /v1/adapters`` (validation, load,
      registration), p50 over the 8.
-  2. Throughput at concurrency 16: the same requests spread over 8 adapters, then all on one, interleaved
-     ``--repeats`` times; the median run of each is reported.
+  2. Throughput at concurrency 16: the same requests spread over 8 adapters, then all on one, in
+     ``--repeats`` rounds that alternate between the backends (the idle server uses no CPU), so both
+     meet the same drift of a noisy machine; the median run of each is reported, and the ONNX/torch
+     ratio of every round.
   3. Latency p50/p95 and time to first token (streaming) at concurrency 1, 4 and 16; the concurrency-1 run
      also gives the backend's single-stream decode speed (tokens after the first / time after the first).
   4. The naive baseline, after the server has stopped, in this process (no HTTP cost, so the comparison
@@ -28,7 +30,7 @@ row. The prompts are 4 short chat prompts in turn (the server's prefix cache see
 a shared system prompt; its hit rate is reported).
 Writes ``benchmarks/results/serve.{json,md}``.
 
-    python benchmarks/serve.py [--backends torch,onnx] [--requests 48] [--tokens 32] [--repeats 3]
+    python benchmarks/serve.py [--backends torch,onnx] [--requests 48] [--tokens 32] [--repeats 5]
                                [--device auto] [--dtype auto] [--run default]
 """
 
@@ -234,26 +236,41 @@ def naive_onnx(bundle: Path, names: list[str], requests: int, tokens: int) -> di
             "tokens_per_s": round(produced / wall, 2)}
 
 
-def measure(url: str, names: list[str], args) -> dict:
-    """Adapter loads, throughput (8 vs 1 adapter), latency and TTFT of the server at ``url``."""
+def adapter_loads(url: str, names: list[str]) -> list[float]:
+    """Each adapter unloaded, then a real load timed: validation + load + registration (seconds)."""
     loads = []
-    for name in names:  # unload, then time a real load: validation + load + registration
+    for name in names:
         httpx.delete(f"{url}/v1/adapters/{name}", timeout=120).raise_for_status()
         started = time.perf_counter()
         httpx.post(f"{url}/v1/adapters", json={"name": name, "source": name}, timeout=120).raise_for_status()
         loads.append(time.perf_counter() - started)
-    load(url, names, 16, 16, 4)  # warm-up
-    runs: dict[str, list] = {"spread": [], "single": []}
-    for _ in range(args.repeats):  # interleaved, so drift in the machine hits both alike
-        runs["spread"].append(load(url, names, args.requests, 16, args.tokens))
-        runs["single"].append(load(url, names[:1], args.requests, 16, args.tokens))
-    latency = [load(url, names, max(c * 2, 8), c, args.tokens, stream=True) for c in (1, 4, 16)]
-    metrics = httpx.get(f"{url}/metrics", timeout=30).text
-    hit = [line for line in metrics.splitlines() if line.startswith("edgetune_prefix_cache_hit_ratio ")]
-    return {"adapter_load_p50_s": round(statistics.median(loads), 4), "adapter_loads_s": [round(x, 4) for x in loads],
-            "spread_8_adapters": median_run(runs["spread"]), "single_adapter": median_run(runs["single"]),
+    return loads
+
+
+def measure(urls: dict[str, str], names: list[str], args) -> dict[str, dict]:
+    """Adapter loads, throughput (8 vs 1 adapter), latency and TTFT of every running server. The throughput
+    rounds alternate between the servers (the idle one waits without using the CPU), so drift in the machine
+    hits every backend and load alike: the ratios between them are measured in the same minutes."""
+    out: dict[str, dict] = {}
+    for backend, url in urls.items():
+        out[backend] = {"loads": adapter_loads(url, names), "spread": [], "single": []}
+        load(url, names, 16, 16, 4)  # warm-up
+    for _ in range(args.repeats):
+        for backend, url in urls.items():
+            out[backend]["spread"].append(load(url, names, args.requests, 16, args.tokens))
+            out[backend]["single"].append(load(url, names[:1], args.requests, 16, args.tokens))
+    results = {}
+    for backend, url in urls.items():
+        latency = [load(url, names, max(c * 2, 8), c, args.tokens, stream=True) for c in (1, 4, 16)]
+        metrics = httpx.get(f"{url}/metrics", timeout=30).text
+        hit = [line for line in metrics.splitlines() if line.startswith("edgetune_prefix_cache_hit_ratio ")]
+        loads = out[backend]["loads"]
+        results[backend] = {
+            "adapter_load_p50_s": round(statistics.median(loads), 4), "adapter_loads_s": [round(x, 4) for x in loads],
+            "spread_8_adapters": median_run(out[backend]["spread"]), "single_adapter": median_run(out[backend]["single"]),
             "latency": latency, "single_stream_decode_tokens_per_s": latency[0]["decode_tokens_per_s_p50"],
             "prefix_cache_hit_ratio": float(hit[0].split()[1]) if hit else None}
+    return results
 
 
 def main() -> int:
@@ -261,7 +278,7 @@ def main() -> int:
     parser.add_argument("--backends", default="torch,onnx", help="comma-separated: torch, onnx")
     parser.add_argument("--requests", type=int, default=48, help="requests per throughput measurement")
     parser.add_argument("--tokens", type=int, default=32, help="max_tokens of every request")
-    parser.add_argument("--repeats", type=int, default=3, help="throughput runs per load; the median is reported")
+    parser.add_argument("--repeats", type=int, default=5, help="throughput rounds per load; the median is reported")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="where the torch server and its baseline run (auto: CUDA when visible)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -293,30 +310,31 @@ def main() -> int:
     with tempfile.TemporaryDirectory(dir=ROOT / "runs" if (ROOT / "runs").is_dir() else None) as tmp:
         root = Path(tmp) / "adapters"
         names = make_adapters(base, root)
-        for backend in backends:
-            if backend == "torch":
-                flags = ["--adapters", str(root), "--device", device, "--dtype", dtype, *common]
-            else:
-                bundle = make_bundle(edge, root, names, Path(tmp) / "bundle")
-                flags = ["--backend", "onnx", "--bundle", str(bundle), *common]
-            print(f"bench-serve: {backend} backend", flush=True)
-            url, server = start_server(Path(tmp) / f"{backend}.log", *flags)
-            try:
-                measured = measure(url, names, args)
-            finally:
+        bundle = make_bundle(edge, root, names, Path(tmp) / "bundle") if "onnx" in backends else None
+        flags = {"torch": ["--adapters", str(root), "--device", device, "--dtype", dtype, *common],
+                 "onnx": ["--backend", "onnx", "--bundle", str(bundle), *common]}
+        servers: dict[str, tuple[str, subprocess.Popen]] = {}
+        try:
+            for backend in backends:
+                print(f"bench-serve: starting the {backend} backend", flush=True)
+                servers[backend] = start_server(Path(tmp) / f"{backend}.log", *flags[backend])
+            measured = measure({b: url for b, (url, _) in servers.items()}, names, args)
+        finally:
+            for _, server in servers.values():
                 server.terminate()
                 server.wait(timeout=60)
-            requests = max(args.requests // 3, 8)
-            measured["naive_switching"] = naive_torch(base, root, names, requests, args.tokens, device, dtype) \
+        requests = max(args.requests // 3, 8)
+        for backend, m in measured.items():
+            m["naive_switching"] = naive_torch(base, root, names, requests, args.tokens, device, dtype) \
                 if backend == "torch" else naive_onnx(bundle, names, requests, args.tokens)
-            spread = measured["spread_8_adapters"]["tokens_per_s"]
-            measured["ratio_spread_vs_single"] = round(spread / measured["single_adapter"]["tokens_per_s"], 3)
-            measured["ratio_spread_vs_naive"] = round(spread / measured["naive_switching"]["tokens_per_s"], 3)
-            if measured["single_stream_decode_tokens_per_s"]:
-                measured["ratio_spread_vs_single_stream"] = round(spread / measured["single_stream_decode_tokens_per_s"], 3)
-            measured["settings"] = {"device": device, "dtype": dtype} if backend == "torch" else \
+            spread = m["spread_8_adapters"]["tokens_per_s"]
+            m["ratio_spread_vs_single"] = round(spread / m["single_adapter"]["tokens_per_s"], 3)
+            m["ratio_spread_vs_naive"] = round(spread / m["naive_switching"]["tokens_per_s"], 3)
+            if m["single_stream_decode_tokens_per_s"]:
+                m["ratio_spread_vs_single_stream"] = round(spread / m["single_stream_decode_tokens_per_s"], 3)
+            m["settings"] = {"device": device, "dtype": dtype} if backend == "torch" else \
                 {"bundle_base": str(edge.relative_to(ROOT) / "model.onnx"), "precision": "int4 (MatMulNBits)"}
-            result["backends"][backend] = measured
+            result["backends"][backend] = m
     result["total_minutes"] = round((time.perf_counter() - total_started) / 60, 1)
     result["checks"] = checks = {}
     for backend, m in result["backends"].items():
@@ -326,6 +344,9 @@ def main() -> int:
         t, o = result["backends"]["torch"], result["backends"]["onnx"]
         result["ratio_onnx_vs_torch"] = round(o["spread_8_adapters"]["tokens_per_s"]
                                               / t["spread_8_adapters"]["tokens_per_s"], 3)
+        # per round (the two ran minutes apart at most): how steady the ratio is
+        result["ratio_onnx_vs_torch_rounds"] = [round(a / b, 2) for a, b in zip(
+            o["spread_8_adapters"]["tokens_per_s_runs"], t["spread_8_adapters"]["tokens_per_s_runs"])]
         checks["onnx 8 adapters at concurrency 16 >= 5x torch's"] = result["ratio_onnx_vs_torch"] >= 5.0
     if "onnx" in result["backends"]:
         o = result["backends"]["onnx"]
@@ -370,7 +391,8 @@ def _markdown(result: dict, args) -> list[str]:
                   f"{r['ttft_p50_s']:.2f} s | {r['ttft_p95_s']:.2f} s |" for r in b["latency"]]
         lines.append("")
     if "ratio_onnx_vs_torch" in result:
-        lines += [f"ONNX int4 vs torch fp32, 8 adapters at concurrency 16: **{result['ratio_onnx_vs_torch']:.2f}×**."]
+        lines += [f"ONNX int4 vs torch fp32, 8 adapters at concurrency 16: **{result['ratio_onnx_vs_torch']:.2f}×** "
+                  f"(medians; round by round: {', '.join(f'{r:.2f}' for r in result['ratio_onnx_vs_torch_rounds'])})."]
     return lines
 
 
