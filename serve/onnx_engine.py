@@ -167,14 +167,23 @@ class OnnxEngine(Worker):
         from serve.fused_graph import FuseError
         from serve.prefix_cache import PrefixCache
 
+        if self.runner.providers[0] != "CPUExecutionProvider":
+            # the slots are host memory bound by address; a GPU provider would copy them every run
+            log.info("onnx engine: batched serving runs on the CPU provider; on %s requests are interleaved",
+                     self.runner.providers[0])
+            return
         try:
             decoder = self._fused_decoder(self.runner.bundle.model_path)
+            probe = (self.runner.encode_chat("Say hello.") or [0])[:32]
+            want = self.runner.base.logits(np.asarray([probe]))[0, -1]
+            got = decoder.prefill(0, [probe])[0]
         except (FuseError, ImportError) as exc:
             log.warning("onnx engine: serving requests interleaved, one token each in turn: %s", exc)
             return
-        probe = (self.runner.encode_chat("Say hello.") or [0])[:32]
-        want = self.runner.base.logits(np.asarray([probe]))[0, -1]
-        got = decoder.prefill(0, [probe])[0]
+        except Exception as exc:  # noqa: BLE001 - a graph ONNX Runtime rejects: serve as before, say why
+            log.warning("onnx engine: the fused graph failed its probe (%s); serving requests interleaved",
+                        str(exc)[:300])
+            return
         off = float(np.abs(want - got).max()) / max(float(want.max() - want.min()), 1e-6)
         if not off <= PROBE_TOLERANCE:
             log.warning("onnx engine: the fused graph's logits differ from the bundle's by %.3f of their range "
@@ -307,25 +316,32 @@ class OnnxEngine(Worker):
 
     def _admit_rows(self) -> None:
         """Take queued requests while slots are free: check their adapter out, budget their tokens."""
-        while len(self.active) + len(self.waiting) < self.max_batch_size and not self.pending.empty():
+        self._admit(lambda: len(self.active) + len(self.waiting) < self.max_batch_size, self._start_row)
+
+    def _start_row(self, request) -> None:
+        # an evicted adapter reloads here, transparently
+        source = self._checkout(request.adapter).source if request.adapter is not None else None
+        kind = self.runner.bundle.adapters[source].kind if source is not None else None
+        prefix = self.prefixes[source] if kind == "prefix" else None
+        budget = token_budget(len(request.prompt_ids), prefix.length if prefix else 0, request.max_tokens,
+                              self.context_length)
+        if not request.prompt_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        text = TextStream(self.runner.tokenizer, max_tokens=budget, stop=request.stop, stop_ids=self.runner.stop_ids)
+        group = self.groups[source if kind == "merged" else None]
+        self.waiting.append(_Row(request, source, group, list(request.prompt_ids), text,
+                                 Sampling(request.temperature, request.top_p, request.seed),
+                                 lora=source if kind == "lora" else None, prefix=prefix))
+
+    def _admit(self, room: Callable[[], bool], start: Callable[[Any], None]) -> None:
+        """While ``room()``: take a queued request and ``start`` it; a request that cannot start is ended with
+        its reason (the client's prompt: a 400; its adapter: 404/422; anything else: an error), the rest go on."""
+        while room() and not self.pending.empty():
             request = self.pending.get_nowait()
             if request.cancelled:
                 continue
             try:
-                # an evicted adapter reloads here, transparently
-                source = self._checkout(request.adapter).source if request.adapter is not None else None
-                kind = self.runner.bundle.adapters[source].kind if source is not None else None
-                prefix = self.prefixes[source] if kind == "prefix" else None
-                budget = token_budget(len(request.prompt_ids), prefix.length if prefix else 0, request.max_tokens,
-                                      self.context_length)
-                if not request.prompt_ids:
-                    raise ValueError("the prompt is empty: give at least one token")
-                text = TextStream(self.runner.tokenizer, max_tokens=budget, stop=request.stop,
-                                  stop_ids=self.runner.stop_ids)
-                group = self.groups[source if kind == "merged" else None]
-                self.waiting.append(_Row(request, source, group, list(request.prompt_ids), text,
-                                         Sampling(request.temperature, request.top_p, request.seed),
-                                         lora=source if kind == "lora" else None, prefix=prefix))
+                start(request)
             except ContextOverflow as exc:  # the client's prompt, not a server fault: no traceback
                 request.context_overflow = True
                 request.on_done(FinishReason.ERROR, 0, str(exc))
@@ -446,17 +462,13 @@ class OnnxEngine(Worker):
                 rows[hole] = rows[last]
             rows.pop()
         self._release(row.source)
-        rest = row.text.flush()
-        if rest:
-            row.request.on_text(rest)
-        row.request.tokens = list(row.text.tokens)
-        row.request.on_done(reason, len(row.text.tokens), error)
+        _report(row.request, row.text, reason, error)
 
     # ---- the interleaved worker loop ---------------------------------------------------------
     def _run_interleaved(self) -> None:
         while not self._stop.is_set():
             self._run_commands()
-            self._admit()
+            self._admit(lambda: len(self.active) < self.max_batch_size, self._start_running)
             if not self.active:
                 self._wake.wait(0.05)
                 self._wake.clear()
@@ -465,28 +477,13 @@ class OnnxEngine(Worker):
             for running in list(self.active):
                 self._advance(running)
 
-    def _admit(self) -> None:
-        while len(self.active) < self.max_batch_size and not self.pending.empty():
-            request = self.pending.get_nowait()
-            if request.cancelled:
-                continue
-            try:
-                # an evicted adapter reloads here, transparently
-                source = self._checkout(request.adapter).source if request.adapter is not None else None
-                # the edge runtime's own start: the same context budget, stop rules and text as run-edge
-                tokens, text = self.runner.start(
-                    request.prompt_ids, request.max_tokens, adapter=source, stop=request.stop,
-                    sampling=Sampling(request.temperature, request.top_p, request.seed))
-                self.active.append(_Running(request, source, tokens, text))
-            except ContextOverflow as exc:  # the client's prompt, not a server fault: no traceback
-                request.context_overflow = True
-                request.on_done(FinishReason.ERROR, 0, str(exc))
-            except AdapterError as exc:  # unloaded since the request was accepted (404), or it no longer loads
-                request.error_status = exc.status
-                request.on_done(FinishReason.ERROR, 0, str(exc))
-            except Exception as exc:  # noqa: BLE001 - reported to the request, the server goes on
-                log.exception("onnx engine: request failed to start")
-                request.on_done(FinishReason.ERROR, 0, str(exc))
+    def _start_running(self, request) -> None:
+        # an evicted adapter reloads here, transparently
+        source = self._checkout(request.adapter).source if request.adapter is not None else None
+        # the edge runtime's own start: the same context budget, stop rules and text as run-edge
+        tokens, text = self.runner.start(request.prompt_ids, request.max_tokens, adapter=source, stop=request.stop,
+                                         sampling=Sampling(request.temperature, request.top_p, request.seed))
+        self.active.append(_Running(request, source, tokens, text))
 
     def _advance(self, running: _Running) -> None:
         """Generate one token of ``running`` (or end it: cancelled, past its deadline, done, failed)."""
@@ -513,11 +510,16 @@ class OnnxEngine(Worker):
         self.active.remove(running)
         if running.source is not None:  # its adapter may have been unloaded or evicted while it ran
             self._release(running.source)
-        rest = running.text.flush()
-        if rest:
-            running.request.on_text(rest)
-        running.request.tokens = list(running.text.tokens)
-        running.request.on_done(reason, len(running.text.tokens), error)
+        _report(running.request, running.text, reason, error)
+
+
+def _report(request, text: TextStream, reason: FinishReason, error: str | None) -> None:
+    """Send ``request`` the text its stream still held back, its tokens, and how it ended."""
+    rest = text.flush()
+    if rest:
+        request.on_text(rest)
+    request.tokens = list(text.tokens)
+    request.on_done(reason, len(text.tokens), error)
 
 
 def start_onnx_engine(bundle_path: Path, settings) -> tuple[OnnxEngine, str]:

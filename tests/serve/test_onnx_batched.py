@@ -207,11 +207,16 @@ def test_a_graph_that_cannot_be_fused_is_served_interleaved(runner: EdgeRunner,
         raise serve.fused_graph.FuseError("no q_proj under /model/layers.0/self_attn/")
 
     monkeypatch.setattr(serve.fused_graph, "fuse_decoder", refuse)
+    _serves_interleaved(runner)
+
+
+def _serves_interleaved(runner: EdgeRunner) -> None:
+    """A new engine over ``runner`` fell back to interleaved serving, and answers as the bundle's graph alone."""
     engine = OnnxEngine(runner, max_batch_size=2)
     try:
-        assert engine.mode == "interleaved"
+        assert engine.mode == "interleaved" and not engine.groups
         prompt = runner.encode_chat("great")
-        assert run_request(engine, prompt, 5, adapter="beta")["tokens"] == _alone(runner, prompt, 5, "beta")
+        assert run_request(engine, prompt, 4, adapter="beta")["tokens"] == _alone(runner, prompt, 4, "beta")
     finally:
         engine.shutdown(5)
 
@@ -225,11 +230,19 @@ def test_a_fused_graph_that_disagrees_with_the_bundle_is_not_served(runner: Edge
         return original(self, *args, **kwargs) + 3.0 * np.arange(self.vocab, dtype=np.float32) / self.vocab
 
     monkeypatch.setattr(SlotDecoder, "prefill", off)
-    engine = OnnxEngine(runner, max_batch_size=2)
-    try:
-        assert engine.mode == "interleaved"
-    finally:
-        engine.shutdown(5)
+    _serves_interleaved(runner)
+
+    def rejected(self, *args, **kwargs):
+        raise RuntimeError("Non-zero status code returned while running GroupQueryAttention node")
+
+    monkeypatch.setattr(SlotDecoder, "prefill", rejected)  # a graph ONNX Runtime refuses to run: the same
+    _serves_interleaved(runner)
+
+
+def test_a_gpu_provider_serves_interleaved(runner: EdgeRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The slots are host memory bound by address: on a GPU provider the engine interleaves instead."""
+    monkeypatch.setattr(runner, "providers", ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    _serves_interleaved(runner)
 
 
 # ---- over HTTP: vLLM's adapter routes and the official openai client, ONNX backend -------------------------
