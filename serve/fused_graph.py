@@ -20,14 +20,16 @@ the form :class:`serve.slots.SlotDecoder` runs:
   needs only its last token's, which saves the vocabulary projection of every other prompt token.
 
 Supported: decoders whose attention projections are ``q_proj``/``k_proj``/``v_proj``/``o_proj`` under
-``/model/layers.N/self_attn/`` with the rotary subgraph under ``/model/rotary_emb/`` (Llama, Mistral
-without a sliding window, Qwen2, SmolLM). Anything else raises :class:`FuseError` and is served
-unfused (see :mod:`serve.onnx_engine`). Needs the ``onnx`` package (not the device runtime).
+``/model/layers.N/self_attn/`` with the rotary subgraph under ``/model/rotary_emb/`` (Llama, SmolLM,
+Qwen2, Mistral). A graph without that structure (a fused ``qkv_proj``) raises :class:`FuseError`; one
+whose attention does more (Qwen3's query/key norms, Gemma2's soft-capping) fuses but fails the engine's
+start-up probe: both are served unfused (see :mod:`serve.onnx_engine`). Known gap: a sliding-window
+model (Mistral v0.1) attends to the whole context here, which differs only past its window (4,096
+tokens). Needs the ``onnx`` package (not the device runtime).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +38,6 @@ import numpy as np
 __all__ = ["FuseError", "FusedGraph", "fuse_decoder"]
 
 SEQLENS, TOTAL, ROWS, LAST = "seqlens_k", "total_sequence_length", "lora_rows", "last_index"
-_LAYER = re.compile(r"^/model/layers\.(\d+)/self_attn/")
 
 
 class FuseError(ValueError):

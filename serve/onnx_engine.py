@@ -295,9 +295,8 @@ class OnnxEngine(Worker):
                 self._wake.clear()
                 continue
             self._expire()
-            advanced = 0
             try:
-                advanced += self._prefill()
+                self._prefill()
             except Exception as exc:  # noqa: BLE001 - the rows being started fail, the others go on
                 log.exception("onnx engine: prefill failed")
                 for row in [r for r in self.active if r.last is None]:
@@ -306,13 +305,11 @@ class OnnxEngine(Worker):
             for group in list(self.groups.values()):
                 if group.rows:
                     try:
-                        advanced += self._decode(group)
+                        self._decode(group)
                     except Exception as exc:  # noqa: BLE001 - this model's rows fail, the server goes on
                         log.exception("onnx engine: decode step failed")
                         for row in list(group.rows):
                             self._end(row, FinishReason.ERROR, str(exc))
-            if advanced:
-                self.on_step(advanced)
 
     def _admit_rows(self) -> None:
         """Take queued requests while slots are free: check their adapter out, budget their tokens."""
@@ -361,18 +358,17 @@ class OnnxEngine(Worker):
             elif row.request.deadline is not None and now > row.request.deadline:
                 self._end(row, FinishReason.TIMEOUT)
 
-    def _prefill(self) -> int:
+    def _prefill(self) -> None:
         """Start waiting requests (up to ``PREFILL_TOKENS`` prompt tokens, one run per model): their slot gets
         its prefix and cached blocks, the rest of the prompt runs, and each samples its first token."""
         if not self.waiting:
-            return 0
+            return
         taken, tokens = [], 0
         for row in list(self.waiting):
             if taken and tokens + len(row.prompt) > PREFILL_TOKENS:
                 break
             taken.append(row)
             tokens += len(row.prompt)
-        started = 0
         for group in {id(r.group): r.group for r in taken}.values():
             todo = self._place(group, [r for r in taken if r.group is group])
             # Rows that start from an empty slot run together (padded to the longest); a row whose slot already
@@ -386,8 +382,6 @@ class OnnxEngine(Worker):
                 for (row, _, _), row_logits in zip(batch, logits):
                     self._store_blocks(row)
                     self._emit(row, row.sampling.pick(row_logits))
-                    started += 1
-        return started
 
     def _place(self, group: _Group, rows: list[_Row]) -> list[tuple[_Row, int, int]]:
         """Give ``rows`` the next slots of ``group`` (contiguous, in order), write each one's prefix and cached
@@ -431,13 +425,13 @@ class OnnxEngine(Worker):
         self.cache.store(row.source or "", row.prompt,
                          lambda start, length: decoder.read_block(slot, virtual + start, length))
 
-    def _decode(self, group: _Group) -> int:
-        """One token for every running row of ``group``, in one run."""
+    def _decode(self, group: _Group) -> None:
+        """One token for every running row of ``group``, in one run (the metrics' decode batch size)."""
         rows = list(group.rows)
         logits = group.decoder.decode([r.last for r in rows])
+        self.on_step(len(rows))
         for row, row_logits in zip(rows, logits):
             self._emit(row, row.sampling.pick(row_logits))
-        return len(rows)
 
     def _emit(self, row: _Row, token: int) -> None:
         """Push ``row``'s new token to its text; send what it completes; end the row when it is done."""

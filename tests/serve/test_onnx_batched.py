@@ -131,6 +131,8 @@ def test_every_row_of_a_mixed_batch_gets_its_tokens_alone_while_rows_join_and_le
     finish at different steps (the last slot moves into the hole), and each gets its batch-1 tokens."""
     engine = OnnxEngine(runner, max_batch_size=4, max_queue=16, max_loaded_adapters=8)
     assert engine.mode == "batched"
+    sizes: list[int] = []
+    engine.on_step = sizes.append  # rows per decode run
     try:
         jobs = [(KINDS[i % len(KINDS)], f"order {i} for city {i * 7}", 3 + (i * 5) % 9) for i in range(11)]
         prompts = [runner.encode_chat(text) for _, text, _ in jobs]
@@ -153,6 +155,7 @@ def test_every_row_of_a_mixed_batch_gets_its_tokens_alone_while_rows_join_and_le
             assert out[i]["error"] is None and out[i]["reason"] == "length", out[i]
             assert out[i]["tokens"] == _alone(runner, prompts[i], budget, adapter), (i, adapter)
         assert not engine.active and all(not g.rows for g in engine.groups.values())
+        assert max(sizes) >= 3  # base, LoRA and prefix rows shared decode runs (the merged model runs its own)
     finally:
         engine.shutdown(5)
 
