@@ -1,10 +1,10 @@
 """The generation engine: one frozen base, many adapters of every kind, continuous mixed-adapter batching.
 
 A single worker thread owns the model. Requests wait in a bounded queue; between decode steps the
-worker admits new ones (prefilled alone, then copied into a free slot of the preallocated key/value
-cache, :mod:`serve.torch_slots`, which every step writes in place) and drops finished ones (the last
-row moves into the freed slot), so a request never waits for a whole batch to finish and no step
-copies the running rows' cache. Each row of a decode
+worker admits new ones (prefilled together, or alone when they carry virtual tokens, then copied
+into a free slot of the preallocated key/value cache, :mod:`serve.torch_slots`, which every step
+writes in place) and drops finished ones (the last row moves into the freed slot), so a request never
+waits for a whole batch to finish and no step copies the running rows' cache. Each row of a decode
 step names its adapter (:attr:`serve.batched_lora.BatchedLora.rows`; ``__base__`` is the bare base), so
 requests for different adapters share forward passes. LoRA/DoRA/QLoRA rows go through the two-product LoRA
 layer (:mod:`serve.batched_lora`); IA3 and PIR rows through per-row hooks (:mod:`serve.rowwise`);
