@@ -248,7 +248,7 @@ class OnnxEngine(Worker):
         elif entry.kind == "prefix":
             if source not in self.prefixes:
                 prefix = Prefix.load(path)
-                base._check_prefix(prefix)
+                base.check_prefix(prefix)
                 self.prefixes[source] = prefix
         elif entry.kind == "merged":
             if source not in self.groups:

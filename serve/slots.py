@@ -247,7 +247,7 @@ class SlotDecoder:
 
     def write_prefix(self, slot: int, prefix: Prefix) -> None:
         """Write a prompt-learning adapter's key/value prefix at positions ``0 .. prefix.length - 1`` of ``slot``."""
-        self._check_prefix(prefix)
+        self.check_prefix(prefix)
         self.reserve(prefix.length + 1)
         for layer in range(self.layers):
             self.keys[layer][slot, :, :prefix.length] = prefix.keys[layer]
@@ -301,7 +301,8 @@ class SlotDecoder:
         self.lengths[start:start + n] += 1
         return logits
 
-    def _check_prefix(self, prefix: Prefix) -> None:
+    def check_prefix(self, prefix: Prefix) -> None:
+        """ValueError unless ``prefix`` has this decoder's layers, key/value heads and head size."""
         if len(prefix.keys) != self.layers or prefix.keys[0].shape[0] != self.kv_heads \
                 or prefix.keys[0].shape[2] != self.head_dim:
             raise ValueError(f"key/value prefix of shape {len(prefix.keys)} x {prefix.keys[0].shape} does not fit "
