@@ -106,7 +106,7 @@ def make_bundle(edge: Path, adapters: Path, names: list[str], out: Path) -> Path
     from edge.bundle import MANIFEST, load_bundle, sha256
     from exporters.onnx_lora import write_onnx_adapter
 
-    source = load_bundle(edge)  # verified: the base is the one the pipeline gated
+    load_bundle(edge)  # verified: the base is the one the pipeline gated
     manifest = json.loads((edge / MANIFEST).read_text())
     (out / "adapters").mkdir(parents=True)
     files = {}
@@ -126,7 +126,6 @@ def make_bundle(edge: Path, adapters: Path, names: list[str], out: Path) -> Path
     manifest["files"] = files
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     load_bundle(out)  # every file as listed
-    del source
     return out
 
 

@@ -37,15 +37,12 @@ from pipeline.adapter_spec import kv_layout
 from serve.adapters import AdapterError, AdapterInfo, declared
 from serve.registry import AdapterRegistry
 from serve.sampling import TorchSampling
-from serve.worker import Worker
+from serve.worker import PREFILL_TOKENS, Worker
 
 log = logging.getLogger(__name__)
 
 BASE = "__base__"
 """PEFT's name for "no adapter" in a mixed batch."""
-PREFILL_TOKENS = 512
-"""Prompt tokens prefilled together at most (the first request always runs): bounds how long running requests
-wait for new ones."""
 
 
 @dataclass
@@ -328,6 +325,7 @@ class Engine(Worker):
         """Take queued requests while slots are free and prefill them: those without virtual tokens together
         (right-padded, up to ``PREFILL_TOKENS`` prompt tokens), the others one by one."""
         plain: list[GenRequest] = []
+        tokens = 0
         while len(self.active) + len(plain) < self.max_batch_size:
             try:
                 request = self.pending.get_nowait()
@@ -348,11 +346,14 @@ class Engine(Worker):
                 request.row_adapter = entry.row_adapter
             if not self._budget(request):
                 continue
-            if request.virtual is None and sum(len(r.prompt_ids) for r in plain) + len(request.prompt_ids) \
-                    <= PREFILL_TOKENS or not plain and request.virtual is None:
-                plain.append(request)  # prefilled together below
+            if request.virtual is not None:  # virtual tokens first: prefilled alone
+                self._prefill_guarded([request])
                 continue
-            self._prefill_guarded([request])
+            if plain and tokens + len(request.prompt_ids) > PREFILL_TOKENS:  # a full batch runs, a new one starts
+                self._prefill_guarded(plain)
+                plain, tokens = [], 0
+            plain.append(request)
+            tokens += len(request.prompt_ids)
         if plain:
             self._prefill_guarded(plain)
 

@@ -34,13 +34,10 @@ import numpy as np
 from edge.generation import ContextOverflow, FinishReason, Sampling, TextStream, token_budget
 from serve.adapters import AdapterError, AdapterInfo
 from serve.registry import AdapterRegistry
-from serve.worker import Worker
+from serve.worker import PREFILL_TOKENS, Worker
 
 log = logging.getLogger(__name__)
 
-PREFILL_TOKENS = 512
-"""Prompt tokens prefilled per iteration at most (at least one request): bounds how long running requests
-wait for new ones, and spreads a burst's first tokens over several iterations."""
 PROBE_TOLERANCE = 0.05
 """The fused graph's probe logits may differ from the bundle graph's by this share of their range (int4
 kernels quantize activations, so the two graphs round differently; a broken rewrite is off by far more)."""
@@ -393,11 +390,11 @@ class OnnxEngine(Worker):
             self.waiting.remove(row)
             virtual = row.prefix.length if row.prefix is not None else 0
             blocks = self.cache.lookup(row.source or "", row.prompt)
-            looked.append((row, virtual, blocks, virtual + sum(b.shape[3] for b in blocks)))
+            looked.append((row, virtual, blocks, sum(b.shape[3] for b in blocks)))
         # rows that prefill from an empty slot first: they run together, so their slots must be consecutive
-        looked.sort(key=lambda item: not (item[3] == 0 and len(item[0].prompt) > 1))
+        looked.sort(key=lambda item: not (item[1] + item[3] == 0 and len(item[0].prompt) > 1))
         out = []
-        for row, virtual, blocks, past in looked:
+        for row, virtual, blocks, covered in looked:
             slot = len(group.rows)
             group.rows.append(row)
             self.active.append(row)
@@ -405,17 +402,15 @@ class OnnxEngine(Worker):
             decoder.set_adapter(slot, row.lora)
             if row.prefix is not None:
                 decoder.write_prefix(slot, row.prefix)
-            covered = 0
+            at = virtual
             for block in blocks:
-                decoder.write_block(slot, virtual + covered, block)
-                covered += block.shape[3]
-            decoder.lengths[slot] = past  # what is in the slot now (a move before its prefill copies it)
-            self.cache.hits += covered
-            self.cache.misses += len(row.prompt) - covered
+                decoder.write_block(slot, at, block)
+                at += block.shape[3]
+            decoder.lengths[slot] = at  # what is in the slot now (a move before its prefill copies it)
             if covered == len(row.prompt) - 1:  # only the last token is left: it joins the next decode step
                 row.last = row.prompt[-1]
                 continue
-            out.append((row, past, covered))
+            out.append((row, at, covered))
         return out
 
     def _store_blocks(self, row: _Row) -> None:

@@ -56,16 +56,17 @@ class PrefixCache:
 
     def lookup(self, adapter: str, tokens: Sequence[int]) -> list[np.ndarray]:
         """The cached blocks that begin ``tokens`` for ``adapter``, in order (each [layers, 2, kv_heads, length,
-        head_dim]); together they cover at most every token but the last."""
-        if not self.enabled:
-            return []
+        head_dim]); together they cover at most every token but the last. Counted in :attr:`hits`/:attr:`misses`."""
         found = []
-        for _, _, digest in self._hashes(adapter, tokens):
+        for _, _, digest in self._hashes(adapter, tokens) if self.enabled else ():
             entry = self._blocks.get(digest)
             if entry is None:
                 break
             self._blocks.move_to_end(digest)
             found.append(entry[1])
+        covered = sum(block.shape[3] for block in found)
+        self.hits += covered
+        self.misses += len(tokens) - covered
         return found
 
     def store(self, adapter: str, tokens: Sequence[int], read) -> None:

@@ -22,6 +22,10 @@ from serve.registry import AdapterRegistry
 
 log = logging.getLogger(__name__)
 
+PREFILL_TOKENS = 512
+"""Prompt tokens an engine prefills together at most between decode steps (the first request always runs):
+bounds how long running requests wait for new ones, and spreads a burst's first tokens over steps."""
+
 
 class Worker:
     """Thread-safe front of an engine: queues, the worker thread, and the adapter lookup for admission."""

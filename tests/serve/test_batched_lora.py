@@ -72,3 +72,44 @@ def test_dora_rows_mix_with_lora_and_base_rows(tiny_model_dir: Path, tmp_path: P
         base = load_model(tiny_model_dir)(input_ids=x[2:]).logits
     assert (got[0] - alone_d[0]).abs().max() < 1e-4 and (alone_d[0] - alone_a[0]).abs().max() > 1e-2
     assert (got[1] - alone_a[0]).abs().max() < 1e-4 and (got[2] - base[0]).abs().max() < 1e-4
+
+
+def test_rows_of_held_adapters_mix_with_peft_s_own_path(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A layer whose PEFT adapter the two-product path cannot take (a LoRA bias) runs PEFT's own loop, and the
+    rows of adapters held by ``BatchedLora.add`` still get their update there (``BatchedLora.rows``)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    _adapters(tiny_model_dir, tmp_path)
+    torch.manual_seed(9)
+    biased = get_peft_model(load_model(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear", lora_bias=True,
+                                                                   init_lora_weights=False, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in biased.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    biased.save_pretrained(tmp_path / "p")
+    model = PeftModel.from_pretrained(load_model(tiny_model_dir), tmp_path / "p", adapter_name="p").eval()
+    batched = BatchedLora(model, torch.device("cpu"))
+    held = PeftModel.from_pretrained(load_model(tiny_model_dir), tmp_path / "a").eval()
+    factors = {}
+    for name, layer in model.base_model.model.named_modules():
+        if isinstance(layer, LoraLayer):
+            source = held.base_model.model.get_submodule(name)
+            factors[layer] = (source.lora_A["default"].weight.detach(),
+                              source.lora_B["default"].weight.detach() * source.scaling["default"])
+    batched.add("held", factors)
+    batched.refresh()
+    x = torch.randint(0, 200, (3, 7))
+    with torch.no_grad():
+        batched.rows = ("p", "held", "__base__")
+        try:
+            got = model(input_ids=x).logits
+        finally:
+            batched.rows = None
+        alone_p = model(input_ids=x[:1], adapter_names=["p"]).logits
+        alone_held = held(input_ids=x[1:2]).logits
+        base = load_model(tiny_model_dir)(input_ids=x[2:]).logits
+    assert (alone_held[0] - base[0]).abs().max() > 1e-2  # the held adapter changes the output
+    assert (got[0] - alone_p[0]).abs().max() < 1e-4
+    assert (got[1] - alone_held[0]).abs().max() < 1e-4 and (got[2] - base[0]).abs().max() < 1e-4
