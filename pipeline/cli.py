@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tune": "train each task's adapter (PEFT format) → runs/<run>/adapters/<task>/",
         "merge": "merge each adapter into the base, checked for fidelity → runs/<run>/merged/<task>/",
         "quantize": "bitsandbytes int8 and NF4 of each merged model → runs/<run>/quantized/<task>-<fmt>/",
-        "export": "safetensors, ONNX fp32/int8/int4 (gated on fidelity) and the edge bundle → runs/<run>/export/",
+        "export": "safetensors, ONNX fp32/int8/int4, GGUF for llama.cpp/Ollama (each gated on fidelity) and the edge bundle → runs/<run>/export/",
         "evaluate": "score base and every artifact; write runs/<run>/report.{json,md}",
     }
     for stage in STAGES:

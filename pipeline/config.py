@@ -35,13 +35,16 @@ from pydantic_core import PydanticCustomError
 from pipeline.errors import ConfigError, read_utf8
 
 QuantFormat = Literal["int8", "nf4"]
-ExportTarget = Literal["safetensors", "onnx", "onnx-int8", "onnx-int4", "edge"]
-Artifact = Literal["base", "adapter", "merged", "int8", "nf4", "onnx", "onnx-int8", "onnx-int4", "edge"]
+ExportTarget = Literal["safetensors", "onnx", "onnx-int8", "onnx-int4", "gguf", "edge"]
+GGUFType = Literal["f16", "q8_0", "q4_1"]
+Artifact = Literal["base", "adapter", "merged", "int8", "nf4", "onnx", "onnx-int8", "onnx-int4", "gguf", "edge"]
 ARTIFACTS: tuple[str, ...] = typing.get_args(Artifact)
 QUANT_FORMATS: tuple[str, ...] = typing.get_args(QuantFormat)
 EXPORT_TARGETS: tuple[str, ...] = typing.get_args(ExportTarget)
 ONNX_PRECISIONS = {"onnx": "fp32", "onnx-int8": "int8", "onnx-int4": "int4"}
 """ONNX export target -> its precision (the edge bundle's is ``export.edge_precision``)."""
+GGUF_PRECISIONS = {"f16": "f16", "q8_0": "int8", "q4_1": "int4"}
+"""GGUF weight type -> the precision whose fidelity gate (``export.gates.<precision>``) it must pass."""
 
 
 def _yaml_number(value: Any) -> Any:
@@ -248,6 +251,10 @@ class GatesConfig(_Section):
 
     fp32: GateConfig = Field(default_factory=GateConfig)
     """Gate of fp32 exports: the export should compute what PyTorch computes."""
+    f16: GateConfig = Field(default_factory=lambda: GateConfig(
+        max_abs_logit_diff=0.1, min_top1_agreement=0.99, max_kl=1e-3, max_score_drop=0.0))
+    """Gate of half-precision exports (GGUF ``f16``: weights rounded to 11 significant bits; SmolLM2-135M's
+    merged models moved 0.023, 0.043 and 0.055 at the answer positions of the three bundled tasks)."""
     int8: GateConfig = Field(default_factory=lambda: GateConfig(
         max_abs_logit_diff=None, min_top1_agreement=0.98, max_kl=0.01, max_score_drop=0.05))
     """Gate of int8 exports (8-bit weights; measured on SmolLM2-135M's three bundled tasks at the answer
@@ -257,7 +264,7 @@ class GatesConfig(_Section):
     """Gate of int4 exports (4-bit weights move a 135M model more: top-1 0.98-1.00 and KL up to 0.12 at
     the answer positions of the bundled tasks; one of 32 rows lost is a drop of 0.031)."""
 
-    @field_validator("fp32", "int8", "int4", mode="before")
+    @field_validator("fp32", "f16", "int8", "int4", mode="before")
     @classmethod
     def _over_precision_defaults(cls, value: Any, info: Any) -> Any:
         """``int8: {max_kl: 0.02}`` changes max_kl only; the rest stays int8's default, not fp32's."""
@@ -273,7 +280,16 @@ class ExportConfig(_Section):
     targets: list[ExportTarget] = Field(default_factory=lambda: list(EXPORT_TARGETS))
     """``safetensors`` (merged model, tokenizer, generation config), ``onnx`` (fp32 with KV cache),
     ``onnx-int8`` (dynamic, per-channel), ``onnx-int4`` (MatMulNBits, embedding and head too) and
+    ``gguf`` (llama.cpp/Ollama: the merged model at each of ``gguf_types``, a LoRA task's adapter as a GGUF
+    adapter over the run's shared GGUF base, and Ollama Modelfiles) and
     ``edge`` (the run's bundle: one base, every task's adapter, runnable without PyTorch)."""
+    gguf_types: list[GGUFType] = Field(default_factory=lambda: ["f16", "q8_0", "q4_1"], min_length=1)
+    """Weight types of each merged GGUF model: ``f16``, ``q8_0`` (8-bit blocks) and ``q4_1`` (4-bit blocks of 32
+    with a minimum; the GPTQ-calibrated int4 weights when ``int4_method`` is ``gptq`` and ``int4_block_size``
+    32). Gated as fp16, int8 and int4 (``export.gates``)."""
+    gguf_base_type: GGUFType = "q8_0"
+    """Weight type of the shared GGUF base that LoRA tasks' GGUF adapters run on (gated per task, base +
+    adapter, at this type's precision)."""
     safetensors_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     """Weight dtype of the safetensors bundle."""
     int4_block_size: Annotated[int, AfterValidator(_power_of_two)] = Field(32, ge=16, le=256)

@@ -7,6 +7,9 @@ Targets (``export.targets``):
   - ``onnx``, ``onnx-int8``, ``onnx-int4``: the merged model as an ONNX decoder with KV cache in
     fp32, int8 or int4 (weight-only MatMulNBits, embedding and tied head included) →
     ``runs/<run>/export/<target>/<task>/model.onnx`` plus tokenizer files.
+  - ``gguf``: llama.cpp/Ollama files (:mod:`pipeline.gguf_build`): the merged model at each of
+    ``export.gguf_types``, a LoRA task's adapter over the run's shared GGUF base, Modelfiles; each file
+    gated on its own (one that fails is left out, the others published).
   - ``edge``: the run's edge bundle (:mod:`pipeline.bundle`): one base, every task's adapter.
 
 Every ONNX export passes the fidelity gate of its precision (:mod:`pipeline.fidelity`) inside a
@@ -28,7 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import atomic_dir, fingerprint, is_fresh, write_manifest
+from exporters.gguf import GGUFExportError
+from pipeline.artifacts import atomic_dir, fingerprint, is_fresh, read_manifest, write_manifest
 from pipeline.calibration import calibration_inputs
 from pipeline.config import ONNX_PRECISIONS, Config, TaskConfig
 from pipeline.device import onnx_providers, set_threads
@@ -46,6 +50,8 @@ from pipeline.stage_outputs import (
 
 log = logging.getLogger(__name__)
 
+GGUF_SKIP_REASON = ("the method learns virtual tokens (soft prompt or key/value prefix), which neither a merged GGUF "
+                    "nor a llama.cpp adapter can hold; serve it from the edge bundle or the PyTorch server")
 ONNX_SKIP_REASON = ("the method learns virtual tokens (soft prompt or key/value prefix), which cannot be merged into "
                     "the weights; on ONNX it runs from the edge bundle, as a key/value prefix over the shared base")
 
@@ -80,25 +86,32 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False) -> list[Path]:
                 failed[target] = _failure(task, target, exc)
             continue
         out = export_dir(cfg, task, target)
-        if not mergeable and target in ONNX_PRECISIONS:
-            log.info("export %s: %s skipped: %s", task.name, target, ONNX_SKIP_REASON)
+        if not mergeable and (target in ONNX_PRECISIONS or target == "gguf"):
+            reason = ONNX_SKIP_REASON if target != "gguf" else GGUF_SKIP_REASON
+            log.info("export %s: %s skipped: %s", task.name, target, reason)
             remove_stale(out, f"export {task.name}")
-            skipped[target] = ONNX_SKIP_REASON
+            skipped[target] = reason
             continue
         sources = {"merged" if mergeable else "adapter": src}
-        if target == "onnx-int4" and cfg.export.int4_method == "gptq":  # calibrated on the task's training rows
+        if target in ("onnx-int4", "gguf") and cfg.export.int4_method == "gptq":  # calibrated on the task's training rows
             sources.update(calibration_inputs(cfg, [task]))
+        if target == "gguf":
+            sources.update(adapter=adapter_dir(cfg, task), base=resolve_base(cfg.base))
         fp, inputs = fingerprint("export", sources, export_settings(cfg, target))
         outs.append(out)
         exported[target] = str(out)
         if not force and is_fresh(out, fp):
             log.info("export %s %s: up to date (%s), nothing to do; --force redoes it", task.name, target, out)
+            failed.update((read_manifest(out) or {}).get("metrics", {}).get("failed", {}))  # gguf files left out
             continue
         log.info("export %s: %s", task.name, target)
         try:
             with atomic_dir(out) as tmp:
-                metrics = _export_safetensors(cfg, task, src, tmp) if target == "safetensors" else \
-                    _export_onnx(cfg, task, merged_model, tmp, target)
+                if target == "gguf":
+                    metrics = _export_gguf(cfg, task, merged_model, tmp, failed)
+                else:
+                    metrics = _export_safetensors(cfg, task, src, tmp) if target == "safetensors" else \
+                        _export_onnx(cfg, task, merged_model, tmp, target)
                 write_manifest(tmp, stage="export", fp=fp, inputs=inputs, config_hash=export_settings(cfg, target),
                                metrics=metrics, extra={"task": task.name, "target": target})
         except GateFailed as exc:
@@ -106,6 +119,12 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False) -> list[Path]:
             del exported[target]
             remove_stale(out, f"export {task.name} {target}", why="it failed the gate this config sets")
             failed[target] = _failure(task, target, exc)
+        except GGUFExportError as exc:  # a family or tokenizer GGUF export does not write: the other targets go on
+            outs.pop()
+            del exported[target]
+            log.warning("export %s: gguf skipped: %s", task.name, exc)
+            remove_stale(out, f"export {task.name} {target}")
+            skipped[target] = str(exc)
     write_export_record(cfg, task, exported, skipped, failed)
     return outs
 
@@ -128,6 +147,23 @@ def _export_safetensors(cfg: Config, task: TaskConfig, src: Path, out: Path) -> 
     if adapter:
         copy_adapter(src, out / "adapter")
     return {"dtype": cfg.export.safetensors_dtype, "kind": "base+adapter" if adapter else "merged"}
+
+
+def _export_gguf(cfg: Config, task: TaskConfig, merged_model: Callable[[], Any], out: Path,
+                 failed: dict[str, dict[str, Any]]) -> dict:
+    """The task's GGUF files (:mod:`pipeline.gguf_build`); files that fail their gate go into ``failed``. Raises
+    :class:`GateFailed` when none passed (nothing is published)."""
+    from pipeline.gguf_build import export_gguf
+
+    metrics, failures = export_gguf(cfg, task, merged_dir(cfg, task), merged_model, adapter_dir(cfg, task),
+                                    tuned_spec(cfg, task).kind, out)
+    failed.update(failures)
+    metrics["failed"] = failures  # kept in the manifest: an up-to-date re-run still reports them
+    if not metrics["files"]:
+        failures = {k: v for k, v in failed.items() if k.startswith("gguf:")}
+        raise GateFailed(f"export {task.name} gguf: every GGUF file failed its gate ({', '.join(failures)})",
+                         {"files": failures})
+    return metrics
 
 
 def _export_onnx(cfg: Config, task: TaskConfig, merged_model: Callable[[], Any], out: Path, target: str) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,10 @@ def export_settings(cfg: Config, target: str) -> str:
     from exporters.onnx_quant import RECIPE
 
     gates = cfg.section_hash("export")  # gates, block size, fidelity rows: any change re-checks
+    if target == "gguf":
+        from exporters.gguf import FORMAT
+
+        return f"gguf:{gates}:{FORMAT}" + (f":{int4_recipe(cfg)}" if "q4_1" in cfg.export.gguf_types else "")
     if ONNX_PRECISIONS[target] == "fp32":
         return f"{target}:{gates}"
     return f"{target}:{gates}:{RECIPE}" + (f":{int4_recipe(cfg)}" if ONNX_PRECISIONS[target] == "int4" else "")
@@ -73,8 +78,22 @@ def int4_recipe(cfg: Config) -> str:
     return f"{recipe(cfg.export.int4_method, cfg)}:block={cfg.export.int4_block_size}"
 
 
+_GPTQ: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""PyTorch model -> {(tasks, recipe): GPTQ blocks}: the onnx-int4 and gguf q4_1 exports of one task share one
+calibration (about a minute on the default base); entries go with the model."""
+
+
 def gptq_int4(cfg: Config, model, tokenizer, tasks: Sequence[TaskConfig]) -> dict:
-    """GPTQ blocks of every linear layer of ``model``, calibrated on ``tasks``' training rows."""
+    """GPTQ blocks of every linear layer of ``model``, calibrated on ``tasks``' training rows (computed once per
+    model, tasks and recipe)."""
+    key = (tuple((t.name, t.train) for t in tasks), int4_recipe(cfg))
+    done = _GPTQ.setdefault(model, {})
+    if key not in done:
+        done[key] = _gptq_int4(cfg, model, tokenizer, tasks)
+    return done[key]
+
+
+def _gptq_int4(cfg: Config, model, tokenizer, tasks: Sequence[TaskConfig]) -> dict:
     import time
 
     from exporters.gptq import gptq_layers

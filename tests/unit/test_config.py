@@ -131,7 +131,7 @@ def test_null_disables_a_gate_and_a_partial_gate_keeps_its_precision_defaults(tm
 
 @pytest.mark.parametrize(("override", "expected"), [
     ("export.targets=[onnx-imt4]", "export.targets: unknown value 'onnx-imt4' (allowed: safetensors, onnx, "
-                                   "onnx-int8, onnx-int4, edge); did you mean 'onnx-int4'?"),
+                                   "onnx-int8, onnx-int4, gguf, edge); did you mean 'onnx-int4'?"),
     ("evaluate.artifacts=[mergd]", "did you mean 'merged'?"),
     ("quantize.unmerged=[nf3]", "quantize.unmerged: unknown value 'nf3'"),
     ("tune.lr_scheduler=cosin", "tune.lr_scheduler: unknown value 'cosin'"),
