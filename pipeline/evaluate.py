@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 # artifact -> the stage (and config list) that produces it; used to explain what is missing.
 _PRODUCER = {"adapter": "tune", "merged": "merge", "int8": "quantize", "nf4": "quantize", "onnx": "export",
-             "onnx-int8": "export", "onnx-int4": "export", "edge": "export"}
+             "onnx-int8": "export", "onnx-int4": "export", "gguf": "export", "edge": "export"}
 
 
 def artifact_path(cfg: Config, task: TaskConfig, artifact: str) -> Path:
@@ -51,7 +51,7 @@ def artifact_path(cfg: Config, task: TaskConfig, artifact: str) -> Path:
         return merged_dir(cfg, task)
     if artifact in ("int8", "nf4"):
         return quantized_dir(cfg, task, artifact)
-    if artifact in ("onnx", "onnx-int8", "onnx-int4", "edge"):
+    if artifact in ("onnx", "onnx-int8", "onnx-int4", "gguf", "edge"):
         return export_dir(cfg, task, artifact)
     raise EdgetuneError(f"unknown artifact {artifact!r}")
 
@@ -63,7 +63,7 @@ def skip_reason(cfg: Config, task: TaskConfig, artifact: str) -> str | None:
         return None
     if artifact in ("int8", "nf4") and artifact not in cfg.quantize.formats:
         return "not in quantize.formats"
-    if artifact in ONNX_PRECISIONS or artifact == "edge":
+    if artifact in ONNX_PRECISIONS or artifact in ("gguf", "edge"):
         if artifact not in cfg.export.targets:
             return "not in export.targets"
         return export_skips(cfg, task).get(artifact)
@@ -97,6 +97,11 @@ def load_artifact(cfg: Config, task: TaskConfig, artifact: str):
         return PeftModel.from_pretrained(load_quantized(base_q, device), path).eval(), load_tokenizer(path)
     if artifact == "edge":
         return _edge_model(cfg, task, path), load_tokenizer(resolve_base(cfg.base))
+    if artifact == "gguf":  # the file its Modelfile runs, its weights read back into PyTorch (CPU)
+        from exporters.gguf import load_gguf_model
+        from pipeline.gguf_build import model_file
+
+        return load_gguf_model(model_file(path)), load_tokenizer(merged_dir(cfg, task))
     from exporters.onnx import load_onnx_model
 
     return load_onnx_model(path, set_threads(cfg.num_threads), providers=onnx_providers(cfg.providers)), \
@@ -128,12 +133,18 @@ def _runs_on(cfg: Config, artifact: str) -> str:
     """Where ``artifact`` was scored: the torch device, or ONNX Runtime's first provider."""
     if artifact in ONNX_PRECISIONS or artifact == "edge" or "@" in artifact:
         return f"onnxruntime:{cfg.providers[0]}"
+    if artifact == "gguf":  # read back on the CPU (see load_artifact)
+        return "cpu"
     return resolve_device(cfg.device)
 
 
 def artifact_size(cfg: Config, task: TaskConfig, artifact: str) -> int:
     """Bytes on disk needed to run ``artifact`` (an unmerged quantized artifact counts its base too)."""
     path = artifact_path(cfg, task, artifact)
+    if artifact == "gguf":  # the one file llama.cpp or Ollama loads for the task
+        from pipeline.gguf_build import model_file
+
+        return model_file(path).stat().st_size
     if artifact == "edge":  # what a device needs for this task: the shared base and the task's file
         from edge.bundle import load_bundle
 
@@ -165,6 +176,13 @@ def evaluate_artifact(cfg: Config, task: TaskConfig, artifact: str, examples: li
         if entry.get("fallback"):
             result["note"] = (f"the adapter on the {entry['fallback']['from']} base failed its gate; this is the "
                               f"merged model at {entry['precision']} (export.edge_fallback)")
+    if artifact == "gguf":
+        from pipeline.gguf_build import model_file
+
+        speed = "llama.cpp's" if result["device"] == "llama.cpp" else \
+            "PyTorch's (install the bench extra, llama-cpp-python, for llama.cpp's)"
+        result["note"] = (f"{model_file(artifact_path(cfg, task, artifact)).name}: quality scored on its weights read back "
+                          f"into PyTorch, decode speed {speed}")
     log.info("evaluate %s/%s: exact match %s, perplexity %.3f, %.1f MB, %.1f tok/s", task.name, artifact,
              "n/a" if result["exact_match"] is None else f"{result['exact_match']:.3f}", result["perplexity"],
              result["size_bytes"] / 1e6, result["decode_tokens_per_s"])
@@ -181,13 +199,23 @@ def _measure(cfg: Config, task: TaskConfig, artifact: str, model, tokenizer, exa
                                   desc=f"{task.name}/{artifact}")
     ppl = perplexity(model, tokenizer, scored or examples, cfg.tune.max_seq_len, ev.batch_size)
     prompt = render_prompt(tokenizer, scored[0]) if scored else examples[0].text or ""
-    speed = decode_speed(model, tokenizer, prompt, ev.speed_new_tokens, ev.speed_repeats)
+    speed = None
+    if artifact == "gguf":  # llama.cpp's own speed on the file, when the bench extra installed it
+        from exporters.gguf import llama_cpp_decode_speed
+        from pipeline.gguf_build import model_file
+
+        speed = llama_cpp_decode_speed(model_file(artifact_path(cfg, task, artifact)),
+                                       tokenizer(prompt, add_special_tokens=False)["input_ids"],
+                                       ev.speed_new_tokens, ev.speed_repeats, set_threads(cfg.num_threads))
+    on = "llama.cpp" if speed is not None else _runs_on(cfg, artifact)
+    if speed is None:
+        speed = decode_speed(model, tokenizer, prompt, ev.speed_new_tokens, ev.speed_repeats)
     return {
         "exact_match": None if em is None else round(em, 4),
         "perplexity": round(ppl, 4),
         "decode_tokens_per_s": round(speed, 2),
         "rows": len(scored),
-        "device": _runs_on(cfg, artifact),
+        "device": on,
         "mistakes": [o for o in outputs if o["got"] != (o["expected"] or "").strip()][:5],
     }
 

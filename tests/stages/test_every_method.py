@@ -20,8 +20,8 @@ from pipeline.methods import METHODS
 from pipeline.models import load_tokenizer
 from pipeline.tuned import load_tuned
 
-ALL = ["base", "adapter", "merged", "int8", "nf4", "onnx", "onnx-int8", "onnx-int4", "edge"]
-NOT_FOR_PROMPT_LEARNING = {"merged", "onnx", "onnx-int8", "onnx-int4"}
+ALL = ["base", "adapter", "merged", "int8", "nf4", "onnx", "onnx-int8", "onnx-int4", "gguf", "edge"]
+NOT_FOR_PROMPT_LEARNING = {"merged", "onnx", "onnx-int8", "onnx-int4", "gguf"}
 TEST = "data/tasks/sentiment/test.jsonl"
 
 
@@ -32,6 +32,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _pipeline(method: str, base: Path, out: Path) -> int:
     sets = [f"base={base}", f"out_dir={out}", f"method={method}", "export.edge_precision=fp32",
+            "export.targets=[safetensors, onnx, onnx-int8, onnx-int4, gguf, edge]", "export.gguf_types=[f16, q4_1]",
             "tune.max_steps=3", "evaluate.max_rows=4", "evaluate.batch_size=4"]
     return main(["pipeline", "--config", "configs/tiny.yaml", "--task", "sentiment",
                  *[arg for s in sets for arg in ("--set", s)]])
@@ -59,8 +60,23 @@ def test_method_passes_every_stage_and_its_artifacts_agree(method: str, tiny_mod
         f"{method}: scored {list(scored)}, skipped {skipped}"
     assert set(skipped) == set(ALL) - set(expected) and all(skipped.values())  # each with its reason
     for name, r in scored.items():
-        assert r["device"] == ("onnxruntime:cpu" if name.startswith("onnx") or name == "edge" else "cpu")
+        runs_on = {"gguf": ("cpu", "llama.cpp")}.get(name) or \
+            ("onnxruntime:cpu" if name.startswith("onnx") or name == "edge" else "cpu",)
+        assert r["device"] in runs_on, f"{method}/{name}: {r['device']}"
         assert r["perplexity"] > 1.0 and r["decode_tokens_per_s"] > 0, f"{method}/{name}"
+
+    # GGUF: the merged model at every configured type, and a llama.cpp adapter for plain LoRA only
+    gguf = run / "export" / "gguf" / "sentiment"
+    record = json.loads((run / "export" / "records" / "sentiment.json").read_text())
+    if spec.mergeable:
+        assert {p.name for p in gguf.glob("*.gguf")} == {"model-f16.gguf", "model-q4_1.gguf"} | (
+            {"adapter.gguf"} if record["adapter_kind"] == "lora" else set())
+        assert scored["gguf"]["note"].startswith("model-q4_1.gguf: quality scored")
+        gguf_manifest = json.loads((gguf / "manifest.json").read_text())["metrics"]
+        assert gguf_manifest["files"]["model-f16.gguf"]["max_abs_logit_diff"] < 1e-2
+        assert (record["adapter_kind"] == "lora") == ("adapter_skipped" not in gguf_manifest)
+    else:
+        assert not gguf.exists() and "virtual tokens" in record["skipped"]["gguf"]
 
     adapter = scored["adapter"]
     if spec.mergeable:  # merged and ONNX fp32 are the tune result in other clothes
