@@ -207,6 +207,7 @@ def logit_parity(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     score_mask: torch.Tensor | None = None,
+    reference: dict | None = None,
 ) -> dict[str, float]:
     """Compare the logits of a PyTorch model and an ONNX export over the real tokens of a batch.
 
@@ -217,6 +218,9 @@ def logit_parity(
     does not depend on how either runtime treats padded positions, and a PEFT prompt-learning model
     (whose own forward adds virtual tokens) is compared position for position with its ONNX
     key/value-prefix form: logits of virtual tokens are dropped.
+
+    ``reference`` (optional, a dict the caller keeps per PyTorch model) caches the PyTorch logits at the
+    scored positions of each row, so several exports gated against one model run its forwards once.
 
     Returns, over all real positions:
       - ``max_abs_logit_diff``: max |torch - onnx|;
@@ -233,12 +237,19 @@ def logit_parity(
     try:
         for row, row_mask, row_scored in zip(input_ids.to(torch.long), mask, scored):
             ids = row[row_mask][None]
-            ref = torch_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()[0, -ids.shape[1]:]
-            got = torch.as_tensor(onnx_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits).float()[0]
-            if ref.shape != got.shape:
-                raise RuntimeError(f"logit shape mismatch: torch {tuple(ref.shape)} vs onnx {tuple(got.shape)}")
             keep = row_scored[row_mask]
-            ref, got = ref[keep], got[keep]
+            key = (tuple(ids[0].tolist()), tuple(keep.tolist()))
+            ref = None if reference is None else reference.get(key)
+            if ref is None:
+                full = torch_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()[0, -ids.shape[1]:]
+                ref = full[keep]
+                if reference is not None:
+                    reference[key] = ref
+            got = torch.as_tensor(onnx_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits).float()[0]
+            if got.shape[0] != ids.shape[1] or got.shape[1:] != ref.shape[1:]:
+                raise RuntimeError(f"logit shape mismatch: torch {(ids.shape[1], *ref.shape[1:])} vs onnx "
+                                   f"{tuple(got.shape)}")
+            got = got[keep]
             diffs.append(float((ref - got).abs().max()))
             agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
             log_p, log_q = ref.log_softmax(-1), got.log_softmax(-1)

@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 _TORCH_SCORES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 """PyTorch model -> {(task, test file, rows, max_new_tokens): exact match}; entries go with the model."""
+_TORCH_LOGITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""PyTorch model -> {(row ids, scored positions): its logits there} (see exporters.onnx.logit_parity)."""
 
 
 def fidelity_examples(cfg: Config, task: TaskConfig) -> list:
@@ -49,8 +51,11 @@ def measure(cfg: Config, task: TaskConfig, torch_model, export_model, tokenizer)
     for i, (p, t) in enumerate(zip(prompts, texts)):
         n = len(tokenizer(t, add_special_tokens=False)["input_ids"]) - len(tokenizer(p, add_special_tokens=False)["input_ids"])
         answer[i, -n - 1:-1] = True
+    # the same PyTorch model is the reference of several exports (ONNX fp32/int8/int4, edge, GGUF): its
+    # answer-position logits are computed once
+    reference = _TORCH_LOGITS.setdefault(torch_model, {})
     metrics: dict[str, Any] = logit_parity(torch_model, export_model, batch["input_ids"], batch["attention_mask"],
-                                           answer)
+                                           answer, reference=reference)
     size = max(1, min(cfg.evaluate.batch_size, len(rows)))
     # the same PyTorch model is the reference of several exports (fp32, int8, int4, edge): score it once
     key = (task.name, task.test, len(rows), task.max_new_tokens)
