@@ -60,9 +60,15 @@ bench-serve: setup
 bench-soak: setup
 	$(PY) benchmarks/soak.py
 
-# Every deployable form of one tuned task (torch fp32/int8/NF4, ONNX fp32/int8/int4, int4 + .onnx_adapter):
-# decode and prompt speed, score, size, peak RSS → benchmarks/results/edge.{json,md} (~5 min after `make pipeline`).
+# Every deployable form of one tuned task (torch fp32/int8/NF4, ONNX fp32/int8/int4, int4 + .onnx_adapter, and
+# the GGUF files run by llama.cpp): decode and prompt speed, score, size, peak RSS → benchmarks/results/edge.{json,md}
+# (~8 min after `make pipeline`; the first run also compiles llama-cpp-python, ~10 min). AMX tile instructions are
+# left out of that build: on VMs whose kernel does not grant AMX (these machines) llama.cpp's AMX kernels stop
+# with SIGILL; everything else is -march=native.
+LLAMA_CPP_FLAGS := $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16,)
 bench-edge: setup
+	$(PY) -c "import llama_cpp" 2>/dev/null || CFLAGS="$(LLAMA_CPP_FLAGS)" CXXFLAGS="$(LLAMA_CPP_FLAGS)" \
+		$(PIP) install llama-cpp-python==0.3.36  # the `bench` extra of pyproject.toml
 	$(PY) benchmarks/edge.py
 
 # What 4 bits cost on every bundled task and on a user task (data/user_dates, configs/user-dates.yaml), and what

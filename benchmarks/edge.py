@@ -12,8 +12,12 @@ Artifacts: torch fp32 (merged), torch int8 (bitsandbytes, merged), torch NF4 (4-
 ONNX fp32, ONNX int8, ONNX int4 (merged, GPTQ-calibrated: the pipeline's default), the same rounded to
 nearest (``onnx-int4@rtn-b32``, the recipe before calibration: its decode speed is the reference the
 calibrated one must keep within 10 %), and ONNX int4 with the task's ``.onnx_adapter`` active on the
-edge bundle's shared base. Threads: ``--threads`` (2) for torch and ONNX Runtime alike.
-Writes ``benchmarks/results/edge.{json,md}`` and checks the goals of issue 5.
+edge bundle's shared base. With llama-cpp-python installed (the ``bench`` extra, which ``make bench-edge``
+installs: it compiles llama.cpp, ~10 min once), the ``gguf`` export of the same task run by llama.cpp:
+the merged model at f16, q8_0 and q4_1, and the q8_0 shared base with the task's GGUF LoRA adapter; and
+ONNX int4 against llama.cpp q4_1 decode in interleaved rounds in one process. Threads: ``--threads`` (2)
+for torch, ONNX Runtime and llama.cpp alike.
+Writes ``benchmarks/results/edge.{json,md}`` and checks the goals of issues 5 and 15.
 
     python benchmarks/edge.py [--task sentiment] [--run default] [--threads 2] [--repeats 5]
 """
@@ -38,7 +42,104 @@ from benchmarks.measure import run_measured  # noqa: E402
 ARTIFACTS = [("torch fp32", "merged"), ("torch int8", "int8"), ("torch NF4", "nf4"), ("ONNX fp32", "onnx"),
              ("ONNX int8", "onnx-int8"), ("ONNX int4", "onnx-int4"), ("ONNX int4, round-to-nearest", "onnx-int4@rtn-b32"),
              ("ONNX int4 + .onnx_adapter", "edge")]
-GOALS = {"int4_decode_speedup": 4.0, "int4_size_ratio": 0.2, "int4_score_drop": 0.05, "calibrated_vs_rtn_decode": 0.9}
+# (row label, GGUF file of the task's gguf export, run by llama.cpp): measured when llama-cpp-python is installed
+GGUF_ROWS = [("GGUF q4_1, llama.cpp", "model-q4_1.gguf"), ("GGUF q8_0, llama.cpp", "model-q8_0.gguf"),
+             ("GGUF f16, llama.cpp", "model-f16.gguf"), ("GGUF q8_0 base + LoRA adapter, llama.cpp", "adapter.gguf")]
+GOALS = {"int4_decode_speedup": 4.0, "int4_size_ratio": 0.2, "int4_score_drop": 0.05, "calibrated_vs_rtn_decode": 0.9,
+         "int4_vs_llama_cpp_q4_decode": 1.0, "int4_vs_fp32_score_drop": 0.03, "gguf_vs_int4_score_gap": 0.03}
+
+
+def _gguf_paths(cfg, task, file: str) -> tuple[Path, Path | None]:
+    """(model file, LoRA adapter file or None) of one GGUF row."""
+    from pipeline.gguf_build import BASE_DIR
+    from pipeline.paths import export_dir
+
+    folder = export_dir(cfg, task, "gguf")
+    if file == "adapter.gguf":
+        return cfg.run_dir / "export" / BASE_DIR / f"model-{cfg.export.gguf_base_type}.gguf", folder / file
+    return folder / file, None
+
+
+def _llama(path: Path, lora: Path | None, threads: int, n_ctx: int = 1024):
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=n_ctx, n_batch=512,
+                 n_threads=threads, n_threads_batch=threads, verbose=False)
+
+
+def _llama_decode(llama, ids: list[int], new_tokens: int) -> float:
+    """Tokens/s of one greedy run of exactly ``new_tokens`` after ``ids`` (prompt included, as the ONNX
+    runtime's decode_speed counts it)."""
+    started = time.perf_counter()
+    for n, _ in enumerate(llama.generate(ids, top_k=1, temp=0.0, reset=True), start=1):
+        if n == new_tokens:
+            break
+    return new_tokens / (time.perf_counter() - started)
+
+
+def _llama_child(args, cfg, task) -> None:
+    """Measure one GGUF file in llama.cpp: held-out exact match (greedy, its own end-of-turn stop), decode and
+    prompt tokens/s, size."""
+    from pipeline.data import load_examples, render_prompt
+    from pipeline.models import load_tokenizer
+    from pipeline.paths import merged_dir
+
+    path, lora = _gguf_paths(cfg, task, args.child.partition(":")[2])
+    llama = _llama(path, lora, args.threads)
+    tokenizer = load_tokenizer(merged_dir(cfg, task))
+    eos = llama.token_eos()
+    examples = [e for e in load_examples(task.test) if e.reference is not None]
+    hits = 0
+    for e in examples:
+        got = []
+        for token in llama.generate(tokenizer(render_prompt(tokenizer, e), add_special_tokens=False)["input_ids"],
+                                    top_k=1, temp=0.0, reset=True):
+            if token == eos or len(got) == task.max_new_tokens:
+                break
+            got.append(token)
+        hits += tokenizer.decode(got, skip_special_tokens=True).strip() == e.reference.strip()
+    ids = tokenizer(render_prompt(tokenizer, examples[0]), add_special_tokens=False)["input_ids"]
+    _llama_decode(llama, ids, 2)  # warm-up
+    decode = statistics.median(_llama_decode(llama, ids, args.new_tokens) for _ in range(args.repeats))
+    text = " ".join(render_prompt(tokenizer, e) for e in examples[:40])
+    long_ids = tokenizer(text, add_special_tokens=False)["input_ids"][: args.prompt_tokens]
+    rates = []
+    for _ in range(args.repeats + 1):
+        llama.reset()
+        started = time.perf_counter()
+        llama.eval(long_ids)
+        rates.append(args.prompt_tokens / (time.perf_counter() - started))
+    size = path.stat().st_size + (lora.stat().st_size if lora else 0)
+    Path(args.out).write_text(json.dumps({
+        "decode_tokens_per_s": round(decode, 2), "prompt_tokens_per_s": round(statistics.median(rates[1:]), 1),
+        "exact_match": round(hits / len(examples), 4), "rows": len(examples), "size_bytes": size}))
+
+
+def _paired_llama(args, cfg, task) -> None:
+    """ONNX int4 (the runtime's streaming loop) against llama.cpp on the q4_1 GGUF of the same merged model:
+    decode rounds interleaved in one process, so the machine's drift is in both."""
+    from pipeline.data import load_examples, render_prompt
+    from pipeline.evaluate import load_artifact
+
+    onnx, tokenizer = load_artifact(cfg, task, "onnx-int4")
+    llama = _llama(*_gguf_paths(cfg, task, "model-q4_1.gguf"), args.threads)
+    example = next(e for e in load_examples(task.test) if e.reference is not None)
+    ids = tokenizer(render_prompt(tokenizer, example), add_special_tokens=False)["input_ids"]
+    onnx.decoder.decode_speed(ids, 2, 1)
+    _llama_decode(llama, ids, 2)
+    rates: dict[str, list[float]] = {"onnx_int4": [], "llama_cpp_q4_1": []}
+    for _ in range(2 * args.repeats):
+        rates["onnx_int4"].append(onnx.decoder.decode_speed(ids, args.new_tokens, 1))
+        rates["llama_cpp_q4_1"].append(_llama_decode(llama, ids, args.new_tokens))
+    Path(args.out).write_text(json.dumps({k: round(statistics.median(v), 2) for k, v in rates.items()}))
+
+
+def llama_cpp_installed() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _config(args):
@@ -58,6 +159,12 @@ def child(args) -> None:
     set_threads(args.threads)
     if args.child == "pair":
         _paired_int4(args, cfg, task)
+        return
+    if args.child == "pair-llama":
+        _paired_llama(args, cfg, task)
+        return
+    if args.child.startswith("gguf:"):
+        _llama_child(args, cfg, task)
         return
     if "@" in args.child:  # an int4 variant: built in a scratch folder for the measurement
         from pipeline.evaluate import int4_variant
@@ -149,10 +256,25 @@ def main() -> None:
         run_measured([sys.executable, __file__, *common, "--child", "pair", "--out", str(out)], "int4 pair")
         pair = json.loads(out.read_text())
         print(f"interleaved int4 decode: {pair}", flush=True)
-    write_results(args, rows, pair)
+        llama_pair = None
+        if llama_cpp_installed():
+            for label, file in GGUF_ROWS:
+                out = Path(tmp) / f"{file}.json"
+                _, rss = run_measured([sys.executable, __file__, *common, "--child", f"gguf:{file}", "--out",
+                                       str(out)], label)
+                rows[label] = {"artifact": f"gguf:{file}", **json.loads(out.read_text()), "peak_rss_mb": round(rss)}
+                print(f"{label}: {rows[label]}", flush=True)
+            out = Path(tmp) / "pair-llama.json"
+            run_measured([sys.executable, __file__, *common, "--child", "pair-llama", "--out", str(out)],
+                         "ONNX int4 vs llama.cpp")
+            llama_pair = json.loads(out.read_text())
+            print(f"interleaved ONNX int4 vs llama.cpp q4_1 decode: {llama_pair}", flush=True)
+        else:
+            print("bench-edge: llama-cpp-python is not installed (pip install -e .[bench]): no GGUF rows", flush=True)
+    write_results(args, rows, pair, llama_pair)
 
 
-def write_results(args, rows: dict, pair: dict) -> None:
+def write_results(args, rows: dict, pair: dict, llama_pair: dict | None = None) -> None:
     from pipeline.report import machine
 
     fp32, onnx_fp32, int4 = rows["torch fp32"], rows["ONNX fp32"], rows["ONNX int4"]
@@ -166,11 +288,31 @@ def write_results(args, rows: dict, pair: dict) -> None:
            "int4_size_ratio": checks["int4_size_ratio"] <= GOALS["int4_size_ratio"],
            "int4_score_drop": checks["int4_score_drop"] <= GOALS["int4_score_drop"],
            "calibrated_vs_rtn_decode": checks["calibrated_vs_rtn_decode"] >= GOALS["calibrated_vs_rtn_decode"]}
+    goal_lines = []
+    if llama_pair is not None:
+        q4 = rows["GGUF q4_1, llama.cpp"]
+        checks.update(
+            int4_vs_llama_cpp_q4_decode=round(llama_pair["onnx_int4"] / llama_pair["llama_cpp_q4_1"], 3),
+            int4_vs_fp32_score_drop=checks["int4_score_drop"],
+            gguf_vs_int4_score_gap=round(abs(q4["exact_match"] - int4["exact_match"]), 4))
+        met.update(int4_vs_llama_cpp_q4_decode=checks["int4_vs_llama_cpp_q4_decode"] >= 1.0,
+                   int4_vs_fp32_score_drop=checks["int4_vs_fp32_score_drop"] <= GOALS["int4_vs_fp32_score_drop"],
+                   gguf_vs_int4_score_gap=checks["gguf_vs_int4_score_gap"] <= GOALS["gguf_vs_int4_score_gap"])
+        goal_lines = [
+            f"| ONNX int4 decode ÷ llama.cpp q4_1 decode of the same merged model, {2 * args.repeats} interleaved "
+            f"rounds each ({llama_pair['onnx_int4']:.1f} vs {llama_pair['llama_cpp_q4_1']:.1f} tok/s) | "
+            f"{checks['int4_vs_llama_cpp_q4_decode']:.3f}× | ≥ 1.0× | {'yes' if met['int4_vs_llama_cpp_q4_decode'] else 'no'} |",
+            f"| exact match drop, ONNX int4 vs torch fp32 | {checks['int4_vs_fp32_score_drop']:.3f} | ≤ 0.03 | "
+            f"{'yes' if met['int4_vs_fp32_score_drop'] else 'no'} |",
+            f"| exact match gap, GGUF q4_1 in llama.cpp vs ONNX int4 | {checks['gguf_vs_int4_score_gap']:.3f} | ≤ 0.03 | "
+            f"{'yes' if met['gguf_vs_int4_score_gap'] else 'no'} |",
+        ]
     command = "make bench-edge  # python benchmarks/edge.py " + shlex.join(sys.argv[1:])
     result = {"command": command.strip(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "machine": machine(), "task": args.task, "run": args.run, "threads": args.threads,
               "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
-              "artifacts": rows, "int4_interleaved_decode": pair, "checks": checks, "goals": GOALS, "met": met}
+              "artifacts": rows, "int4_interleaved_decode": pair, "onnx_vs_llama_cpp_interleaved_decode": llama_pair,
+              "checks": checks, "goals": GOALS, "met": met}
     results = ROOT / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / "edge.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -202,8 +344,11 @@ def write_results(args, rows: dict, pair: dict) -> None:
         f"| ONNX int4 (GPTQ) decode ÷ round-to-nearest int4 decode, {2 * args.repeats} interleaved rounds each "
         f"({pair['gptq']:.1f} vs {pair['rtn']:.1f} tok/s) | {checks['calibrated_vs_rtn_decode']:.3f}× | ≥ 0.9× | "
         f"{'yes' if met['calibrated_vs_rtn_decode'] else 'no'} |",
+        *goal_lines,
         "",
     ]
+    if llama_pair is None:
+        lines.append("No GGUF rows: llama-cpp-python was not installed (`pip install -e .[bench]`).\n")
     (results / "edge.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
