@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,27 @@ def _qtype(gguf_type: str, name: str, shape: tuple[int, ...]):
     return gguf.GGMLQuantizationType.Q4_1
 
 
+@contextmanager
+def _writing(out: Path, arch: str) -> Iterator[Any]:
+    """A ``GGUFWriter`` for ``arch`` whose file appears at ``out`` only when the block completes: it is written
+    to ``<out>.partial``, which an error removes, so nothing half-written is left beside finished files."""
+    import gguf
+
+    tmp = out.with_name(out.name + ".partial")
+    writer = gguf.GGUFWriter(tmp, arch)
+    try:
+        yield writer
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=False)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    writer.close()
+    tmp.replace(out)
+
+
 def write_model_gguf(model, tokenizer, out: Path, gguf_type: str, *, name: str,
                      int4: Mapping[str, BlockQuantized] | None = None) -> Path:
     """Write ``model`` (a transformers causal LM) and ``tokenizer`` as one GGUF file at ``out``.
@@ -215,9 +237,7 @@ def write_model_gguf(model, tokenizer, out: Path, gguf_type: str, *, name: str,
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
     file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                  "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[gguf_type]
-    tmp = out.with_name(out.name + ".partial")
-    writer = gguf.GGUFWriter(tmp, arch)
-    try:
+    with _writing(out, arch) as writer:
         _add_hparams(writer, arch, config, name, file_type)
         _add_tokenizer(writer, arch, tokenizer, config.vocab_size)
         tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -245,12 +265,6 @@ def write_model_gguf(model, tokenizer, out: Path, gguf_type: str, *, name: str,
                 writer.add_tensor(target, data.astype(np.float16))
             else:
                 writer.add_tensor(target, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=False)
-    finally:
-        writer.close()
-    tmp.replace(out)
     return out
 
 
@@ -265,9 +279,7 @@ def write_lora_gguf(adapter_dir: Path, config, out: Path, *, name: str) -> Path:
     except LoraExportError as exc:
         raise GGUFExportError(f"{exc} (a GGUF LoRA adapter holds the same factors)") from exc
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
-    tmp = out.with_name(out.name + ".partial")
-    writer = gguf.GGUFWriter(tmp, arch)
-    try:
+    with _writing(out, arch) as writer:
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_name(name)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -284,12 +296,6 @@ def write_lora_gguf(adapter_dir: Path, config, out: Path, *, name: str) -> Path:
                 raise GGUFExportError(f"no GGUF tensor name for {module} in the {arch} architecture")
             writer.add_tensor(f"{target}.lora_a", a.astype(np.float32))
             writer.add_tensor(f"{target}.lora_b", b.astype(np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=False)
-    finally:
-        writer.close()
-    tmp.replace(out)
     return out
 
 
@@ -406,14 +412,3 @@ def llama_cpp_decode_speed(path: Path, prompt_ids: list[int], new_tokens: int, r
             rates.append(new_tokens / (time.perf_counter() - started))
     model.close()
     return statistics.median(rates)
-
-
-def describe(path: Path) -> dict[str, Any]:
-    """Size and tensor types of a GGUF file (for manifests and the report)."""
-    import gguf
-
-    reader = gguf.GGUFReader(path)
-    types: dict[str, int] = {}
-    for t in reader.tensors:
-        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
-    return {"bytes": path.stat().st_size, "tensor_types": types}

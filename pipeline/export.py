@@ -102,7 +102,12 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False) -> list[Path]:
         exported[target] = str(out)
         if not force and is_fresh(out, fp):
             log.info("export %s %s: up to date (%s), nothing to do; --force redoes it", task.name, target, out)
-            failed.update((read_manifest(out) or {}).get("metrics", {}).get("failed", {}))  # gguf files left out
+            done = (read_manifest(out) or {}).get("metrics", {})
+            failed.update(done.get("failed", {}))  # gguf files left out
+            if done.get("adapter_base"):  # the shared base its adapter runs on: rewritten if missing or stale
+                from pipeline.gguf_build import base_gguf
+
+                base_gguf(cfg)
             continue
         log.info("export %s: %s", task.name, target)
         try:

@@ -34,11 +34,11 @@ MERGED_ONLY_REASON = ("{kind} has no llama.cpp adapter form (only plain LoRA doe
 
 def base_gguf(cfg: Config) -> Path:
     """The run's shared GGUF base at ``export.gguf_base_type``: written when missing or stale, then reused."""
-    from exporters.gguf import write_model_gguf
+    from exporters.gguf import FORMAT, write_model_gguf
 
     out = cfg.run_dir / "export" / BASE_DIR
     base = resolve_base(cfg.base)
-    fp, inputs = fingerprint("export", {"base": base}, f"gguf-base:{cfg.export.gguf_base_type}")
+    fp, inputs = fingerprint("export", {"base": base}, f"gguf-base:{cfg.export.gguf_base_type}:{FORMAT}")
     path = out / f"model-{cfg.export.gguf_base_type}.gguf"
     if is_fresh(out, fp) and path.is_file():
         return path
@@ -51,21 +51,19 @@ def base_gguf(cfg: Config) -> Path:
     return path
 
 
-def export_gguf(cfg: Config, task: TaskConfig, src: Path, merged_model: Callable[[], Any] | None,
+def export_gguf(cfg: Config, task: TaskConfig, src: Path, merged_model: Callable[[], Any],
                 adapter: Path, adapter_kind: str, out: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """Write and gate the task's GGUF files into ``out``; return (manifest metrics, failed files).
 
-    ``merged_model`` returns the PyTorch merged model (None for a method that cannot be merged: then
-    there is nothing to write and :class:`exporters.gguf.GGUFExportError` says so).
+    ``src`` is the merged model's folder and ``merged_model()`` the loaded merged model (the export stage
+    skips methods that cannot be merged before calling this); ``adapter`` the tune result, written as a
+    llama.cpp adapter when ``adapter_kind`` is plain ``lora``.
     """
     import torch
 
     from exporters.gguf import GGUFExportError, load_gguf_model, modelfile, write_lora_gguf, write_model_gguf
     from pipeline.fidelity import gate
 
-    if merged_model is None:
-        raise GGUFExportError(f"{adapter_kind} learns virtual tokens, which neither a merged GGUF nor a llama.cpp "
-                              "adapter can hold")
     tokenizer = load_tokenizer(src)
     reference = merged_model()
     metrics: dict[str, Any] = {"files": {}}

@@ -213,6 +213,12 @@ def test_gguf_target_publishes_only_files_that_pass_their_gate(tmp_path: Path, t
     assert (task / "Modelfile.adapter").read_text().startswith("FROM ../../gguf-base/model-q8_0.gguf\n"
                                                                "ADAPTER ./adapter.gguf\n")
     assert (task / "Modelfile").read_text().startswith("FROM ./model-q4_1.gguf\n")
+    # the shared base is the adapter's: an up-to-date re-run puts it back when it is gone
+    import shutil
+
+    shutil.rmtree(run / "gguf-base")
+    assert _pipeline(tiny_model_dir, tmp_path) == 0
+    assert (run / "gguf-base" / "model-q8_0.gguf").is_file()
     capsys.readouterr()
 
     # a gate f16 cannot pass: that file is not published, the others are, the run says "failed gates"
