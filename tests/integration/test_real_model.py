@@ -17,8 +17,10 @@ from pipeline.evaluate import load_artifact
 
 pytestmark = pytest.mark.slow
 
+# GGUF at q4_1 only here (it reuses onnx-int4's GPTQ blocks); every type is checked on the tiny models
 SETS = ["tune.max_steps=12", "tune.batch_size=4", "tune.logging_steps=1", "tune.learning_rate=1e-3",
-        "evaluate.max_rows=4", "evaluate.batch_size=4", "evaluate.speed_new_tokens=4", "evaluate.speed_repeats=1"]
+        "evaluate.max_rows=4", "evaluate.batch_size=4", "evaluate.speed_new_tokens=4", "evaluate.speed_repeats=1",
+        "export.gguf_types=[q4_1]"]
 
 
 def test_real_model_pipeline(tmp_path: Path) -> None:
@@ -37,7 +39,7 @@ def test_real_model_pipeline(tmp_path: Path) -> None:
     report = json.loads((run / "report.json").read_text())
     artifacts = report["tasks"]["sentiment"]["artifacts"]
     assert list(artifacts) == ["base", "adapter", "merged", "int8", "nf4", "onnx", "onnx-int8", "onnx-int4",
-                               "onnx-int4@rtn-b32", "edge"]  # the round-to-nearest int4, scored beside the GPTQ one
+                               "onnx-int4@rtn-b32", "gguf", "edge"]  # the round-to-nearest int4, scored beside the GPTQ one
     for name, r in artifacts.items():
         assert r["decode_tokens_per_s"] > 0 and r["size_bytes"] > 0, name
     # Quantized artifacts are smaller on disk than the fp32 merged model.
@@ -55,6 +57,12 @@ def test_real_model_pipeline(tmp_path: Path) -> None:
         (run / "export" / "onnx-int4" / "sentiment" / "manifest.json").read_text())["inputs"]
     assert edge["recipe"].endswith(":block=32") and "gptq" in edge["recipe"]
     assert json.loads((run / "quantized" / "base-nf4" / "manifest.json").read_text())["recipe"].startswith("gptq")
+    # GGUF for llama.cpp/Ollama: the merged q4_1 model and the adapter over the shared q8_0 base, both gated
+    gguf = json.loads((run / "export" / "gguf" / "sentiment" / "manifest.json").read_text())["metrics"]
+    assert set(gguf["files"]) == {"model-q4_1.gguf", "adapter.gguf"} and gguf["failed"] == {}
+    assert gguf["files"]["adapter.gguf"]["top1_agreement"] >= 0.98
+    assert (run / "export" / "gguf-base" / "model-q8_0.gguf").is_file()
+    assert artifacts["gguf"]["size_bytes"] < 0.2 * artifacts["onnx"]["size_bytes"]
 
     cfg = load_config("configs/default.yaml", sets)
     task = cfg.task("sentiment")
