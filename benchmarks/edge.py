@@ -67,19 +67,10 @@ def _llama(path: Path, lora: Path | None, threads: int, n_ctx: int = 1024):
                  n_threads=threads, n_threads_batch=threads, verbose=False)
 
 
-def _llama_decode(llama, ids: list[int], new_tokens: int) -> float:
-    """Tokens/s of one greedy run of exactly ``new_tokens`` after ``ids`` (prompt included, as the ONNX
-    runtime's decode_speed counts it)."""
-    started = time.perf_counter()
-    for n, _ in enumerate(llama.generate(ids, top_k=1, temp=0.0, reset=True), start=1):
-        if n == new_tokens:
-            break
-    return new_tokens / (time.perf_counter() - started)
-
-
 def _llama_child(args, cfg, task) -> None:
     """Measure one GGUF file in llama.cpp: held-out exact match (greedy, its own end-of-turn stop), decode and
     prompt tokens/s, size."""
+    from exporters.gguf import llama_cpp_rate
     from pipeline.data import load_examples, render_prompt
     from pipeline.models import load_tokenizer
     from pipeline.paths import merged_dir
@@ -99,8 +90,8 @@ def _llama_child(args, cfg, task) -> None:
             got.append(token)
         hits += tokenizer.decode(got, skip_special_tokens=True).strip() == e.reference.strip()
     ids = tokenizer(render_prompt(tokenizer, examples[0]), add_special_tokens=False)["input_ids"]
-    _llama_decode(llama, ids, 2)  # warm-up
-    decode = statistics.median(_llama_decode(llama, ids, args.new_tokens) for _ in range(args.repeats))
+    llama_cpp_rate(llama, ids, 2)  # warm-up
+    decode = statistics.median(llama_cpp_rate(llama, ids, args.new_tokens) for _ in range(args.repeats))
     text = " ".join(render_prompt(tokenizer, e) for e in examples[:40])
     long_ids = tokenizer(text, add_special_tokens=False)["input_ids"][: args.prompt_tokens]
     rates = []
@@ -118,6 +109,7 @@ def _llama_child(args, cfg, task) -> None:
 def _paired_llama(args, cfg, task) -> None:
     """ONNX int4 (the runtime's streaming loop) against llama.cpp on the q4_1 GGUF of the same merged model:
     decode rounds interleaved in one process, so the machine's drift is in both."""
+    from exporters.gguf import llama_cpp_rate
     from pipeline.data import load_examples, render_prompt
     from pipeline.evaluate import load_artifact
 
@@ -126,11 +118,11 @@ def _paired_llama(args, cfg, task) -> None:
     example = next(e for e in load_examples(task.test) if e.reference is not None)
     ids = tokenizer(render_prompt(tokenizer, example), add_special_tokens=False)["input_ids"]
     onnx.decoder.decode_speed(ids, 2, 1)
-    _llama_decode(llama, ids, 2)
+    llama_cpp_rate(llama, ids, 2)
     rates: dict[str, list[float]] = {"onnx_int4": [], "llama_cpp_q4_1": []}
     for _ in range(2 * args.repeats):
         rates["onnx_int4"].append(onnx.decoder.decode_speed(ids, args.new_tokens, 1))
-        rates["llama_cpp_q4_1"].append(_llama_decode(llama, ids, args.new_tokens))
+        rates["llama_cpp_q4_1"].append(llama_cpp_rate(llama, ids, args.new_tokens))
     Path(args.out).write_text(json.dumps({k: round(statistics.median(v), 2) for k, v in rates.items()}))
 
 

@@ -39,7 +39,8 @@ from exporters.onnx_lora import LoraExportError, lora_factors, lora_input_names
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FORMAT", "GGUF_TYPES", "GGUFExportError", "gguf_arch", "load_gguf_model", "modelfile", "read_lora_gguf",
+__all__ = ["FORMAT", "GGUF_TYPES", "GGUFExportError", "gguf_arch", "llama_cpp_decode_speed", "llama_cpp_rate",
+           "load_gguf_model", "modelfile", "read_lora_gguf",
            "write_lora_gguf", "write_model_gguf"]
 
 FORMAT = "gguf-writer-1"
@@ -389,12 +390,22 @@ def modelfile(model_file: str, tokenizer, *, adapter_file: str | None = None, ma
     return "\n".join(lines) + "\n"
 
 
-def llama_cpp_decode_speed(path: Path, prompt_ids: list[int], new_tokens: int, repeats: int, threads: int) -> float | None:
-    """Median greedy tokens/s of llama.cpp (llama-cpp-python) generating ``new_tokens`` after ``prompt_ids``
-    at batch 1, prompt included in the time as :func:`pipeline.scoring.decode_speed` does; None when
-    llama-cpp-python is not installed (the ``bench`` extra)."""
-    import statistics
+def llama_cpp_rate(llama, prompt_ids: list[int], new_tokens: int) -> float:
+    """Tokens/s of one greedy llama.cpp run (a ``llama_cpp.Llama``) of exactly ``new_tokens`` after ``prompt_ids``,
+    the prompt included in the time as :func:`pipeline.scoring.decode_speed` and the ONNX runtime count it."""
     import time
+
+    started = time.perf_counter()
+    for n, _ in enumerate(llama.generate(prompt_ids, top_k=1, temp=0.0, reset=True), start=1):
+        if n == new_tokens:
+            break
+    return new_tokens / (time.perf_counter() - started)
+
+
+def llama_cpp_decode_speed(path: Path, prompt_ids: list[int], new_tokens: int, repeats: int, threads: int) -> float | None:
+    """Median of ``repeats`` :func:`llama_cpp_rate` runs on the GGUF file ``path`` at batch 1 (after a warm-up);
+    None when llama-cpp-python is not installed (the ``bench`` extra)."""
+    import statistics
 
     try:
         from llama_cpp import Llama
@@ -402,13 +413,7 @@ def llama_cpp_decode_speed(path: Path, prompt_ids: list[int], new_tokens: int, r
         return None
     model = Llama(model_path=str(path), n_ctx=len(prompt_ids) + new_tokens + 8, n_threads=threads,
                   n_threads_batch=threads, verbose=False)
-    rates = []
-    for attempt in range(repeats + 1):  # the first is a warm-up
-        started = time.perf_counter()
-        for n, _ in enumerate(model.generate(prompt_ids, top_k=1, temp=0.0, reset=True), start=1):
-            if n == new_tokens:
-                break
-        if attempt:
-            rates.append(new_tokens / (time.perf_counter() - started))
+    llama_cpp_rate(model, prompt_ids, 2)
+    rate = statistics.median(llama_cpp_rate(model, prompt_ids, new_tokens) for _ in range(repeats))
     model.close()
-    return statistics.median(rates)
+    return rate

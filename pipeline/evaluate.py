@@ -199,7 +199,7 @@ def _measure(cfg: Config, task: TaskConfig, artifact: str, model, tokenizer, exa
                                   desc=f"{task.name}/{artifact}")
     ppl = perplexity(model, tokenizer, scored or examples, cfg.tune.max_seq_len, ev.batch_size)
     prompt = render_prompt(tokenizer, scored[0]) if scored else examples[0].text or ""
-    speed = None
+    speed, on = None, _runs_on(cfg, artifact)
     if artifact == "gguf":  # llama.cpp's own speed on the file, when the bench extra installed it
         from exporters.gguf import llama_cpp_decode_speed
         from pipeline.gguf_build import model_file
@@ -207,7 +207,7 @@ def _measure(cfg: Config, task: TaskConfig, artifact: str, model, tokenizer, exa
         speed = llama_cpp_decode_speed(model_file(artifact_path(cfg, task, artifact)),
                                        tokenizer(prompt, add_special_tokens=False)["input_ids"],
                                        ev.speed_new_tokens, ev.speed_repeats, set_threads(cfg.num_threads))
-    on = "llama.cpp" if speed is not None else _runs_on(cfg, artifact)
+        on = on if speed is None else "llama.cpp"
     if speed is None:
         speed = decode_speed(model, tokenizer, prompt, ev.speed_new_tokens, ev.speed_repeats)
     return {
