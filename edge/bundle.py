@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from edge.generation import Sampling, TextStream, token_budget
-from edge.runtime import Decoder, Prefix, resolve_providers
+from edge.runtime import Decoder
+from edge.session import Prefix, resolve_providers
 
 MANIFEST = "manifest.json"
 FORMAT = "edgetune-edge/1"
@@ -111,7 +112,7 @@ class EdgeRunner:
     def __init__(self, bundle: Bundle, *, threads: int | None = None,
                  providers: Sequence[str] | None = None) -> None:
         """``threads``: CPU threads per session (None: one per core); ``providers``: ONNX Runtime execution
-        providers in order of preference (``cpu``, ``cuda``; see :func:`edge.runtime.resolve_providers`)."""
+        providers in order of preference (``cpu``, ``cuda``; see :func:`edge.session.resolve_providers`)."""
         from tokenizers import Tokenizer
 
         self.bundle = bundle

@@ -1,114 +1,52 @@
 """Run an exported ONNX decoder with ONNX Runtime: greedy or sampled generation, over the bare base,
-a LoRA ``.onnx_adapter`` or a key/value prefix. Imports only numpy, onnxruntime and the sampler of
-:mod:`edge.generation` (which adds tokenizers).
+a LoRA ``.onnx_adapter`` or a key/value prefix. Imports only numpy, onnxruntime, the sampler of
+:mod:`edge.generation` (which adds tokenizers) and the fused path of :mod:`edge.slots`.
 
 The decoder is the optimum-onnx layout: inputs ``input_ids``, ``attention_mask``, ``position_ids``,
 ``past_key_values.<i>.key|value`` (and, for a multi-LoRA base, ``lora.*`` inputs); outputs
 ``logits`` and ``present.<i>.key|value``. Steps run with ``run_with_ort_values``, so the key/value
-cache stays in ONNX Runtime's own buffers from one step to the next instead of being copied out to
-numpy and back every token (for a model this small that copy is a real share of a step), and an
-adapter is still activated through ``RunOptions`` (IO binding ignores active adapters).
+cache stays in ONNX Runtime's own buffers from one step to the next, and an adapter is activated
+through ``RunOptions``.
+
+**Fused path.** When the export wrote a fused sidecar next to the model (``model.fused.onnx``, see
+:mod:`exporters.fused_graph`; its weights are byte ranges of ``model.onnx``), every method runs it:
+one ``GroupQueryAttention`` per layer over a key/value buffer written in place (:mod:`edge.slots`), a
+few hundred nodes per token instead of ~3,000, the same weights. The export held it to the same
+fidelity gate as the exported graph. Only the CPU provider takes it (its buffers are host memory bound
+by address), and only sequences its rotary tables cover; otherwise the exported graph runs, its
+session opened on first use (so a decoder that never needs it keeps one copy of the weights).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from edge.generation import Sampling
+from edge.session import LORA_PREFIX, PROVIDERS, Prefix, resolve_providers, session_options
+from edge.slots import FusedModel, SlotDecoder, fused_path
 
 __all__ = ["Decoder", "Prefix", "resolve_providers"]
 
-LORA_PREFIX = "lora."
-"""Graph inputs that start with this are LoRA factors a ``.onnx_adapter`` overrides (see exporters.onnx_lora)."""
-
-
-@dataclass(frozen=True)
-class Prefix:
-    """A key/value prefix: per layer ``keys[l]``/``values[l]`` of shape [kv_heads, length, head_dim].
-
-    A prefix-tuning adapter stores it directly; a prompt-tuning or P-tuning adapter's prefix is what
-    the base computes over its virtual tokens. Real tokens then start at position ``length``.
-    """
-
-    keys: list[np.ndarray]
-    values: list[np.ndarray]
-
-    @property
-    def length(self) -> int:
-        return int(self.keys[0].shape[1]) if self.keys else 0
-
-    @classmethod
-    def load(cls, path: Path) -> Prefix:
-        """Read a prefix written by :meth:`save` (``.npz``, no pickles)."""
-        with np.load(path, allow_pickle=False) as data:
-            layers = len([k for k in data.files if k.startswith("key.")])
-            return cls([data[f"key.{i}"] for i in range(layers)], [data[f"value.{i}"] for i in range(layers)])
-
-    def save(self, path: Path) -> None:
-        arrays = {f"key.{i}": k for i, k in enumerate(self.keys)}
-        arrays.update({f"value.{i}": v for i, v in enumerate(self.values)})
-        np.savez(path, **arrays)
-
-
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-"""Short execution-provider names (``--providers cpu,cuda``) -> ONNX Runtime's names."""
-GPU_EXTRA_HINT = ("install the gpu extra in place of the CPU wheel: pip uninstall -y onnxruntime && "
-                  "pip install 'edgetune[gpu]' (onnxruntime-gpu, which needs an NVIDIA driver and CUDA 12 libraries)")
-
-
-def resolve_providers(names: Sequence[str] | None) -> list[str]:
-    """ONNX Runtime provider names for ``names`` (``cpu``, ``cuda`` or ORT names such as
-    ``CUDAExecutionProvider``), in order of preference, with the CPU always last as the fallback for
-    operators a GPU provider does not run. None or empty: the CPU alone.
-
-    Raises ``ValueError`` for an unknown name, or a provider this onnxruntime build lacks (``cuda`` on the
-    CPU wheel: the message says how to install onnxruntime-gpu).
-    """
-    available = ort.get_available_providers()
-    out: list[str] = []
-    for name in names or ():
-        full = PROVIDERS.get(name.strip().lower(), name.strip())
-        if not full.endswith("ExecutionProvider"):
-            raise ValueError(f"unknown execution provider {name!r}; use {', '.join(PROVIDERS)} or an ONNX Runtime "
-                             f"name (this build has: {', '.join(available)})")
-        if full not in available:
-            hint = GPU_EXTRA_HINT if full == PROVIDERS["cuda"] else f"this build has: {', '.join(available)}"
-            raise ValueError(f"execution provider {name!r} ({full}) is not in this onnxruntime "
-                             f"{ort.__version__} build; {hint}")
-        if full not in out:
-            out.append(full)
-    out = [p for p in out if p != PROVIDERS["cpu"]]
-    return [*out, PROVIDERS["cpu"]]
-
-
-def session_options(threads: int | None) -> ort.SessionOptions:
-    """CPU session options: ``threads`` intra-op threads (None: ORT's default, one per core)."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # A multi-LoRA base has overridable initializers (the LoRA inputs): ORT warns about each one.
-    options.log_severity_level = 3
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1 (or None for ONNX Runtime's default), got {threads}")
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1  # one decoder graph: little to run side by side
-    return options
+log = logging.getLogger(__name__)
 
 
 class Decoder:
-    """One ONNX decoder session plus its key/value layout; every method is batch-aware.
+    """One exported ONNX decoder (and its fused sidecar, when there is one); every method is batch-aware.
 
-    ``adapters`` maps names to loaded ``ort.LoraAdapter`` objects (see :meth:`load_adapter`).
+    ``adapters`` maps the names of loaded LoRA adapters to their ``.onnx_adapter`` files (see :meth:`load_adapter`).
     """
 
-    def __init__(self, model_path: Path, *, threads: int | None = None, providers: Sequence[str] | None = None):
-        """Open ``model_path`` on ``providers`` (see :func:`resolve_providers`; None: the CPU).
+    def __init__(self, model_path: Path, *, threads: int | None = None, providers: Sequence[str] | None = None,
+                 fused: bool = True):
+        """Open ``model_path`` on ``providers`` (see :func:`resolve_providers`; None: the CPU). ``fused``: use
+        the fused sidecar when the export wrote one and the CPU runs it (False: the
+        exported graph for everything).
 
         Raises ``ValueError`` when a GPU provider was asked for but the session could not start on it
         (ONNX Runtime would otherwise fall back to the CPU with only a log line)."""
@@ -116,22 +54,53 @@ class Decoder:
         if not model_path.is_file():
             raise FileNotFoundError(f"no ONNX model at {model_path}; export one with `edgetune export` first")
         self.path = model_path
-        wanted = resolve_providers(providers)
-        self.session = ort.InferenceSession(str(model_path), session_options(threads), providers=wanted)
-        self.providers: list[str] = self.session.get_providers()
+        self.threads = threads
+        self.wanted = resolve_providers(providers)
+        self.fused: FusedModel | None = None
+        """The fused sidecar's session, or None (no sidecar, ``fused=False``, or a GPU provider)."""
+        sidecar = fused_path(model_path)
+        if fused and sidecar.is_file() and self.wanted == [PROVIDERS["cpu"]]:
+            try:
+                self.fused = FusedModel(sidecar, threads=threads, providers=self.wanted)
+                if self.fused.source_bytes != model_path.stat().st_size:
+                    raise ValueError(f"it was written for a {self.fused.source_bytes}-byte {model_path.name}, this "
+                                     f"one has {model_path.stat().st_size} bytes (re-export to write a new one)")
+            except Exception as exc:  # noqa: BLE001 - any stale or damaged sidecar: the exported graph still runs
+                self.fused = None
+                log.warning("%s: not using the fused sidecar %s: %s; decoding with the exported graph",
+                            model_path.name, sidecar.name, (str(exc).splitlines() or ["?"])[0][:200])
+        self._session: ort.InferenceSession | None = None
+        self.adapters: dict[str, Path] = {}
+        self._ort_adapters: dict[str, ort.LoraAdapter] = {}
+        if self.fused is not None:  # the exported graph opens when first needed: one copy of the weights in memory
+            self.providers: list[str] = self.wanted
+            self.layers, self.kv_heads, self.head_dim = self.fused.layers, self.fused.kv_heads, self.fused.head_dim
+        else:
+            self._open()
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        """The exported graph's session (opened on first use when the fused sidecar runs generation)."""
+        if self._session is None:
+            self._open()
+        return self._session
+
+    def _open(self) -> None:
+        session = ort.InferenceSession(str(self.path), session_options(self.threads), providers=self.wanted)
+        self.providers = session.get_providers()
         """The providers the session really runs on, in order (the CPU last)."""
-        missing = [p for p in wanted if p not in self.providers]
+        missing = [p for p in self.wanted if p not in self.providers]
         if missing:
-            raise ValueError(f"ONNX Runtime could not start {', '.join(missing)} for {model_path.name} (no GPU "
+            raise ValueError(f"ONNX Runtime could not start {', '.join(missing)} for {self.path.name} (no GPU "
                              f"visible, or its CUDA/cuDNN libraries are missing: see ONNX Runtime's log above); it would "
                              f"run on {', '.join(self.providers)} only. Leave {', '.join(missing)} out of the "
                              "providers to run there")
-        inputs = {i.name: i for i in self.session.get_inputs()}
+        inputs = {i.name: i for i in session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
-        self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
+        self.present_names = [o.name for o in session.get_outputs() if o.name.startswith("present.")]
         self.output_names = ["logits", *self.present_names]
         if "input_ids" not in inputs or not self.past_names:
-            raise ValueError(f"{model_path} is not a decoder with a key/value cache (inputs: {sorted(inputs)[:6]}...); "
+            raise ValueError(f"{self.path} is not a decoder with a key/value cache (inputs: {sorted(inputs)[:6]}...); "
                              "export with task text-generation-with-past")
         first = inputs[self.past_names[0]].shape  # [batch, kv_heads, past, head_dim]
         self.layers = len(self.past_names) // 2
@@ -139,16 +108,33 @@ class Decoder:
         self.has_positions = "position_ids" in inputs
         # LoRA factor inputs ([in, rank], [rank, out]) default to rank-0 initializers: ONNX Runtime
         # lists them as overridable initializers, not inputs, and an adapter may set any of them.
-        self.lora_inputs = {i.name: list(i.shape) for i in self.session.get_overridable_initializers()
+        self.lora_inputs = {i.name: list(i.shape) for i in session.get_overridable_initializers()
                             if i.name.startswith(LORA_PREFIX)}
-        self.adapters: dict[str, ort.LoraAdapter] = {}
+        self._session = session
 
     # ---- adapters ----------------------------------------------------------------------------
     def load_adapter(self, name: str, path: Path) -> None:
-        """Load a ``.onnx_adapter`` file under ``name``, after checking it only sets this model's LoRA inputs."""
+        """Load a ``.onnx_adapter`` file under ``name``, after checking it only sets this model's LoRA inputs
+        (``ValueError`` naming the problem otherwise)."""
+        if self.fused is not None:
+            self.fused.load_lora(name, path)  # checks names and shapes against the same LoRA inputs
+        else:
+            self._ort_adapter(name, path)
+        self.adapters[name] = Path(path)
+
+    def _ort_adapter(self, name: str, path: Path) -> ort.LoraAdapter:
+        """``name``'s adapter loaded for the exported graph (checked against its LoRA inputs first)."""
+        if name in self._ort_adapters:
+            return self._ort_adapters[name]
+        if self._session is None:
+            self._open()  # its LoRA inputs are what the file is checked against
         if not self.lora_inputs:
             raise ValueError(f"{self.path.name} has no LoRA inputs: adapter {name!r} needs the multi-LoRA base model")
-        params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
+        try:
+            params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
+        except RuntimeError as exc:
+            raise ValueError(f"adapter {name!r}: {Path(path).name} is not an ONNX Runtime adapter file "
+                             f"({str(exc).splitlines()[-1][-120:]}); re-export the bundle") from None
         unknown = sorted(set(params) - set(self.lora_inputs))
         if unknown:
             raise ValueError(f"adapter {name!r} sets {unknown[:3]}, which {self.path.name} does not take; "
@@ -161,13 +147,23 @@ class Decoder:
                                  f"axis {fixed}; it was exported for another base")
         adapter = ort.LoraAdapter()
         adapter.Load(str(path))
-        self.adapters[name] = adapter
+        self._ort_adapters[name] = adapter
+        return adapter
 
     def unload_adapter(self, name: str) -> None:
         self.adapters.pop(name, None)
+        self._ort_adapters.pop(name, None)
+        if self.fused is not None:
+            self.fused.unload_lora(name)
+
+    def _check_adapter(self, adapter: str | None) -> None:
+        if adapter is not None and adapter not in self.adapters:
+            raise KeyError(f"adapter {adapter!r} is not loaded (loaded: {sorted(self.adapters) or 'none'})")
 
     # ---- one forward -------------------------------------------------------------------------
     def empty_past(self, batch: int) -> list[ort.OrtValue]:
+        if self._session is None:
+            self._open()
         empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32)
         return [ort.OrtValue.ortvalue_from_numpy(empty) for _ in self.past_names]
 
@@ -192,6 +188,7 @@ class Decoder:
         :meth:`empty_past`, :meth:`prefix_past` or a previous call; ``adapter`` names a loaded
         LoRA adapter (None: the base alone).
         """
+        session = self.session
         feeds = {
             "input_ids": _ortvalue(input_ids, np.int64),
             "attention_mask": _ortvalue(attention_mask, np.int64),
@@ -201,30 +198,57 @@ class Decoder:
             feeds["position_ids"] = _ortvalue(position_ids, np.int64)
         options = None
         if adapter is not None:
-            if adapter not in self.adapters:
-                raise KeyError(f"adapter {adapter!r} is not loaded (loaded: {sorted(self.adapters) or 'none'})")
+            self._check_adapter(adapter)
             options = ort.RunOptions()
-            options.add_active_adapter(self.adapters[adapter])
-        outputs = self.session.run_with_ort_values(self.output_names, feeds, options)
+            options.add_active_adapter(self._ort_adapter(adapter, self.adapters[adapter]))
+        outputs = session.run_with_ort_values(self.output_names, feeds, options)
         return outputs[0].numpy(), list(outputs[1:])
 
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, *,
                adapter: str | None = None, prefix: Prefix | None = None) -> np.ndarray:
-        """Full-sequence logits of a (left-padded) batch, with no cache: [batch, seq, vocab]."""
+        """Full-sequence logits of a (left-padded) batch, with no cache: [batch, seq, vocab]. On the fused
+        sidecar the padded positions' logits are zeros (the exported graph computes something there)."""
         input_ids = np.asarray(input_ids, dtype=np.int64)
         batch, seq = input_ids.shape
         mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
         n = prefix.length if prefix else 0
+        self._check_adapter(adapter)
+        real = mask.astype(bool)
+        if self._fits(n + seq + 1) and real.any(axis=1).all():
+            rows = [row[keep].tolist() for row, keep in zip(input_ids, real)]
+            slots = self._slots(batch, adapter, prefix, n + seq + 1)
+            out = None
+            for start, part in _prefill_runs(rows, n):
+                got = slots.prefill(start, part, [n] * len(part), every_position=True)
+                out = np.zeros((batch, seq, got.shape[-1]), np.float32) if out is None else out
+                for k, row in enumerate(part):
+                    out[start + k, real[start + k]] = got[k, :len(row)]
+            return out
         past = self.prefix_past(prefix, batch) if prefix else self.empty_past(batch)
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0) + n
         full_mask = np.concatenate([np.ones((batch, n), np.int64), mask], axis=1)
         logits, _ = self.forward(input_ids, full_mask, positions, past, adapter)
         return logits
 
+    def _fits(self, length: int) -> bool:
+        """Whether the fused sidecar runs a sequence of ``length`` positions (prefix included)."""
+        return self.fused is not None and length <= self.fused.max_length
+
+    def _slots(self, rows: int, adapter: str | None, prefix: Prefix | None, capacity: int) -> SlotDecoder:
+        """A cache of its own over the fused sidecar, ``rows`` slots all with ``adapter`` and ``prefix``: streams
+        and batches may interleave or run in several threads over the one session."""
+        slots = SlotDecoder(self.fused, slots=rows, capacity=capacity)
+        for row in range(rows):
+            slots.set_adapter(row, adapter)
+            if prefix is not None:
+                slots.write_prefix(row, prefix)
+        return slots
+
     # ---- generation --------------------------------------------------------------------------
     def stream(self, prompt_ids: Sequence[int], max_new_tokens: int, *, adapter: str | None = None,
                prefix: Prefix | None = None, sampling: Sampling | None = None) -> Iterator[int]:
-        """Yield up to ``max_new_tokens`` new token ids, one forward each (batch 1).
+        """Yield up to ``max_new_tokens`` new token ids, one forward each (batch 1): on the fused sidecar when
+        there is one and the sequence fits its rotary tables, else on the exported graph.
 
         It never stops early: stop tokens, stop strings and the context budget are the caller's
         :class:`edge.generation.TextStream` and :func:`edge.generation.token_budget` (see ``EdgeRunner.start``).
@@ -233,6 +257,16 @@ class Decoder:
             raise ValueError("the prompt is empty: give at least one token")
         sampling = sampling or Sampling()
         n = prefix.length if prefix else 0
+        self._check_adapter(adapter)
+        if self._fits(n + len(prompt_ids) + max_new_tokens + 1):
+            slots = self._slots(1, adapter, prefix, n + len(prompt_ids) + max_new_tokens + 1)
+            logits = slots.prefill(0, [prompt_ids], [n])
+            for step in range(max_new_tokens):
+                token = sampling.pick(logits[0])
+                yield token
+                if step + 1 < max_new_tokens:
+                    logits = slots.decode([token])
+            return
         past = self.prefix_past(prefix, 1) if prefix else self.empty_past(1)
         ids = np.asarray([prompt_ids], dtype=np.int64)
         positions = np.arange(n, n + ids.shape[1], dtype=np.int64)[None]
@@ -248,9 +282,27 @@ class Decoder:
     def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, pad_id: int,
                        adapter: str | None = None, prefix: Prefix | None = None,
                        stop_ids: Sequence[int] = ()) -> list[list[int]]:
-        """Greedy generation for several prompts at once (left-padded); returns each row's new tokens."""
+        """Greedy generation for several prompts at once; returns each row's new tokens (up to a stop token).
+        On the fused sidecar each row decodes at its own length; on the exported graph rows are left-padded."""
         batch, width = len(prompts), max(len(p) for p in prompts)
         n = prefix.length if prefix else 0
+        self._check_adapter(adapter)
+        stops = np.asarray(sorted(set(stop_ids)) or [-1])
+        out: list[list[int]] = [[] for _ in prompts]
+        done = np.zeros(batch, bool)
+        if self._fits(n + width + max_new_tokens + 1) and all(prompts):
+            slots = self._slots(batch, adapter, prefix, n + width + max_new_tokens + 1)
+            logits = np.concatenate([slots.prefill(start, part, [n] * len(part), pad_id=pad_id)
+                                     for start, part in _prefill_runs(prompts, n)])
+            for step in range(max_new_tokens):
+                tokens = logits.argmax(-1)
+                done |= np.isin(tokens, stops)
+                for row in np.flatnonzero(~done):
+                    out[row].append(int(tokens[row]))
+                if done.all() or step + 1 == max_new_tokens:
+                    break
+                logits = slots.decode(np.where(done, pad_id, tokens).tolist())
+            return out
         ids = np.full((batch, width), pad_id, np.int64)
         mask = np.zeros((batch, n + width), np.int64)
         mask[:, :n] = 1
@@ -259,9 +311,6 @@ class Decoder:
             mask[row, n + width - len(p):] = 1
         positions = np.maximum(np.cumsum(mask[:, n:], axis=1) - 1, 0) + n
         past = self.prefix_past(prefix, batch) if prefix else self.empty_past(batch)
-        out: list[list[int]] = [[] for _ in prompts]
-        done = np.zeros(batch, bool)
-        stops = np.asarray(sorted(set(stop_ids)) or [-1])
         for _ in range(max_new_tokens):
             logits, past = self.forward(ids, mask, positions, past, adapter)
             tokens = logits[:, -1].argmax(-1)
@@ -286,6 +335,14 @@ class Decoder:
             count = sum(1 for _ in self.stream(prompt_ids, new_tokens, adapter=adapter, prefix=prefix))
             rates.append(count / (clock() - started))
         return float(np.median(rates))
+
+
+def _prefill_runs(prompts: Sequence[Sequence[int]], past: int) -> list[tuple[int, Sequence[Sequence[int]]]]:
+    """(first row, prompts) of each prefill run: all rows in one, or one run per row after a key/value prefix
+    (ONNX Runtime's GroupQueryAttention takes a prompt over a past context for one row at a time)."""
+    if not past:
+        return [(0, prompts)]
+    return [(row, [prompt]) for row, prompt in enumerate(prompts)]
 
 
 def _ortvalue(array: np.ndarray, dtype) -> ort.OrtValue:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edge.runtime import Prefix
+from edge.session import Prefix
 from pipeline.adapter_spec import ADAPTER_WEIGHTS, kv_layout, read_spec
 
 

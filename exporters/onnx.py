@@ -187,7 +187,7 @@ def load_onnx_model(onnx_dir: Path, num_threads: int | None = None, *, file_name
 
     ``num_threads`` sets ORT's intra-op threads (None: ORT's default, one per physical core);
     ``providers`` its execution providers (``cpu``, ``cuda``; None: the CPU; see
-    :func:`edge.runtime.resolve_providers`, whose ``ValueError`` it raises for one this build lacks).
+    :func:`edge.session.resolve_providers`, whose ``ValueError`` it raises for one this build lacks).
     Raises ``FileNotFoundError`` naming the path if the model file is missing.
     """
     from edge.runtime import Decoder

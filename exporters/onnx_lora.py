@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.runtime import LORA_PREFIX
+from edge.session import LORA_PREFIX
 from pipeline.adapter_spec import ADAPTER_WEIGHTS, read_spec
 
 __all__ = ["LoraExportError", "add_lora_inputs", "expose_lora_inputs", "lora_factors", "lora_input_names",

@@ -32,7 +32,7 @@ from pipeline.config import Config, TaskConfig
 from pipeline.device import onnx_providers, set_threads
 from pipeline.errors import EdgetuneError, GateFailed
 from pipeline.models import load_model, load_tokenizer, resolve_base
-from pipeline.onnx_build import fp32_onnx, int4_recipe, quantize_onnx
+from pipeline.onnx_build import add_fused, fp32_onnx, int4_recipe, quantize_onnx
 from pipeline.paths import adapter_dir, bundle_dir, merged_dir
 from pipeline.stage_outputs import remove_stale, require_stage_output, tuned_spec
 from pipeline.tuned import load_tuned
@@ -63,11 +63,12 @@ def adapter_kind(cfg: Config, task: TaskConfig) -> str:
 
 
 def _settings(cfg: Config) -> str:
+    from edge.slots import FUSED_FORMAT
     from exporters.onnx_quant import RECIPE
 
     e = cfg.export
     recipe = f":{int4_recipe(cfg)}" if e.edge_precision == "int4" else ""
-    return f"{FORMAT}:{RECIPE}:{e.edge_precision}:{e.int4_block_size}:{e.accuracy_level}{recipe}"
+    return f"{FORMAT}:{RECIPE}:{FUSED_FORMAT}:{e.edge_precision}:{e.int4_block_size}:{e.accuracy_level}{recipe}"
 
 
 def _calibrated(cfg: Config) -> bool:
@@ -209,10 +210,13 @@ def _build_base(cfg: Config, task: TaskConfig, base: Path, out: Path, precision:
     exported = load_onnx_model(out, set_threads(cfg.num_threads), providers=onnx_providers(cfg.providers))
     fidelity = gate(cfg, task, precision, base_model, exported, tokenizer, f"edge base ({task.name} rows)",
                     logits=False)
+    context = int(getattr(base_model.config, "max_position_embeddings", 2048))
+    fidelity["fused"] = add_fused(cfg, task, out / "model.onnx", base_model, tokenizer, precision,
+                                  f"edge base ({task.name} rows)", context_length=context, logits=False)
     return {"base_name": Path(cfg.base).name if Path(cfg.base).exists() else cfg.base,
             "model": "model.onnx", "tokenizer": "tokenizer.json", "chat": _chat_format(tokenizer),
             "stop_token_ids": _stop_ids(base, tokenizer), "pad_token_id": tokenizer.pad_token_id,
-            "context_length": int(getattr(base_model.config, "max_position_embeddings", 2048)),
+            "context_length": context,
             "base_fidelity": fidelity, "recipe": _settings(cfg)}
 
 
@@ -261,17 +265,17 @@ def _add_adapter(cfg: Config, task: TaskConfig, kind: str, source: Path, base: P
             write_onnx_adapter(source, out / rel)
         except LoraExportError as exc:
             raise EdgetuneError(f"export {task.name} edge: {exc}") from exc
-        decoder = Decoder(out / "model.onnx", threads=threads, providers=providers)
+        decoder = Decoder(out / "model.onnx", threads=threads, providers=providers, fused=False)
         decoder.load_adapter(task.name, out / rel)
         export_model, torch_model = OnnxCausalLM(decoder, adapter=task.name), load_tuned(source, base)
     elif kind == "prefix":
-        from edge.runtime import Prefix
+        from edge.session import Prefix
         from exporters.kv_prefix import adapter_prefix, save_prefix
 
         rel = f"adapters/{task.name}.prefix.npz"
         (out / "adapters").mkdir(exist_ok=True)
         save_prefix(adapter_prefix(source, base), out / rel)
-        decoder = Decoder(out / "model.onnx", threads=threads, providers=providers)
+        decoder = Decoder(out / "model.onnx", threads=threads, providers=providers, fused=False)
         export_model = OnnxCausalLM(decoder, prefix=Prefix.load(out / rel))
         torch_model = load_tuned(source, base)
     else:
@@ -281,6 +285,19 @@ def _add_adapter(cfg: Config, task: TaskConfig, kind: str, source: Path, base: P
         with tempfile.TemporaryDirectory(dir=out, prefix=".work-") as work:
             quantize_onnx(cfg, precision, fp32_onnx(cfg, task, Path(work) / "fp32") / "model.onnx", out / rel,
                           calibrate=(torch_model, tokenizer, [task]))
-        export_model = OnnxCausalLM(Decoder(out / rel, threads=threads, providers=providers))
-    fidelity = gate(cfg, task, precision, torch_model, export_model, tokenizer, f"{task.name} edge")
+        export_model = OnnxCausalLM(Decoder(out / rel, threads=threads, providers=providers, fused=False))
+    what = f"{task.name} edge"
+    fidelity = gate(cfg, task, precision, torch_model, export_model, tokenizer, what)
+    if kind == "merged":  # its own model: its own sidecar
+        context = int(getattr(torch_model.config, "max_position_embeddings", 2048))
+        fidelity["fused"] = add_fused(cfg, task, out / rel, torch_model, tokenizer, precision, what,
+                                      context_length=context)
+    elif (out / "model.fused.onnx").is_file():  # the shared base's sidecar decodes this adapter: gated on it too
+        fused = Decoder(out / "model.onnx", threads=threads)
+        if kind == "lora":
+            fused.load_adapter(task.name, out / rel)
+        metrics = gate(cfg, task, precision, torch_model, OnnxCausalLM(fused, adapter=export_model.adapter,
+                                                                       prefix=export_model.prefix),
+                       tokenizer, f"{what} fused")
+        fidelity["fused"] = {"file": "model.fused.onnx", **metrics}
     return {"kind": kind, "file": rel, "fidelity": fidelity}

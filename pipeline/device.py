@@ -99,7 +99,7 @@ def to_model(batch: Mapping[str, Any], model: Any) -> dict[str, Any]:
 def onnx_providers(names: list[str]) -> list[str]:
     """ONNX Runtime execution providers for the config's ``providers`` (``cpu``, ``cuda``), in order, the CPU
     last; a provider this onnxruntime build lacks (``cuda`` without the ``gpu`` extra) is a clear error."""
-    from edge.runtime import resolve_providers
+    from edge.session import resolve_providers
 
     try:
         return resolve_providers(names)

@@ -38,7 +38,7 @@ from pipeline.config import ONNX_PRECISIONS, Config, TaskConfig
 from pipeline.device import onnx_providers, set_threads
 from pipeline.errors import GateFailed
 from pipeline.models import load_model, load_tokenizer, resolve_base
-from pipeline.onnx_build import export_settings, fp32_onnx, int4_recipe, quantize_onnx
+from pipeline.onnx_build import add_fused, export_settings, fp32_onnx, int4_recipe, quantize_onnx
 from pipeline.paths import adapter_dir, export_dir, merged_dir
 from pipeline.stage_outputs import (
     copy_adapter,
@@ -191,6 +191,10 @@ def _export_onnx(cfg: Config, task: TaskConfig, merged_model: Callable[[], Any],
                 shutil.copy2(fp32 / name, out / name)
         shutil.rmtree(scratch, ignore_errors=True)
     exported = load_onnx_model(out, set_threads(cfg.num_threads), providers=onnx_providers(cfg.providers))
-    metrics = gate(cfg, task, precision, merged_model(), exported, load_tokenizer(src), f"{task.name} {target}")
+    tokenizer = load_tokenizer(src)
+    metrics = gate(cfg, task, precision, merged_model(), exported, tokenizer, f"{task.name} {target}")
+    context = int(getattr(merged_model().config, "max_position_embeddings", 2048))
+    metrics["fused"] = add_fused(cfg, task, out / "model.onnx", merged_model(), tokenizer, precision,
+                                 f"{task.name} {target}", context_length=context)
     return {**metrics, "recipe": int4_recipe(cfg)} if precision == "int4" else metrics
 

@@ -30,9 +30,12 @@ def export_settings(cfg: Config, target: str) -> str:
         from exporters.gguf import FORMAT
 
         return f"gguf:{gates}:{FORMAT}" + (f":{int4_recipe(cfg)}" if "q4_1" in cfg.export.gguf_types else "")
+    from edge.slots import FUSED_FORMAT
+
     if ONNX_PRECISIONS[target] == "fp32":
-        return f"{target}:{gates}"
-    return f"{target}:{gates}:{RECIPE}" + (f":{int4_recipe(cfg)}" if ONNX_PRECISIONS[target] == "int4" else "")
+        return f"{target}:{gates}:{FUSED_FORMAT}"
+    return (f"{target}:{gates}:{RECIPE}:{FUSED_FORMAT}"
+            + (f":{int4_recipe(cfg)}" if ONNX_PRECISIONS[target] == "int4" else ""))
 
 
 def fp32_onnx(cfg: Config, task: TaskConfig, scratch: Path) -> Path:
@@ -104,3 +107,36 @@ def _gptq_int4(cfg: Config, model, tokenizer, tasks: Sequence[TaskConfig]) -> di
     layers = gptq_layers(model, hessians, cfg.export.int4_block_size)
     log.info("int4: GPTQ rounded %d layers in %.0f s", len(layers), time.perf_counter() - started)
     return layers
+
+
+FUSED_MAX_LENGTH = 32768
+"""The longest sequence a fused sidecar's rotary tables cover (they hold max_length x head_dim floats);
+a longer one decodes on the exported graph."""
+
+
+def add_fused(cfg: Config, task: TaskConfig, path: Path, torch_model, tokenizer, precision: str, what: str, *,
+              context_length: int, logits: bool = True) -> dict[str, Any]:
+    """Write the fused sidecar of the gated decoder at ``path`` (:func:`exporters.fused_graph.write_fused`) and
+    hold it to the same ``precision`` fidelity gate against ``torch_model``; the manifest record (the file,
+    its context, its gate metrics). A graph that cannot be fused or a sidecar that fails the gate is not
+    kept: the record says why, and the exported graph decodes alone (slower, still gated). ``logits``: as for
+    :func:`pipeline.fidelity.check` (False for the bundle's bare base)."""
+    from edge.runtime import Decoder
+    from edge.slots import fused_path
+    from exporters.fused_graph import FuseError, write_fused
+    from exporters.onnx import OnnxCausalLM
+    from pipeline.errors import GateFailed
+    from pipeline.fidelity import gate
+
+    try:
+        sidecar = write_fused(path, max_length=min(context_length, FUSED_MAX_LENGTH))
+        decoder = Decoder(path, threads=cfg.num_threads)  # the CPU: the only provider the fused path runs on
+        if decoder.fused is None:
+            raise FuseError("ONNX Runtime could not open it (see the warning above)")
+        metrics = gate(cfg, task, precision, torch_model, OnnxCausalLM(decoder), tokenizer, f"{what} fused",
+                       logits=logits)
+        return {"file": sidecar.name, "max_length": decoder.fused.max_length, **metrics}
+    except (FuseError, GateFailed) as exc:
+        fused_path(path).unlink(missing_ok=True)
+        log.warning("export %s: no fused sidecar, the exported graph decodes alone: %s", what, exc)
+        return {"file": None, "reason": str(exc)}

@@ -4,8 +4,8 @@ It satisfies the same :class:`serve.protocol.GenerationEngine` as the torch engi
 ``unload``, ``registry``...), so routes, auth, metrics and back-pressure are the same. Adapters are the
 bundle's; ``POST /v1/adapters`` loads one by name, and every bundle adapter loads on its first request.
 
-**Batched** (the default, when the bundle's graph can be fused: :mod:`serve.fused_graph`): one worker thread
-runs continuous batching over :class:`serve.slots.SlotDecoder` slots. Every running request holds a
+**Batched** (the default, when the bundle's graph can be fused: :mod:`exporters.fused_graph`): one worker thread
+runs continuous batching over :class:`edge.slots.SlotDecoder` slots. Every running request holds a
 slot of the in-place key/value cache; each iteration prefills the new requests together (up to
 ``PREFILL_TOKENS`` prompt tokens, so running requests keep streaming) and then decodes one token for
 every running request in **one** run, whatever adapters they use: LoRA rows through the stacked
@@ -37,11 +37,6 @@ from serve.registry import AdapterRegistry
 from serve.worker import PREFILL_TOKENS, Worker
 
 log = logging.getLogger(__name__)
-
-PROBE_TOLERANCE = 0.05
-"""The fused graph's probe logits may differ from the bundle graph's by this share of their range (int4
-kernels quantize activations, so the two graphs round differently; a broken rewrite is off by far more)."""
-
 
 @dataclass
 class _Loaded:
@@ -160,8 +155,9 @@ class OnnxEngine(Worker):
                            self._run_batched if self.mode == "batched" else self._run_interleaved)
 
     def _start_batched(self, prefix_cache_mb: int) -> None:
-        """Fuse the base, check it against the bundle's own graph on a probe prompt, set up the prefix cache."""
-        from serve.fused_graph import FuseError
+        """Set up the fused base (the bundle's sidecar, or fused here and checked against the bundle's own graph
+        on a probe prompt) and the prefix cache."""
+        from exporters.fused_graph import FUSED_TOLERANCE, FuseError
         from serve.prefix_cache import PrefixCache
 
         if self.runner.providers[0] != "CPUExecutionProvider":
@@ -171,9 +167,7 @@ class OnnxEngine(Worker):
             return
         try:
             decoder = self._fused_decoder(self.runner.bundle.model_path)
-            probe = (self.runner.encode_chat("Say hello.") or [0])[:32]
-            want = self.runner.base.logits(np.asarray([probe]))[0, -1]
-            got = decoder.prefill(0, [probe])[0]
+            off = None if decoder.model.path is not None else self._probe(decoder)
         except (FuseError, ImportError) as exc:
             log.warning("onnx engine: serving requests interleaved, one token each in turn: %s", exc)
             return
@@ -181,25 +175,44 @@ class OnnxEngine(Worker):
             log.warning("onnx engine: the fused graph failed its probe (%s); serving requests interleaved",
                         str(exc)[:300])
             return
-        off = float(np.abs(want - got).max()) / max(float(want.max() - want.min()), 1e-6)
-        if not off <= PROBE_TOLERANCE:
+        if off is not None and not off <= FUSED_TOLERANCE:
             log.warning("onnx engine: the fused graph's logits differ from the bundle's by %.3f of their range "
-                        "(allowed %.2f); serving requests interleaved instead", off, PROBE_TOLERANCE)
+                        "(allowed %.2f); serving requests interleaved instead", off, FUSED_TOLERANCE)
             return
         self.groups[None] = _Group(decoder)
         self.cache = PrefixCache(layers=decoder.layers, kv_heads=decoder.kv_heads, head_dim=decoder.head_dim,
                                  max_bytes=prefix_cache_mb << 20)
         self.mode = "batched"
-        log.info("onnx engine: batched, %d slots, fused graph within %.4f of the bundle's logits range; prefix "
-                 "cache %d MB", self.max_batch_size, off, prefix_cache_mb)
+        how = (f"the bundle's {decoder.model.path.name} (gated at export)" if off is None
+               else f"fused at start, within {off:.4f} of the bundle's logits range")
+        log.info("onnx engine: batched, %d slots on %s; prefix cache %d MB", self.max_batch_size, how, prefix_cache_mb)
+
+    def _probe(self, decoder) -> float:
+        """How far a graph fused here is from the bundle's own on a probe prompt: max |Δlogit| / the logits' range."""
+        from edge.runtime import Decoder
+
+        probe = (self.runner.encode_chat("Say hello.") or [0])[:32]
+        own = Decoder(self.runner.bundle.model_path, threads=self.runner.threads, providers=self.runner.providers,
+                      fused=False)
+        want = own.logits(np.asarray([probe]))[0, -1]
+        got = decoder.prefill(0, [probe])[0]
+        return float(np.abs(want - got).max()) / max(float(want.max() - want.min()), 1e-6)
 
     def _fused_decoder(self, path: Path):
-        from serve.fused_graph import fuse_decoder
-        from serve.slots import SlotDecoder
+        """Slots over the fused graph of the bundle model at ``path``: the export's sidecar when it covers the
+        context (the base's is the one its runner already opened), else the graph fused here, in memory
+        (a bundle exported before sidecars; needs the ``onnx`` package)."""
+        from edge.slots import FusedModel, SlotDecoder, fused_path
 
-        fused = fuse_decoder(path, max_length=self.context_length)
-        return SlotDecoder(fused, slots=self.max_batch_size, threads=self.runner.threads,
-                           providers=self.runner.providers, capacity=min(256, self.context_length))
+        options = {"threads": self.runner.threads, "providers": self.runner.providers}
+        model = self.runner.base.fused if path == self.runner.bundle.model_path else None
+        if model is None and fused_path(path).is_file():
+            model = FusedModel(fused_path(path), **options)
+        if model is None or model.max_length < self.context_length:
+            from exporters.fused_graph import fuse_decoder
+
+            model = FusedModel(fuse_decoder(path, max_length=self.context_length), **options)
+        return SlotDecoder(model, slots=self.max_batch_size, capacity=min(256, self.context_length))
 
     # ---- public API (any thread) -------------------------------------------------------------
     def inspect(self, name: str, source: str) -> AdapterInfo:
@@ -234,7 +247,7 @@ class OnnxEngine(Worker):
 
     def _prepare(self, source: str) -> None:
         """Make bundle adapter ``source`` servable on the batched path (idempotent)."""
-        from edge.runtime import Prefix
+        from edge.session import Prefix
 
         entry = self.runner.bundle.adapters[source]
         path = self.runner.bundle.root / entry.file

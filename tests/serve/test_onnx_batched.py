@@ -17,11 +17,11 @@ import torch
 from peft import LoraConfig, TaskType
 
 from edge.bundle import EdgeRunner, load_bundle, sha256
-from edge.runtime import Prefix
+from edge.session import Prefix
+from edge.slots import SlotDecoder
+from exporters.fused_graph import fuse_decoder
 from serve.engine import GenRequest
-from serve.fused_graph import fuse_decoder
 from serve.onnx_engine import OnnxEngine
-from serve.slots import SlotDecoder
 from tests.serve.requests import run_request
 from tests.serve.test_onnx_backend import _peft, bundle  # noqa: F401 - the hand-made bundle fixture
 
@@ -204,12 +204,12 @@ def test_unloading_an_adapter_frees_its_stack_rows_and_cached_blocks(mixed: Path
 
 def test_a_graph_that_cannot_be_fused_is_served_interleaved(runner: EdgeRunner,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    import serve.fused_graph
+    import exporters.fused_graph
 
     def refuse(*args, **kwargs):
-        raise serve.fused_graph.FuseError("no q_proj under /model/layers.0/self_attn/")
+        raise exporters.fused_graph.FuseError("no q_proj under /model/layers.0/self_attn/")
 
-    monkeypatch.setattr(serve.fused_graph, "fuse_decoder", refuse)
+    monkeypatch.setattr(exporters.fused_graph, "fuse_decoder", refuse)
     _serves_interleaved(runner)
 
 

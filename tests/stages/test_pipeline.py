@@ -85,6 +85,13 @@ def test_every_stage_writes_its_artifact_with_a_manifest(tiny_run) -> None:
             quantized = json.loads((run / "export" / target / task / "manifest.json").read_text())
             assert quantized["metrics"]["precision"] == target[-4:] and quantized["metrics"]["rows"] >= 1
             assert (run / "export" / target / task / "tokenizer.json").is_file()
+        for target in ("onnx", "onnx-int8", "onnx-int4"):  # each with its fused sidecar, gated and hashed
+            manifest = json.loads((run / "export" / target / task / "manifest.json").read_text())
+            fused = manifest["metrics"]["fused"]
+            assert fused["file"] == "model.fused.onnx" and "model.fused.onnx" in manifest["files"]
+            assert fused["precision"] == manifest["metrics"]["precision"] and fused["rows"] == manifest["metrics"]["rows"]
+            if target == "onnx":  # fp32: the same model as PyTorch, in either graph
+                assert fused["max_abs_logit_diff"] < 1e-3 and fused["score_drop"] == 0
         fp16 = AutoModelForCausalLM.from_pretrained(run / "export" / "safetensors" / task, dtype="auto")
         assert fp16.dtype == torch.float16
     base_dir = Path(json.loads((run / "report.json").read_text())["tasks"]["praise"]["artifacts"]["base"]["path"])
@@ -338,7 +345,11 @@ def test_edge_bundle_runs_without_torch(tiny_run) -> None:
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert set(manifest["adapters"]) == {"sentiment", "praise"}
     assert all(a["kind"] == "lora" and a["fidelity"]["rows"] >= 1 for a in manifest["adapters"].values())
-    assert {"model.onnx", "tokenizer.json", "adapters/sentiment.onnx_adapter"} <= set(manifest["files"])
+    assert {"model.onnx", "model.fused.onnx", "tokenizer.json", "adapters/sentiment.onnx_adapter"} \
+        <= set(manifest["files"])
+    # the shared base's sidecar was gated alone and with each adapter on it
+    assert manifest["base_fidelity"]["fused"]["file"] == "model.fused.onnx"
+    assert all(a["fidelity"]["fused"]["rows"] == a["fidelity"]["rows"] for a in manifest["adapters"].values())
     prompt = "Review: the kettle is great. Label the sentiment."
     expected = EdgeRunner(load_bundle(bundle)).generate(prompt, adapter="sentiment", max_tokens=4)
     out = _torch_free(f"""
@@ -360,6 +371,7 @@ from serve.app import create_app
 from serve.settings import ServeSettings
 app = create_app(ServeSettings(backend="onnx", bundle={str(run / "export" / "edge")!r}))
 with TestClient(app) as client:
+    mode = app.state.edgetune.engine.mode
     models = {{m["id"]: m for m in client.get("/v1/models").json()["data"]}}
     chat = client.post("/v1/chat/completions", json={{"model": "praise", "max_tokens": 3, "temperature": 0,
                        "messages": [{{"role": "user", "content": "Describe red"}}]}})
@@ -369,7 +381,7 @@ with TestClient(app) as client:
                         "messages": [{{"role": "user", "content": "Describe red"}}]}})
 print(json.dumps({{"models": sorted(models), "kinds": sorted(m.get("kind", "") for m in models.values()),
                   "chat": chat.json(), "missing": missing.status_code, "unload": unload.json(),
-                  "again": again.status_code,
+                  "again": again.status_code, "mode": mode,
                   "torch": bool(BLOCKED & set(m.split(".")[0] for m in sys.modules))}}))
 """)
     result = json.loads(out.strip().splitlines()[-1])
@@ -380,6 +392,7 @@ print(json.dumps({{"models": sorted(models), "kinds": sorted(m.get("kind", "") f
     assert result["missing"] == 404 and result["unload"]["deleted"] is True
     assert result["again"] == 404  # unloaded is gone: the bundle adapter must be loaded again by name
     assert result["torch"] is False
+    assert result["mode"] == "batched"  # on the bundle's fused sidecar: no onnx package needed to fuse at start
 
 
 def test_bf16_mixed_precision_trains_and_keeps_an_fp32_adapter(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -1,10 +1,14 @@
-"""The serving graph: an edge bundle's decoder rewritten for batches of independent requests.
+"""The fused graph: an exported decoder rewritten for fast decoding and for batches of independent requests.
 
 The exported decoder (optimum's layout) takes a dense key/value cache, concatenates each step's keys
 onto it (a copy of the whole cache per layer per step), expands it from the key/value heads to the
 query heads (another copy), and masks padding from an ``attention_mask``; every adapter row of a
-batch must use the same ``.onnx_adapter``. This module rewrites that graph, once, in memory, into
-the form :class:`serve.slots.SlotDecoder` runs:
+batch must use the same ``.onnx_adapter``. This module rewrites that graph into the form
+:class:`edge.slots.SlotDecoder` runs, either in memory (:func:`fuse_decoder`, the server's fallback for
+bundles exported without one) or as a **sidecar** file next to the exported one (:func:`write_fused`,
+at export): ``model.fused.onnx`` holds the rewritten graph and reads every weight from ``model.onnx``'s
+own bytes (ONNX external data with ``location: model.onnx``), so it adds about 1 MB, not a second copy
+of the model, and the exported file stays the portable optimum-layout decoder other tools load.
 
 - **Attention** of every layer becomes ONNX Runtime's ``GroupQueryAttention`` (com.microsoft), with
   rotary embedding inside it and a key/value buffer shared between ``past_key_values.<i>.*`` and
@@ -15,9 +19,10 @@ the form :class:`serve.slots.SlotDecoder` runs:
   rank]), so with the adapters' factors stacked along the rank axis every row keeps only its own
   adapter's slice (the algebra of :mod:`serve.batched_lora`). The down factor ``lora.<m>.A`` is taken
   transposed, ``[rank, in]``, so any run of stacked adapters is a contiguous block of both factors:
-  a run binds only the block its rows use (see :class:`serve.slots.LoraStack`).
-- **Logits** are computed for one position per row (``last_index``, [batch, 1]): a prompt's answer
-  needs only its last token's, which saves the vocabulary projection of every other prompt token.
+  a run binds only the block its rows use (see :class:`edge.slots.LoraStack`).
+- **Logits** are computed only at the positions ``last_index`` ([batch, k]) names: decoding needs each
+  row's last token's (k = 1), which saves the vocabulary projection of every other prompt token; scoring
+  a prompt asks for all of them.
 
 Supported: decoders whose attention projections are ``q_proj``/``k_proj``/``v_proj``/``o_proj`` under
 ``/model/layers.N/self_attn/`` with the rotary subgraph under ``/model/rotary_emb/`` (Llama, SmolLM,
@@ -30,30 +35,26 @@ tokens). Needs the ``onnx`` package (not the device runtime).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FuseError", "FusedGraph", "fuse_decoder"]
+from edge.slots import FUSED_FORMAT, LAST, ROWS, SEQLENS, TOTAL, fused_path
 
-SEQLENS, TOTAL, ROWS, LAST = "seqlens_k", "total_sequence_length", "lora_rows", "last_index"
+__all__ = ["FUSED_TOLERANCE", "FuseError", "fuse_decoder", "write_fused"]
+
+FUSED_TOLERANCE = 0.05
+"""The server's start-up probe of a graph it fused in memory: its logits may differ from the exported graph's
+by this share of their range (int4 and int8 kernels quantize activations, so the two graphs round
+differently; a broken rewrite is off by far more). A sidecar was held to the export's fidelity gate instead."""
+
+SHARED_MIN_BYTES = 256
+"""Initializers of at least this many bytes are read from the exported file; smaller ones stay in the sidecar."""
 
 
 class FuseError(ValueError):
     """The decoder cannot be rewritten for batched serving (the message says what was not found)."""
-
-
-@dataclass(frozen=True)
-class FusedGraph:
-    """The rewritten model (serialized) and what the runtime needs to drive it."""
-
-    model: bytes
-    layers: int
-    kv_heads: int
-    head_dim: int
-    max_length: int
-    """Positions the rotary tables cover: the longest sequence a row may reach."""
 
 
 def _scope_outputs(graph, prefix: str, consumers: dict[str, list]) -> list[str]:
@@ -129,10 +130,57 @@ def _rotary_tables(model, max_length: int) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(cos[:, :half], np.float32), np.ascontiguousarray(sin[:, :half], np.float32)
 
 
-def fuse_decoder(path: Path, *, max_length: int) -> FusedGraph:
-    """Rewrite the decoder at ``path`` (see the module docstring); ``max_length``: the context length.
+def fuse_decoder(path: Path, *, max_length: int) -> bytes:
+    """Rewrite the decoder at ``path`` (see the module docstring); ``max_length``: the longest sequence the
+    rotary tables cover (the context length). Returns the serialized graph, weights included (what
+    :class:`edge.slots.FusedModel` opens).
 
     Raises :class:`FuseError` when the graph does not have the expected structure."""
+    return _fuse(path, max_length).SerializeToString()
+
+
+def write_fused(path: Path, *, max_length: int) -> Path:
+    """Write the fused sidecar of the decoder at ``path`` (:func:`edge.slots.fused_path`) and return its path.
+
+    Every initializer of at least :data:`SHARED_MIN_BYTES` is stored as external data pointing into
+    ``path`` itself (same directory, its byte offset in the file), so the two files must travel together:
+    the bundle's manifest hashes both. Written to a temporary name and renamed: an interrupted write
+    leaves no sidecar. Raises :class:`FuseError` when the graph does not have the expected structure.
+    """
+    import onnx
+
+    path = Path(path)
+    model = _fuse(path, max_length)
+    data = path.read_bytes()
+    cursor = 0
+    for init in model.graph.initializer:
+        raw = init.raw_data
+        if len(raw) < SHARED_MIN_BYTES:
+            continue
+        # The initializers keep the exported file's order, so the next one is almost always further on.
+        offset = data.find(raw, cursor)
+        if offset < 0:
+            offset = data.find(raw)
+        if offset < 0:
+            # the rewrite's own tables (rotary cos/sin) are not in the exported file: they stay inline
+            continue
+        cursor = offset + len(raw)
+        init.ClearField("raw_data")
+        init.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", path.name), ("offset", str(offset)), ("length", str(len(raw)))):
+            entry = init.external_data.add()
+            entry.key, entry.value = key, value
+    entry = model.metadata_props.add()  # the runtime refuses a sidecar whose exported file has changed since
+    entry.key, entry.value = "edgetune.source_bytes", str(len(data))
+    out = fused_path(path)
+    tmp = out.with_name(out.name + ".partial")
+    tmp.write_bytes(model.SerializeToString())
+    os.replace(tmp, out)
+    return out
+
+
+def _fuse(path: Path, max_length: int):
+    """The fused ModelProto of the decoder at ``path`` (weights inline)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -199,7 +247,11 @@ def fuse_decoder(path: Path, *, max_length: int) -> FusedGraph:
     graph.input.extend(keep)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return FusedGraph(model.SerializeToString(), layers, kv_heads, head_dim, max_length)
+    del model.metadata_props[:]
+    for key, value in (("edgetune.fused", FUSED_FORMAT), ("edgetune.max_length", str(max_length))):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    return model
 
 
 def _width(graph, tensor: str, producers) -> int | None:
@@ -263,22 +315,23 @@ def _stacked_lora(graph) -> None:
 
 
 def _last_position_logits(graph) -> None:
-    """Logits of one position per row: the hidden state at ``last_index`` [batch, 1] goes to the head."""
-    from onnx import TensorProto, helper
+    """Logits of the positions ``last_index`` [batch, k] names in each row (k = 1 when decoding: the row's last
+    token; every position when scoring a prompt): only their hidden states go to the head."""
+    from onnx import TensorProto, helper, numpy_helper
 
     head = next((n for n in graph.node if "logits" in n.output), None)
     if head is None:
         raise FuseError("no logits output")
     hidden = head.input[0]
-    picked = f"{hidden}/last"
+    picked = f"{hidden}/picked"
     head.input[0] = picked
     graph.node.extend([
-        helper.make_node("GatherND", [hidden, LAST], [f"{picked}/2d"], name="/model/last_position", batch_dims=1),
-        helper.make_node("Unsqueeze", [f"{picked}/2d", "/model/last_position/axis"], [picked],
-                         name="/model/last_position/unsqueeze")])
-    from onnx import numpy_helper
-    graph.initializer.append(numpy_helper.from_array(np.asarray([1], np.int64), "/model/last_position/axis"))
-    graph.input.append(helper.make_tensor_value_info(LAST, TensorProto.INT64, ["batch", 1]))
+        helper.make_node("Unsqueeze", [LAST, "/model/picked_positions/axis"], ["/model/picked_positions/index"],
+                         name="/model/picked_positions/unsqueeze"),
+        helper.make_node("GatherND", [hidden, "/model/picked_positions/index"], [picked],
+                         name="/model/picked_positions", batch_dims=1)])
+    graph.initializer.append(numpy_helper.from_array(np.asarray([2], np.int64), "/model/picked_positions/axis"))
+    graph.input.append(helper.make_tensor_value_info(LAST, TensorProto.INT64, ["batch", "picked"]))
 
 
 def _prune(graph) -> None:

@@ -1,19 +1,21 @@
-"""Batched decoding with a key/value cache written in place: the ONNX server's runtime.
+"""Decoding with a key/value cache written in place, over a fused graph (:mod:`exporters.fused_graph`): the
+edge runtime's fast path (:class:`edge.runtime.Decoder` at batch 1) and the ONNX server's batched runtime.
 
-A :class:`SlotDecoder` runs a fused graph (:mod:`serve.fused_graph`) over ``slots`` rows. Each slot owns one
-row of a preallocated key/value buffer per layer ([slots, kv_heads, capacity, head_dim]); ONNX Runtime
-reads past keys from it and writes each step's new keys into it at the row's own length (the same
-memory is bound as ``past_key_values.*`` and ``present.*``), so rows of any lengths share one run and
-a request joining or leaving copies nothing of the others' cache. Rows that run together must be
-contiguous slots ``[start, start + n)``: the caller keeps its running rows at the front and moves
-the last one into a hole (:meth:`SlotDecoder.move` copies that one row).
+A :class:`FusedModel` is one ONNX Runtime session of the fused graph plus its stacked LoRA adapters; any
+number of :class:`SlotDecoder` share it. A slot decoder runs ``slots`` rows: each slot owns one row of a
+preallocated key/value buffer per layer ([slots, kv_heads, capacity, head_dim]); ONNX Runtime reads past
+keys from it and writes each step's new keys into it at the row's own length (the same memory is bound
+as ``past_key_values.*`` and ``present.*``), so rows of any lengths share one run and a request joining
+or leaving copies nothing of the others' cache. Rows that run together must be contiguous slots
+``[start, start + n)``: the caller keeps its running rows at the front and moves the last one into a
+hole (:meth:`SlotDecoder.move` copies that one row).
 
 LoRA adapters are stacked (:class:`LoraStack`): every projection's factors of every loaded adapter
 side by side along the rank axis, and each slot's ``lora_rows`` mask keeps its own adapter's slice,
 so rows of different adapters (and base rows, whose mask is all zero) share every run. A
 prompt-learning adapter is a key/value prefix written into the slot before its prompt.
 
-Imports only numpy and onnxruntime (plus :mod:`edge.runtime`).
+Imports only numpy and onnxruntime (plus :mod:`edge.session`).
 """
 
 from __future__ import annotations
@@ -25,10 +27,22 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edge.runtime import LORA_PREFIX, Prefix, resolve_providers, session_options
-from serve.fused_graph import LAST, ROWS, SEQLENS, TOTAL, FusedGraph
+from edge.session import LORA_PREFIX, Prefix, resolve_providers, session_options
 
-__all__ = ["LoraStack", "SlotDecoder"]
+__all__ = ["FUSED_FORMAT", "FusedModel", "LoraStack", "SlotDecoder", "fused_path"]
+
+SEQLENS, TOTAL, ROWS, LAST = "seqlens_k", "total_sequence_length", "lora_rows", "last_index"
+"""The fused graph's own inputs besides ``input_ids`` and the key/value cache."""
+FUSED_FORMAT = "edgetune-fused/2"
+"""``edgetune.fused`` in a fused graph's metadata: the input contract above. A graph of another format is refused."""
+FUSED_SUFFIX = ".fused.onnx"
+
+
+def fused_path(model_path: Path) -> Path:
+    """Where the export puts the fused sidecar of the decoder at ``model_path`` (``model.onnx`` ->
+    ``model.fused.onnx``): a small graph whose weights are byte ranges of ``model_path`` itself."""
+    model_path = Path(model_path)
+    return model_path.with_name(model_path.name.removesuffix(".onnx") + FUSED_SUFFIX)
 
 
 def _bind(io: ort.IOBinding, name: str, array: np.ndarray, output: bool = False) -> None:
@@ -113,21 +127,92 @@ class LoraStack:
             buf[r.start:r.start + r.width] = 0
 
 
-class SlotDecoder:
-    """A fused decoder with ``slots`` rows of in-place key/value cache (see the module docstring)."""
+class FusedModel:
+    """One session of a fused decoder graph and the LoRA adapters stacked for it; shared by slot decoders.
 
-    def __init__(self, fused: FusedGraph, *, slots: int, threads: int | None = None,
-                 providers: Sequence[str] | None = None, capacity: int = 256) -> None:
-        self.session = ort.InferenceSession(fused.model, session_options(threads),
-                                            providers=resolve_providers(providers))
-        self.fused = fused
-        self.slots = slots
-        self.layers, self.kv_heads, self.head_dim = fused.layers, fused.kv_heads, fused.head_dim
-        self.max_length = fused.max_length
+    ``model``: the serialized graph (:func:`exporters.fused_graph.fuse_decoder`) or the path of a fused
+    sidecar (:func:`fused_path`). Raises ``ValueError`` for a graph that is not a fused decoder of this format.
+    """
+
+    def __init__(self, model: bytes | str | Path, *, threads: int | None = None,
+                 providers: Sequence[str] | None = None) -> None:
+        source = model if isinstance(model, bytes) else str(model)
+        self.path: Path | None = None if isinstance(model, bytes) else Path(model)
+        """The sidecar file it was opened from (None: from memory)."""
+        self.session = ort.InferenceSession(source, session_options(threads), providers=resolve_providers(providers))
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if meta.get("edgetune.fused") != FUSED_FORMAT:
+            raise ValueError(f"not a fused decoder of format {FUSED_FORMAT} (metadata says "
+                             f"{meta.get('edgetune.fused')!r}); re-export the model")
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        pasts = [n for n in inputs if n.startswith("past_key_values.")]
+        first = inputs[pasts[0]].shape  # [batch, kv_heads, past, head_dim]
+        self.layers, self.kv_heads, self.head_dim = len(pasts) // 2, int(first[1]), int(first[3])
+        self.max_length = int(meta["edgetune.max_length"])
+        """Positions the rotary tables cover: the longest sequence a row may reach."""
+        self.source_bytes = int(meta.get("edgetune.source_bytes", -1))
+        """Size of the exported file a sidecar reads its weights from (-1: fused in memory)."""
         self.vocab = int(self.session.get_outputs()[0].shape[-1])
         lora = {i.name: i.shape for i in self.session.get_overridable_initializers()
                 if i.name.startswith(LORA_PREFIX) and i.name.endswith((".A", ".B"))}
         self.lora = LoraStack(lora) if lora else None
+
+    def load_lora(self, name: str, path: Path) -> None:
+        """Stack the ``.onnx_adapter`` at ``path`` as ``name``, after checking it sets only this graph's LoRA
+        inputs with shapes that fit (ValueError naming the problem otherwise)."""
+        if self.lora is None:
+            raise ValueError(f"adapter {name!r} needs the multi-LoRA base model; this one has no LoRA inputs")
+        try:
+            adapter = ort.AdapterFormat.read_adapter(str(path))
+        except RuntimeError as exc:
+            raise ValueError(f"adapter {name!r}: {Path(path).name} is not an ONNX Runtime adapter file "
+                             f"({str(exc).splitlines()[-1][-120:]}); re-export the bundle") from None
+        # copied out while the file's object lives: the OrtValues point into its memory
+        params = {k: np.array(v.numpy(), np.float32) for k, v in adapter.get_parameters().items()}
+        del adapter
+        unknown = sorted(set(params) - set(self.lora.widths))
+        if unknown:
+            raise ValueError(f"adapter {name!r} sets {unknown[:3]}, which this base does not take; it was exported "
+                             "for another base")
+        for key, value in params.items():
+            fixed = 0 if key.endswith(".A") else 1  # A is [in, rank], B [rank, out]: in and out must fit
+            want = self.lora.widths[key]
+            if value.ndim != 2 or value.shape[fixed] != want or value.shape[1 - fixed] > 4096:
+                raise ValueError(f"adapter {name!r}: {key} has shape {list(value.shape)}, this base needs {want} "
+                                 f"on axis {fixed}; it was exported for another base")
+            if not np.isfinite(value).all():
+                raise ValueError(f"adapter {name!r}: {key} holds NaN or infinite values")
+        self.lora.add(name, params)
+
+    def unload_lora(self, name: str) -> None:
+        if self.lora is not None:
+            self.lora.remove(name)
+
+    def check_prefix(self, prefix: Prefix) -> None:
+        """ValueError unless ``prefix`` has this decoder's layers, key/value heads and head size."""
+        if len(prefix.keys) != self.layers or prefix.keys[0].shape[0] != self.kv_heads \
+                or prefix.keys[0].shape[2] != self.head_dim:
+            raise ValueError(f"key/value prefix of shape {len(prefix.keys)} x {prefix.keys[0].shape} does not fit "
+                             f"this decoder ({self.layers} layers x [{self.kv_heads}, P, {self.head_dim}])")
+
+
+class SlotDecoder:
+    """``slots`` rows of in-place key/value cache over a :class:`FusedModel` (see the module docstring).
+
+    ``model``: a :class:`FusedModel` to share (its session and stacked adapters), or what opens one
+    (serialized graph or sidecar path, with ``threads`` and ``providers``). ``capacity``: positions per
+    slot allocated up front (the buffers double when a row needs more, up to ``max_length``).
+    """
+
+    def __init__(self, model: FusedModel | bytes | str | Path, *, slots: int, threads: int | None = None,
+                 providers: Sequence[str] | None = None, capacity: int = 256) -> None:
+        self.model = model if isinstance(model, FusedModel) else FusedModel(model, threads=threads,
+                                                                               providers=providers)
+        self.session = self.model.session
+        self.slots = slots
+        self.layers, self.kv_heads, self.head_dim = self.model.layers, self.model.kv_heads, self.model.head_dim
+        self.max_length = self.model.max_length
+        self.vocab = self.model.vocab
         self.lengths = np.zeros(slots, np.int64)
         """Tokens in each slot's cache (prefix included)."""
         self.capacity = 0
@@ -137,6 +222,10 @@ class SlotDecoder:
         self._row_range: list[_Range | None] = [None] * slots
         self._bound: tuple[int, int, int] | None = None
         self._io = self.session.io_binding()
+
+    @property
+    def lora(self) -> LoraStack | None:
+        return self.model.lora
 
     # ---- cache -------------------------------------------------------------------------------
     def _grow(self, capacity: int) -> None:
@@ -169,35 +258,11 @@ class SlotDecoder:
 
     # ---- adapters ----------------------------------------------------------------------------
     def load_lora(self, name: str, path: Path) -> None:
-        """Stack the ``.onnx_adapter`` at ``path`` as ``name``, after checking it sets only this graph's LoRA
-        inputs with shapes that fit (ValueError naming the problem otherwise)."""
-        if self.lora is None:
-            raise ValueError(f"adapter {name!r} needs the multi-LoRA base model; this one has no LoRA inputs")
-        try:
-            adapter = ort.AdapterFormat.read_adapter(str(path))
-        except RuntimeError as exc:
-            raise ValueError(f"adapter {name!r}: {Path(path).name} is not an ONNX Runtime adapter file "
-                             f"({str(exc).splitlines()[-1][-120:]}); re-export the bundle") from None
-        # copied out while the file's object lives: the OrtValues point into its memory
-        params = {k: np.array(v.numpy(), np.float32) for k, v in adapter.get_parameters().items()}
-        del adapter
-        unknown = sorted(set(params) - set(self.lora.widths))
-        if unknown:
-            raise ValueError(f"adapter {name!r} sets {unknown[:3]}, which this base does not take; it was exported "
-                             "for another base")
-        for key, value in params.items():  # A is [in, rank], B is [rank, out]: in and out must fit
-            fixed = 0 if key.endswith(".A") else 1  # A is [in, rank], B [rank, out]
-            want = self.lora.widths[key]
-            if value.ndim != 2 or value.shape[fixed] != want or value.shape[1 - fixed] > 4096:
-                raise ValueError(f"adapter {name!r}: {key} has shape {list(value.shape)}, this base needs {want} "
-                                 f"on axis {fixed}; it was exported for another base")
-            if not np.isfinite(value).all():
-                raise ValueError(f"adapter {name!r}: {key} holds NaN or infinite values")
-        self.lora.add(name, params)
+        """Stack an ``.onnx_adapter`` on the shared model (:meth:`FusedModel.load_lora`)."""
+        self.model.load_lora(name, path)
 
     def unload_lora(self, name: str) -> None:
-        if self.lora is not None:
-            self.lora.remove(name)
+        self.model.unload_lora(name)
 
     def set_adapter(self, slot: int, adapter: str | None) -> None:
         """Slot ``slot`` uses stacked LoRA adapter ``adapter`` (None: the base alone)."""
@@ -219,9 +284,14 @@ class SlotDecoder:
 
     # ---- runs ------------------------------------------------------------------------------
     def _run(self, start: int, ids: np.ndarray, seqlens: np.ndarray, last: np.ndarray) -> np.ndarray:
+        """One run of rows ``start ..``; ``last`` [rows, k]: the positions of ``ids`` whose logits come back,
+        [rows, k, vocab]."""
         n = ids.shape[0]
         io = self._io
+        stack = None
         if self.lora is not None:  # only the stacked adapters these rows use: the cost follows them
+            # held for the run: another thread's load may swap the stack's arrays for grown ones meanwhile
+            stack = (self.lora.a, self.lora.b)
             lo, hi, mask = self._lora_span(start, n)
             if self._bound != (lo, hi, self.lora.version):  # bound by address: same arrays, same block, no rebind
                 for name, array in (*self.lora.a.items(), *self.lora.b.items()):
@@ -231,7 +301,7 @@ class SlotDecoder:
         ids = np.ascontiguousarray(ids, np.int64)
         seqlens = np.ascontiguousarray(seqlens, np.int32)
         total = np.asarray(int(seqlens.max()) + 1, np.int32)
-        last = np.ascontiguousarray(last, np.int64).reshape(n, 1)
+        last = np.ascontiguousarray(last, np.int64).reshape(n, -1)
         for name, array in ((("input_ids", ids), (SEQLENS, seqlens), (TOTAL, total), (LAST, last))):
             _bind(io, name, array)
         for layer in range(self.layers):
@@ -239,11 +309,12 @@ class SlotDecoder:
                 rows = bufs[layer][start:start + n]
                 _bind(io, f"past_key_values.{layer}.{kind}", rows)
                 _bind(io, f"present.{layer}.{kind}", rows, output=True)
-        logits = np.empty((n, 1, self.vocab), np.float32)
+        logits = np.empty((n, last.shape[1], self.vocab), np.float32)
         _bind(io, "logits", logits, output=True)
         # the arrays bound above must live until the run ends: they are locals of this frame
         self.session.run_with_iobinding(io)
-        return logits[:, 0]
+        del stack
+        return logits
 
     def write_prefix(self, slot: int, prefix: Prefix) -> None:
         """Write a prompt-learning adapter's key/value prefix at positions ``0 .. prefix.length - 1`` of ``slot``."""
@@ -267,9 +338,10 @@ class SlotDecoder:
             self.values[layer][slot, :, at:at + length] = block[layer, 1]
 
     def prefill(self, start: int, prompts: Sequence[Sequence[int]], past: Sequence[int] = (),
-                pad_id: int = 0) -> np.ndarray:
+                pad_id: int = 0, every_position: bool = False) -> np.ndarray:
         """Run the prompts of rows ``start .. start + len(prompts) - 1`` in one run; returns each row's next-token
-        logits [rows, vocab]. Slot ``start + k`` already holds ``past[k]`` positions (a prefix, cached blocks:
+        logits [rows, vocab] (``every_position``: the logits at every prompt position, [rows, longest prompt,
+        vocab], padding included). Slot ``start + k`` already holds ``past[k]`` positions (a prefix, cached blocks:
         see :meth:`write_prefix`, :meth:`write_block`; default none) and its prompt follows them. Adapters:
         :meth:`set_adapter` first.
 
@@ -288,22 +360,20 @@ class SlotDecoder:
                 raise ValueError("a prompt is empty: give at least one token")
             ids[k, :len(p)] = p
         lengths = np.asarray([len(p) for p in prompts], np.int64)
-        logits = self._run(start, ids, past + width - 1, lengths - 1)
+        picked = np.broadcast_to(np.arange(width), (n, width)) if every_position else (lengths - 1)[:, None]
+        logits = self._run(start, ids, past + width - 1, picked)
         self.lengths[start:start + n] = past + lengths
-        return logits
+        return logits if every_position else logits[:, 0]
 
     def decode(self, tokens: Sequence[int], start: int = 0) -> np.ndarray:
         """One token for each of rows ``start .. start + len(tokens) - 1`` (their last picks); next logits."""
         n = len(tokens)
         lengths = self.lengths[start:start + n]
         self.reserve(int(lengths.max()) + 1)
-        logits = self._run(start, np.asarray(tokens, np.int64).reshape(n, 1), lengths.copy(), np.zeros(n, np.int64))
+        logits = self._run(start, np.asarray(tokens, np.int64).reshape(n, 1), lengths.copy(),
+                           np.zeros((n, 1), np.int64))
         self.lengths[start:start + n] += 1
-        return logits
+        return logits[:, 0]
 
     def check_prefix(self, prefix: Prefix) -> None:
-        """ValueError unless ``prefix`` has this decoder's layers, key/value heads and head size."""
-        if len(prefix.keys) != self.layers or prefix.keys[0].shape[0] != self.kv_heads \
-                or prefix.keys[0].shape[2] != self.head_dim:
-            raise ValueError(f"key/value prefix of shape {len(prefix.keys)} x {prefix.keys[0].shape} does not fit "
-                             f"this decoder ({self.layers} layers x [{self.kv_heads}, P, {self.head_dim}])")
+        self.model.check_prefix(prefix)
