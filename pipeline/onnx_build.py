@@ -123,6 +123,7 @@ def add_fused(cfg: Config, task: TaskConfig, path: Path, torch_model, tokenizer,
     :func:`pipeline.fidelity.check` (False for the bundle's bare base)."""
     from edge.runtime import Decoder
     from edge.slots import fused_path
+    from pipeline.device import thread_count
     from exporters.fused_graph import FuseError, write_fused
     from exporters.onnx import OnnxCausalLM
     from pipeline.errors import GateFailed
@@ -130,7 +131,7 @@ def add_fused(cfg: Config, task: TaskConfig, path: Path, torch_model, tokenizer,
 
     try:
         sidecar = write_fused(path, max_length=min(context_length, FUSED_MAX_LENGTH))
-        decoder = Decoder(path, threads=cfg.num_threads)  # the CPU: the only provider the fused path runs on
+        decoder = Decoder(path, threads=thread_count(cfg.num_threads))  # the CPU: the only provider it runs on
         if decoder.fused is None:
             raise FuseError("ONNX Runtime could not open it (see the warning above)")
         metrics = gate(cfg, task, precision, torch_model, OnnxCausalLM(decoder), tokenizer, f"{what} fused",
