@@ -218,9 +218,13 @@ class SlotDecoder:
         self.capacity = 0
         self.keys: list[np.ndarray] = []
         self.values: list[np.ndarray] = []
+        self._kv_version = 0
         self._grow(min(capacity, self.max_length))
         self._row_range: list[_Range | None] = [None] * slots
         self._bound: tuple[int, int, int] | None = None
+        self._kv_bound: tuple[int, int, int] | None = None
+        """(start, rows, buffers' version) of the key/value rows bound last: they stay bound (by address) until
+        the rows change or :meth:`_grow` reallocates the buffers."""
         self._io = self.session.io_binding()
 
     @property
@@ -240,6 +244,7 @@ class SlotDecoder:
                     buf[:, :, :keep] = old[layer][:, :, :keep]
                 new_list.append(buf)
         self.keys, self.values, self.capacity = keys, values, capacity
+        self._kv_version += 1  # new arrays: bindings to the old ones are stale
 
     def reserve(self, length: int) -> None:
         """Make room for ``length`` positions in every slot (doubling; at most ``max_length``)."""
@@ -304,11 +309,13 @@ class SlotDecoder:
         last = np.ascontiguousarray(last, np.int64).reshape(n, -1)
         for name, array in ((("input_ids", ids), (SEQLENS, seqlens), (TOTAL, total), (LAST, last))):
             _bind(io, name, array)
-        for layer in range(self.layers):
-            for kind, bufs in (("key", self.keys), ("value", self.values)):
-                rows = bufs[layer][start:start + n]
-                _bind(io, f"past_key_values.{layer}.{kind}", rows)
-                _bind(io, f"present.{layer}.{kind}", rows, output=True)
+        if self._kv_bound != (start, n, self._kv_version):  # the same rows of the same buffers: bound already
+            for layer in range(self.layers):
+                for kind, bufs in (("key", self.keys), ("value", self.values)):
+                    rows = bufs[layer][start:start + n]
+                    _bind(io, f"past_key_values.{layer}.{kind}", rows)
+                    _bind(io, f"present.{layer}.{kind}", rows, output=True)
+            self._kv_bound = (start, n, self._kv_version)
         logits = np.empty((n, last.shape[1], self.vocab), np.float32)
         _bind(io, "logits", logits, output=True)
         # the arrays bound above must live until the run ends: they are locals of this frame

@@ -145,13 +145,15 @@ def artifact_size(cfg: Config, task: TaskConfig, artifact: str) -> int:
         from pipeline.gguf_build import model_file
 
         return model_file(path).stat().st_size
-    if artifact == "edge":  # what a device needs for this task: the shared base and the task's file
+    if artifact == "edge":  # what a device needs for this task: the shared base and the task's file (+ sidecars)
         from edge.bundle import load_bundle
+        from edge.slots import fused_path
 
         bundle = load_bundle(path, verify=False)
         entry = bundle.adapters[task.name]
-        own = dir_size(path / entry.file)
-        return own if entry.kind == "merged" else own + dir_size(bundle.model_path)
+        files = [path / entry.file] + ([] if entry.kind == "merged" else [bundle.model_path])
+        files += [fused_path(f) for f in files if f.suffix == ".onnx" and fused_path(f).is_file()]
+        return sum(dir_size(f) for f in files)
     base_q = quantized_base_of(path) if artifact in ("int8", "nf4") else None
     return dir_size(path) + (dir_size(base_q) if base_q else 0)
 
@@ -233,8 +235,9 @@ def int4_variant(cfg: Config, task: TaskConfig, variant: str) -> Iterator[tuple[
     in a scratch folder under the task's eval folder that is deleted afterwards."""
     import shutil
 
+    from exporters.fused_graph import FuseError, write_fused
     from exporters.onnx import TOKENIZER_FILES, load_onnx_model
-    from pipeline.onnx_build import fp32_onnx, quantize_onnx
+    from pipeline.onnx_build import FUSED_MAX_LENGTH, fp32_onnx, quantize_onnx
 
     merged = merged_dir(cfg, task)
     require_stage_output(merged, "merge", task)
@@ -252,6 +255,11 @@ def int4_variant(cfg: Config, task: TaskConfig, variant: str) -> Iterator[tuple[
         for name in (*TOKENIZER_FILES, "config.json"):
             if (fp32 / name).is_file():
                 shutil.copy2(fp32 / name, out / name)
+        try:  # with its fused sidecar, as the export ships int4: speeds compare like with like
+            context = json.loads((out / "config.json").read_text()).get("max_position_embeddings", 2048)
+            write_fused(out / "model.onnx", max_length=min(int(context), FUSED_MAX_LENGTH))
+        except FuseError as exc:
+            log.warning("evaluate %s: the int4 variant %s runs without a fused sidecar: %s", task.name, variant, exc)
         model = load_onnx_model(out, set_threads(cfg.num_threads), providers=onnx_providers(cfg.providers))
         yield model, load_tokenizer(out), dir_size(out)
 
@@ -263,7 +271,9 @@ def evaluate_cached(cfg: Config, task: TaskConfig, artifact: str, examples: list
         variant = artifact.partition("@")[2]
         inputs = {"merged": merged_dir(cfg, task), "test": Path(task.test),
                   **(calibration_inputs(cfg, [task]) if variant.startswith("gptq") else {})}
-        settings = variant + int4_recipe(variant_config(cfg, variant))
+        from edge.slots import FUSED_FORMAT
+
+        settings = variant + int4_recipe(variant_config(cfg, variant)) + FUSED_FORMAT
     else:
         inputs, settings = {"artifact": artifact_path(cfg, task, artifact), "test": Path(task.test)}, ""
     # where it runs is part of what is measured (speed, and bitsandbytes kernels differ by device)

@@ -178,3 +178,23 @@ def test_past_the_sidecars_context_and_with_a_stale_or_damaged_sidecar_the_expor
         reference = Decoder(path, threads=1, fused=False)
         assert _greedy(decoder, PROMPTS[1], 6) == _greedy(reference, PROMPTS[1], 6)
     assert not list(folder.glob("*.partial"))
+
+
+def test_slots_whose_cache_grows_between_steps_keep_computing_the_exported_graphs_logits(
+        exported: dict[str, Path]) -> None:
+    """The key/value rows stay bound between steps; when a row outgrows the buffers they are reallocated and
+    must be bound anew (a stale binding would read and write freed memory)."""
+    from edge.slots import FusedModel, SlotDecoder
+
+    path = exported["fp32"]
+    write_fused(path, max_length=64)
+    slots = SlotDecoder(FusedModel(fused_path(path), threads=1), slots=1, capacity=4)
+    prompt = PROMPTS[1]  # 3 tokens: the first run fits the 4 positions allocated
+    got = [slots.prefill(0, [prompt])[0]]
+    sequence = list(prompt)
+    for _ in range(10):  # grows to 8, then 16 positions, between decode steps
+        sequence.append(int(got[-1].argmax()))
+        got.append(slots.decode([sequence[-1]])[0])
+    assert slots.capacity == 16
+    want = Decoder(path, threads=1, fused=False).logits(np.asarray([sequence]))[0, len(prompt) - 1:]
+    assert np.abs(np.stack(got) - want).max() < 1e-4

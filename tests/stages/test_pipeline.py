@@ -120,6 +120,9 @@ def test_report_scores_every_artifact_and_equivalent_artifacts_agree(tiny_run) -
         assert a["onnx"]["perplexity"] == pytest.approx(a["merged"]["perplexity"], rel=1e-4)
         assert a["adapter"]["size_bytes"] < a["merged"]["size_bytes"]
         assert a["merged"]["perplexity"] != a["base"]["perplexity"]  # the adapter changed the model
+        edge = run / "export" / "edge"  # what a device needs for the task: the base, its fused sidecar, the adapter
+        assert a["edge"]["size_bytes"] == sum((edge / f).stat().st_size for f in (
+            "model.onnx", "model.fused.onnx", f"adapters/{task}.onnx_adapter"))
     # ... and on praise it learned the task, so the agreement above is over answers that are right
     praise = report["tasks"]["praise"]["artifacts"]
     assert praise["adapter"]["exact_match"] == 1.0 > praise["base"]["exact_match"]
