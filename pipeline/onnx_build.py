@@ -123,9 +123,9 @@ def add_fused(cfg: Config, task: TaskConfig, path: Path, torch_model, tokenizer,
     :func:`pipeline.fidelity.check` (False for the bundle's bare base)."""
     from edge.runtime import Decoder
     from edge.slots import fused_path
-    from pipeline.device import thread_count
     from exporters.fused_graph import FuseError, write_fused
     from exporters.onnx import OnnxCausalLM
+    from pipeline.device import thread_count
     from pipeline.errors import GateFailed
     from pipeline.fidelity import gate
 
