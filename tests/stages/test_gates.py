@@ -123,3 +123,41 @@ def test_edge_fallback_ships_a_task_that_fails_on_the_shared_base_at_the_next_pr
     decoder, lora, prefix = runner.resolve("extract")
     assert lora is None and prefix is None and decoder is not None
     assert "(export.edge_fallback)" in (run / "report.md").read_text()
+
+
+@pytest.mark.parametrize("failure", ["gate", "fuse"])
+def test_a_fused_sidecar_that_fails_is_not_kept_and_the_exported_graph_is_published(
+        failure: str, tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sidecar is a faster form of an export that passed its gate: when it fails its own gate (or the graph
+    cannot be fused) it is removed and the record says why; the export, its gate passed, is published."""
+    import exporters.fused_graph
+    import pipeline.fidelity
+    from edge.runtime import Decoder
+    from pipeline.errors import GateFailed
+
+    original = pipeline.fidelity.gate
+
+    def gate(cfg, task, precision, torch_model, export_model, tokenizer, what, **kwargs):
+        if what.endswith(" fused"):
+            raise GateFailed(f"export {what}: the {precision} fidelity gate failed (test)", {"rows": 4})
+        return original(cfg, task, precision, torch_model, export_model, tokenizer, what, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise exporters.fused_graph.FuseError("no q_proj under /model/layers.0/self_attn/ (test)")
+
+    if failure == "gate":
+        monkeypatch.setattr(pipeline.fidelity, "gate", gate)
+    else:
+        monkeypatch.setattr(exporters.fused_graph, "write_fused", refuse)
+    sets = [f"base={tiny_model_dir}", f"out_dir={tmp_path}", "quantize.formats=[]", "export.targets=[onnx]",
+            "evaluate.artifacts=[onnx]"]
+    assert cli("pipeline", "--config", "configs/tiny.yaml", "--task", "sentiment", sets=sets) == 0
+    out = tmp_path / "tiny" / "export" / "onnx" / "sentiment"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (out / "model.onnx").is_file() and not (out / "model.fused.onnx").exists()
+    assert "model.fused.onnx" not in manifest["files"] and manifest["metrics"]["fused"]["file"] is None
+    assert ("fidelity gate failed" if failure == "gate" else "no q_proj") in manifest["metrics"]["fused"]["reason"]
+    assert manifest["metrics"]["score_drop"] == 0  # the exported graph's own gate passed
+    assert Decoder(out / "model.onnx", threads=1).fused is None
+    record = json.loads((tmp_path / "tiny" / "export" / "records" / "sentiment.json").read_text())
+    assert record["exported"].keys() >= {"onnx"} and record["failed"] == {}
