@@ -145,13 +145,37 @@ def write_fused(path: Path, *, max_length: int) -> Path:
     Every initializer of at least :data:`SHARED_MIN_BYTES` is stored as external data pointing into
     ``path`` itself (same directory, its byte offset in the file), so the two files must travel together:
     the bundle's manifest hashes both. Written to a temporary name and renamed: an interrupted write
-    leaves no sidecar. Raises :class:`FuseError` when the graph does not have the expected structure.
+    leaves no sidecar. Raises :class:`FuseError` when the graph does not have the expected structure, or
+    keeps its weights in a separate external-data file (a model over 2 GB: not supported yet).
     """
+    import mmap
+
     import onnx
 
     path = Path(path)
+    header = onnx.load(str(path), load_external_data=False)
+    if any(i.data_location == onnx.TensorProto.EXTERNAL for i in header.graph.initializer):
+        raise FuseError(f"{path.name} keeps its weights in an external data file (a model over 2 GB); fused "
+                        "sidecars are written only for single-file models")
+    del header
     model = _fuse(path, max_length)
-    data = path.read_bytes()
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        _share_weights(model, data, path.name)
+        size = len(data)
+    entry = model.metadata_props.add()  # the runtime refuses a sidecar whose exported file has changed since
+    entry.key, entry.value = "edgetune.source_bytes", str(size)
+    out = fused_path(path)
+    tmp = out.with_name(out.name + ".partial")
+    tmp.write_bytes(model.SerializeToString())
+    os.replace(tmp, out)
+    return out
+
+
+def _share_weights(model, data, location: str) -> None:
+    """Point every initializer of ``model`` (of at least :data:`SHARED_MIN_BYTES`) found verbatim in ``data``
+    (the exported file's bytes) at its byte range there instead of holding it."""
+    import onnx
+
     cursor = 0
     for init in model.graph.initializer:
         raw = init.raw_data
@@ -167,16 +191,9 @@ def write_fused(path: Path, *, max_length: int) -> Path:
         cursor = offset + len(raw)
         init.ClearField("raw_data")
         init.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", path.name), ("offset", str(offset)), ("length", str(len(raw)))):
+        for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
             entry = init.external_data.add()
             entry.key, entry.value = key, value
-    entry = model.metadata_props.add()  # the runtime refuses a sidecar whose exported file has changed since
-    entry.key, entry.value = "edgetune.source_bytes", str(len(data))
-    out = fused_path(path)
-    tmp = out.with_name(out.name + ".partial")
-    tmp.write_bytes(model.SerializeToString())
-    os.replace(tmp, out)
-    return out
 
 
 def _fuse(path: Path, max_length: int):

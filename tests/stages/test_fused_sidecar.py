@@ -198,3 +198,19 @@ def test_slots_whose_cache_grows_between_steps_keep_computing_the_exported_graph
     assert slots.capacity == 16
     want = Decoder(path, threads=1, fused=False).logits(np.asarray([sequence]))[0, len(prompt) - 1:]
     assert np.abs(np.stack(got) - want).max() < 1e-4
+
+
+def test_a_model_with_its_weights_in_an_external_data_file_gets_no_sidecar(exported: dict[str, Path],
+                                                                            tmp_path: Path) -> None:
+    """Over 2 GB a model's weights live in a separate file; a sidecar pointing into ``model.onnx`` would read
+    the wrong bytes, so none is written and the reason says why (the export records it and goes on)."""
+    from exporters.fused_graph import FuseError
+
+    model = onnx.load(str(exported["fp32"]))
+    onnx.save_model(model, str(tmp_path / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=0)
+    with pytest.raises(FuseError, match="external data file"):
+        write_fused(tmp_path / "model.onnx", max_length=64)
+    assert not fused_path(tmp_path / "model.onnx").exists() and not list(tmp_path.glob("*.partial"))
+    assert _greedy(Decoder(tmp_path / "model.onnx", threads=1), PROMPTS[1], 4) == \
+        _greedy(Decoder(exported["fp32"], threads=1, fused=False), PROMPTS[1], 4)
