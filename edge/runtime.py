@@ -217,10 +217,9 @@ class Decoder:
         if self._fits(n + seq + 1) and real.any(axis=1).all():
             rows = [row[keep].tolist() for row, keep in zip(input_ids, real)]
             slots = self._slots(batch, adapter, prefix, n + seq + 1)
-            out = None
+            out = np.zeros((batch, seq, self.fused.vocab), np.float32)
             for start, part in _prefill_runs(rows, n):
                 got = slots.prefill(start, part, [n] * len(part), every_position=True)
-                out = np.zeros((batch, seq, got.shape[-1]), np.float32) if out is None else out
                 for k, row in enumerate(part):
                     out[start + k, real[start + k]] = got[k, :len(row)]
             return out

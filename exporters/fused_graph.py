@@ -136,7 +136,9 @@ def fuse_decoder(path: Path, *, max_length: int) -> bytes:
     :class:`edge.slots.FusedModel` opens).
 
     Raises :class:`FuseError` when the graph does not have the expected structure."""
-    return _fuse(path, max_length).SerializeToString()
+    import onnx
+
+    return _fuse(onnx.load(str(path)), max_length).SerializeToString()
 
 
 def write_fused(path: Path, *, max_length: int) -> Path:
@@ -153,12 +155,11 @@ def write_fused(path: Path, *, max_length: int) -> Path:
     import onnx
 
     path = Path(path)
-    header = onnx.load(str(path), load_external_data=False)
-    if any(i.data_location == onnx.TensorProto.EXTERNAL for i in header.graph.initializer):
+    model = onnx.load(str(path), load_external_data=False)  # a single-file model: every weight is in it anyway
+    if any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer):
         raise FuseError(f"{path.name} keeps its weights in an external data file (a model over 2 GB); fused "
                         "sidecars are written only for single-file models")
-    del header
-    model = _fuse(path, max_length)
+    model = _fuse(model, max_length)
     with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
         _share_weights(model, data, path.name)
         size = len(data)
@@ -196,12 +197,10 @@ def _share_weights(model, data, location: str) -> None:
             entry.key, entry.value = key, value
 
 
-def _fuse(path: Path, max_length: int):
-    """The fused ModelProto of the decoder at ``path`` (weights inline)."""
-    import onnx
+def _fuse(model, max_length: int):
+    """``model`` (a decoder's ModelProto, weights loaded) rewritten in place into the fused graph; returns it."""
     from onnx import TensorProto, helper, numpy_helper
 
-    model = onnx.load(str(path))
     graph = model.graph
     inputs = {i.name: i for i in graph.input}
     pasts = sorted((n for n in inputs if n.startswith("past_key_values.")), key=lambda n: (int(n.split(".")[1]), n))

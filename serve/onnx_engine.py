@@ -192,8 +192,9 @@ class OnnxEngine(Worker):
         from edge.runtime import Decoder
 
         probe = (self.runner.encode_chat("Say hello.") or [0])[:32]
-        own = Decoder(self.runner.bundle.model_path, threads=self.runner.threads, providers=self.runner.providers,
-                      fused=False)
+        own = self.runner.base  # the bundle's own graph, unless it decodes on a sidecar (one too short for the context)
+        if own.fused is not None:
+            own = Decoder(own.path, threads=self.runner.threads, providers=self.runner.providers, fused=False)
         want = own.logits(np.asarray([probe]))[0, -1]
         got = decoder.prefill(0, [probe])[0]
         return float(np.abs(want - got).max()) / max(float(want.max() - want.min()), 1e-6)
