@@ -61,6 +61,16 @@ def global_step(folder: Path) -> int:
     return int(json.loads((folder / STATE).read_text(encoding="utf-8"))["global_step"])
 
 
+def log_history(folder: Path) -> list[dict]:
+    """The Trainer's log history up to a complete checkpoint (losses and evaluations, in order)."""
+    return list(json.loads((folder / STATE).read_text(encoding="utf-8")).get("log_history", []))
+
+
+def remove(folder: Path) -> None:
+    """Remove a finished tune's checkpoints (the adapter holds what was kept)."""
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def last_complete(folder: Path) -> Path | None:
     """The complete checkpoint of the highest step under ``folder`` (None if there is none)."""
     found = [p for p in folder.glob("checkpoint-*") if step_of(p) is not None and is_complete(p)] \

@@ -28,6 +28,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
@@ -99,6 +100,9 @@ class TaskConfig(_Section):
     """Training data: a JSONL or CSV file (prompt/completion, messages, or text rows)."""
     test: str
     """Held-out data in the same formats; used for exact match and perplexity."""
+    validation: str | None = None
+    """Validation data for evaluation during training (early stopping, the kept checkpoint), in the same
+    formats; null: ``tune.validation_share`` of the training rows are held out instead. Never the test file."""
     max_new_tokens: int = Field(32, ge=1, le=4096)
     """Generation budget when scoring a test row; a little above the longest expected answer."""
     max_steps: int | None = Field(None, ge=1)
@@ -110,6 +114,14 @@ class TaskConfig(_Section):
         if not _plain_name(value):
             raise _problem(f"{value!r} must be letters, digits, '-' or '_'")
         return value
+
+    @model_validator(mode="after")
+    def _validation_is_not_test(self) -> TaskConfig:
+        if self.validation is not None and Path(self.validation).resolve() == Path(self.test).resolve():
+            raise _problem(f"validation {self.validation!r} is the test file: choosing the kept checkpoint on "
+                           "test rows would make the held-out score optimistic; name another file, or leave "
+                           "validation null to hold out tune.validation_share of the training rows")
+        return self
 
 
 class LoraConfig(_Section):
@@ -175,7 +187,7 @@ class TuneConfig(_Section):
     """Training loop settings (transformers ``Trainer``)."""
 
     max_steps: int = Field(60, ge=1)
-    """Optimizer steps per task."""
+    """Optimizer steps per task: an upper bound when early stopping is on."""
     batch_size: int = Field(8, ge=1)
     """Examples per device per step."""
     grad_accum: int = Field(1, ge=1)
@@ -193,7 +205,28 @@ class TuneConfig(_Section):
     logging_steps: int = Field(10, ge=1)
     """Log the training loss every N steps."""
     save_steps: int = Field(50, ge=1)
-    """Write a resumable checkpoint every N steps (``--resume`` continues from the last one)."""
+    """Write a resumable checkpoint every N steps (``--resume`` continues from the last one); with a
+    validation split, a checkpoint is written at every evaluation instead (the best one is kept)."""
+    validation_share: Number = Field(0.05, ge=0, lt=1)
+    """Share of the training rows held out (chosen with ``seed``) for evaluation during training when a
+    task names no ``validation`` file; 0 with no file: no evaluation, train ``max_steps`` and keep the last."""
+    eval_steps: int = Field(10, ge=1)
+    """Evaluate on the validation rows every N optimizer steps (and at the last step)."""
+    eval_rows: int = Field(32, ge=1)
+    """Validation rows whose greedy answer is scored for exact match at each evaluation (loss uses all)."""
+    eval_batch_size: int = Field(16, ge=1)
+    """Rows per batch in evaluation during training (loss and greedy decoding)."""
+    metric_for_best: Literal["auto", "exact_match", "loss"] = "auto"
+    """What makes a checkpoint the best: ``auto`` is validation exact match when the validation rows have
+    answers (ties keep the earlier step), else validation loss."""
+    early_stopping_patience: int | None = Field(3, ge=1)
+    """Stop after N evaluations in a row without a new best (null: train ``max_steps``). Exact match 1.0
+    stops at once: no later evaluation could beat it."""
+    load_best_at_end: bool = True
+    """Keep the best evaluation's checkpoint as the adapter (false: the last step's)."""
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = "none"
+    """Experiment tracking through the Trainer's integration (each an optional extra: ``pip install
+    'edgetune[tensorboard]'``, ``[wandb]``, ``[mlflow]``); offline, under ``runs/<run>/tracking/``."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Training arithmetic: ``auto`` is bf16 mixed precision on a GPU that supports it and fp32 elsewhere;
     ``bf16``/``fp16`` are mixed precision (weights and the saved adapter stay fp32; fp16 needs CUDA)."""

@@ -75,6 +75,19 @@ def load_examples(path: str | Path) -> list[Example]:
     return examples
 
 
+def split_validation(examples: list[Example], share: float, seed: int, what: str) -> tuple[list[Example], list[Example]]:
+    """(train, validation): ``share`` of ``examples`` held out, chosen with ``seed`` (at least one row), each
+    part in file order. Raises DataError when too few rows are left to train on."""
+    import random
+
+    count = max(1, round(share * len(examples)))
+    if len(examples) - count < 1:
+        raise DataError(f"{what}: {len(examples)} row(s) cannot spare tune.validation_share={share} for validation "
+                        "and still train; add rows, lower the share, or name a tasks[].validation file")
+    held = set(random.Random(seed).sample(range(len(examples)), count))
+    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
+
+
 def _parse_json(text: str, where: str, fix: str) -> Any:
     """``json.loads`` with its failures (nesting too deep to parse included) as DataError at ``where``."""
     try:

@@ -31,6 +31,7 @@ from pipeline.stage_outputs import (
     export_skips,
     quantized_base_of,
     require_stage_output,
+    training_record,
     tuned_spec,
 )
 
@@ -319,5 +320,5 @@ def run(cfg: Config, tasks: list[TaskConfig], *, force: bool = False) -> Path:
                     name = f"onnx-int4@{variant}"
                     artifacts[name] = evaluate_cached(cfg, task, name, examples, force)
         results[task.name] = {"test_file": task.test, "test_rows": len(examples), "artifacts": artifacts,
-                              "skipped": skipped, "failed": failed}
+                              "skipped": skipped, "failed": failed, "training": training_record(cfg, task)}
     return write_report(cfg, results)

@@ -1,6 +1,8 @@
 """The run report: ``report.json`` (machine-readable, schema in README.md), ``report.md``, and for
 people choosing a trade-off, ``report.html`` with one plot per task (``plots/<task>.png``): held-out
-score against size on disk and against decode speed, one labelled point per artifact."""
+score against size on disk and against decode speed, one labelled point per artifact; beside it the
+task's training curves (``plots/<task>-training.png``): training and validation loss and validation
+exact match against steps, with the step that was kept."""
 
 from __future__ import annotations
 
@@ -52,7 +54,8 @@ def write_report(cfg: Config, tasks: dict[str, dict[str, Any]]) -> Path:
     write_json_atomic(path, report)
     write_text_atomic(cfg.run_dir / "report.md", render_markdown(report))
     plots = write_plots(report, cfg.run_dir / "plots")
-    write_text_atomic(cfg.run_dir / "report.html", render_html(report, plots, cfg.run_dir))
+    curves = write_training_plots(report, cfg.run_dir / "plots")
+    write_text_atomic(cfg.run_dir / "report.html", render_html(report, plots, cfg.run_dir, curves))
     return path
 
 
@@ -112,16 +115,76 @@ def write_plots(report: dict[str, Any], folder: Path) -> dict[str, Path]:
         fig.suptitle(f"{name}: quality vs size and speed ({task['test_rows']} held-out rows, "
                      f"{report['machine']['cpu']}, {report['machine']['threads']} threads)", fontsize=10)
         fig.tight_layout(rect=(0, 0.08, 1, 1))
-        path = folder / f"{name}.png"
-        image = io.BytesIO()
-        fig.savefig(image, format="png", dpi=110)
-        plt.close(fig)
-        write_bytes_atomic(path, image.getvalue())  # a kill leaves a temporary the next run cleans
-        out[name] = path
+        out[name] = _save_png(fig, folder / f"{name}.png")
     return out
 
 
-def render_html(report: dict[str, Any], plots: dict[str, Path], run_dir: Path) -> str:
+def _save_png(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
+    plt.close(fig)
+    write_bytes_atomic(path, image.getvalue())  # a kill leaves a temporary the next run cleans
+    return path
+
+
+def training_line(training: dict[str, Any] | None) -> str | None:
+    """One sentence on how a task's tune ended: steps, the step kept, why, and the best validation score."""
+    if not training or training.get("steps") is None:
+        return None
+    best = training.get("best_metric") or {}
+    score = "" if best.get("value") is None else \
+        f"; best validation {best['name'].replace('_', ' ')} {best['value']:.4g} at step {best['step']}"
+    seconds = "" if training.get("train_seconds") is None else f" in {training['train_seconds']:.0f} s"
+    return (f"Training: {training['steps']} steps{seconds}, kept step {training['kept_step']} "
+            f"({training.get('stop_reason') or 'no reason recorded'}){score}")
+
+
+def write_training_plots(report: dict[str, Any], folder: Path) -> dict[str, Path]:
+    """One PNG per tuned task: training and validation loss (left) and validation exact match (right)
+    against optimizer steps, the kept step marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = {}
+    for name, task in report["tasks"].items():
+        training = task.get("training") or {}
+        curves = training.get("curves") or {}
+        if not curves.get("train_loss"):
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        fig, (loss_ax, em_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+        for key, label, style in (("train_loss", "training loss", "-"), ("eval_loss", "validation loss", "o-")):
+            if curves.get(key):
+                steps, values = zip(*curves[key])
+                loss_ax.plot(steps, values, style, label=label, markersize=4)
+        loss_ax.set_yscale("log")
+        loss_ax.set_ylabel("loss (log scale)")
+        if curves.get("eval_exact_match"):
+            steps, values = zip(*curves["eval_exact_match"])
+            em_ax.plot(steps, values, "o-", color="C2", label="validation exact match", markersize=4)
+            em_ax.set_ylim(-0.02, 1.02)
+        else:
+            em_ax.text(0.5, 0.5, "no validation exact match\n(no validation rows with answers)",
+                       ha="center", va="center", transform=em_ax.transAxes)
+        em_ax.set_ylabel("exact match")
+        for ax in (loss_ax, em_ax):
+            if training.get("kept_step") is not None:
+                ax.axvline(training["kept_step"], color="gray", linestyle="--", label=f"kept: step {training['kept_step']}")
+            ax.set_xlabel("optimizer step")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(f"{name}: training ({training.get('stop_reason') or ''})", fontsize=10)
+        fig.tight_layout()
+        out[name] = _save_png(fig, folder / f"{name}-training.png")
+    return out
+
+
+def render_html(report: dict[str, Any], plots: dict[str, Path], run_dir: Path,
+                curves: dict[str, Path] | None = None) -> str:
     """A self-explaining page: per task the plot and the table it was drawn from."""
     e = html.escape
     m = report["machine"]
@@ -135,6 +198,11 @@ def render_html(report: dict[str, Any], plots: dict[str, Path], run_dir: Path) -
         parts.append(f"<h2>{e(name)} ({task['test_rows']} held-out rows)</h2>")
         if name in plots:
             parts.append(f"<img src='{e(str(plots[name].relative_to(run_dir)))}' alt='{e(name)} trade-offs' width='100%'>")
+        if name in (curves or {}):
+            parts.append(f"<img src='{e(str(curves[name].relative_to(run_dir)))}' alt='{e(name)} training curves' "
+                         "width='100%'>")
+        if training_line(task.get("training")):
+            parts.append(f"<p>{e(training_line(task['training']))}.</p>")
         parts.append("<table><tr><th>artifact</th><th>exact match</th><th>perplexity</th><th>size on disk (MB)</th>"
                      "<th>decode tok/s</th></tr>")
         for artifact, r in task["artifacts"].items():
@@ -166,7 +234,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     for name, task in report["tasks"].items():
-        lines += [f"## {name} ({task['test_rows']} held-out rows)", "",
+        lines += [f"## {name} ({task['test_rows']} held-out rows)", ""]
+        if training_line(task.get("training")):
+            lines += [training_line(task["training"]) + ".", ""]
+        lines += [
                   "| artifact | exact match | perplexity | size on disk | decode tok/s (batch 1) |",
                   "|---|---:|---:|---:|---:|"]
         for artifact, r in task["artifacts"].items():

@@ -39,6 +39,19 @@ def tuned_spec(cfg: Config, task: TaskConfig) -> AdapterSpec:
     return read_spec(folder)
 
 
+def training_record(cfg: Config, task: TaskConfig) -> dict[str, Any] | None:
+    """How ``task``'s tune went, for the report: steps trained, the step kept, why it stopped, the
+    validation rows and the curves (None when there is no finished tune, e.g. evaluating the base only)."""
+    manifest = read_manifest(adapter_dir(cfg, task))
+    if manifest is None:
+        return None
+    m = manifest.get("metrics", {})
+    return {"steps": m.get("steps"), "kept_step": m.get("kept_step", m.get("steps")),
+            "stop_reason": m.get("stop_reason"), "best_metric": m.get("best_metric"),
+            "train_seconds": m.get("train_seconds"), "validation": manifest.get("validation"),
+            "curves": m.get("curves", {})}
+
+
 def copy_adapter(src: Path, dst: Path) -> None:
     """Copy the PEFT adapter files of ``src`` into ``dst`` (created if missing)."""
     dst.mkdir(parents=True, exist_ok=True)

@@ -5,23 +5,27 @@ out under ``accelerate launch`` or ``torchrun``. Methods plug in by preparing th
 layers, trainable parameters); method-specific behaviour beyond that belongs in callbacks and
 optimizer parameter groups, not in a loop of our own.
 
+With validation rows (``tasks[].validation`` or ``tune.validation_share``), training is evaluated every
+``tune.eval_steps``, stops early when the validation metric stalls, and keeps the best evaluation's
+checkpoint (:mod:`pipeline.validation`); ``tune.max_steps`` is then an upper bound.
+
 Output: ``runs/<run>/adapters/<task>/``: the method's result (a PEFT adapter, a PIR sparse delta or a
-whole model) plus the tokenizer and ``manifest.json``, whose ``adapter`` entry is the result's
-:class:`~pipeline.adapter_spec.AdapterSpec`, the description every later stage reads.
+whole model) plus the tokenizer, ``trainer_state.json`` (the Trainer's log history) and ``manifest.json``,
+whose ``adapter`` entry is the result's :class:`~pipeline.adapter_spec.AdapterSpec`, the description every
+later stage reads, and whose metrics hold the curves, the step kept and why training stopped.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import statistics
 import time
 from functools import partial
 from pathlib import Path
 
 from pipeline import checkpoints as checkpoint_files
-from pipeline import distributed
+from pipeline import distributed, tracking, validation
 from pipeline.adapter_spec import MANIFEST_KEY, AdapterSpec, spec_from_files
 from pipeline.artifacts import atomic_dir, fingerprint, is_fresh, write_manifest
 from pipeline.config import Config, TaskConfig
@@ -37,8 +41,12 @@ log = logging.getLogger(__name__)
 
 def _plan(cfg: Config, task: TaskConfig) -> tuple[Path, str, dict, str]:
     base = resolve_base(cfg.base)
-    config_hash = cfg.section_hash("method", "seed", "lora", "ulmfit", "prompt", "pir", "tune") + f":{task.name}:{task.max_steps}"
-    fp, inputs = fingerprint("tune", {"base": base, "train": Path(task.train)}, config_hash)
+    config_hash = cfg.section_hash("method", "seed", "lora", "ulmfit", "prompt", "pir", "tune") + \
+        f":{task.name}:{task.max_steps}:{task.validation}"
+    files = {"base": base, "train": Path(task.train)}
+    if task.validation is not None:
+        files["validation"] = Path(task.validation)
+    fp, inputs = fingerprint("tune", files, config_hash)
     return base, fp, inputs, config_hash
 
 
@@ -47,7 +55,7 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
 
     ``resume`` continues from the last checkpoint of an interrupted run of this task.
     """
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import TrainingArguments, set_seed
 
     out = adapter_dir(cfg, task)
     base, fp, inputs, config_hash = _plan(cfg, task)
@@ -55,7 +63,9 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
         log.info("tune %s: up to date (%s), nothing to do; --force retrains", task.name, out)
         return out
 
-    examples = load_examples(task.train)  # validate every row before any model work
+    examples = load_examples(task.train)  # validate every row (and the validation rows) before any model work
+    examples, held_out = validation.split(cfg, task, examples)
+    tracker_args = tracking.trainer_args(cfg, task)
     method = get_method(cfg.method)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.tune.precision, device)
@@ -69,11 +79,17 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(base)
     dataset = encode_all(tokenizer, examples, cfg.tune.max_seq_len, f"{task.train}")
+    eval_dataset = encode_all(tokenizer, held_out.examples, cfg.tune.max_seq_len, held_out.source) \
+        if held_out else None
     model = method.apply(load_base_for_training(method, base, device), cfg, data=dataset)
     optimizer, optimizer_note = choose_optimizer(method, device)
     if optimizer_note:
         log.warning("tune %s: %s", task.name, optimizer_note)
     trainable, total = parameter_counts(model)
+    if held_out:
+        log.info("tune %s: validation on %s (%d rows, %d scored for exact match); every %d steps, best by %s, "
+                 "early stopping patience %s", task.name, held_out.source, len(held_out.examples),
+                 len(held_out.scored), cfg.tune.eval_steps, held_out.metric, cfg.tune.early_stopping_patience)
     log.info("tune %s: method=%s, %d examples, %d trainable of %d parameters (%.3f%%), device=%s, precision=%s, "
              "optimizer=%s", task.name, method.name, len(examples), trainable, total, 100 * trainable / total, device,
              precision, optimizer)
@@ -107,40 +123,50 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
         logging_steps=t.logging_steps,
         logging_first_step=True,
         save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=1,
+        save_total_limit=1,  # with load_best_model_at_end the Trainer also keeps the best one
         seed=cfg.seed,
         use_cpu=device == "cpu",
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        report_to="none",
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=False,
+        **validation.trainer_args(cfg, held_out),
+        **tracker_args,
     )
     timer = step_timer()
     plan = method.training_plan(model, cfg, args.learning_rate, args.max_steps) if method.training_plan else None
-    trainer = Trainer(
+    control = validation.control_callback(held_out, t.early_stopping_patience, task.name) if held_out else None
+    trainer = validation.trainer_class()(
         model=model,
         args=args,
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
+        # its own tokenizer: padding a batch for decoding records padding settings in a tokenizer, and the one
+        # saved with the adapter must not depend on whether this process ran an evaluation (resume)
+        validation=held_out, tokenizer=load_tokenizer(base) if held_out else None,
+        max_new_tokens=task.max_new_tokens, task=task.name,
         # prompt-learning methods prepend virtual tokens (and their labels) inside the model: full-width logits
         data_collator=partial(collate_for_training, pad_id=tokenizer.pad_token_id,
                               slice_logits=not method.prompt_learning),
         optimizers=(plan.optimizer, plan.scheduler) if plan else (None, None),
-        callbacks=[*(plan.callbacks if plan else []), timer],
+        callbacks=[*(plan.callbacks if plan else []), timer, *([control] if control else [])],
     )
     # accelerate's state (built with the Trainer) sets its own thread count when OMP_NUM_THREADS is unset
     threads = set_threads(cfg.num_threads)
     log.info("tune %s: rank %d of %d trains with %d CPU threads", task.name, distributed.rank(),
              distributed.world_size(), threads)
     started = time.perf_counter()
-    if resume_from and checkpoint_files.global_step(resume_from) >= args.max_steps:
+    finished = resume_from and (checkpoint_files.global_step(resume_from) >= args.max_steps or (held_out and
+                                validation.stop_reason(checkpoint_files.log_history(resume_from), held_out.metric,
+                                                       t.early_stopping_patience)))
+    if finished:
         restore_finished(trainer, resume_from)
     else:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - started
     losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
+    outcome = training_outcome(trainer, held_out, t.early_stopping_patience, args.max_steps)
 
     if trainer.is_world_process_zero():
         with atomic_dir(out) as tmp:
@@ -149,6 +175,7 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
             else:
                 model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+            validation.write_state(trainer, tmp)
             spec = describe(method, tmp)
             write_manifest(
                 tmp,
@@ -159,8 +186,8 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
                 metrics={
                     "train_loss_first": losses[0][1] if losses else None,
                     "train_loss_last": losses[-1][1] if losses else None,
-                    "loss_curve": losses,
                     "steps": trainer.state.global_step,
+                    **outcome,
                     "train_seconds": round(seconds, 2),
                     "step_seconds_median": round(statistics.median(timer.seconds), 3) if timer.seconds else None,
                     "trainable_params": trainable,
@@ -169,16 +196,36 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
                 extra={"task": task.name, "method": method.name, "mergeable": method.mergeable, "base": cfg.base,
                        "full_model": method.full_model, "prompt_learning": method.prompt_learning,
                        "learning_rate": args.learning_rate,
+                       "validation": held_out.to_manifest() if held_out else None,
+                       "report_to": t.report_to,
                        "base_quantization": method.base_quantization, "optimizer": optimizer,
                        "optimizer_class": optimizer_class(trainer),
                        "device": device, "precision": precision,
                        "optimizer_note": optimizer_note, MANIFEST_KEY: spec.to_manifest()},
             )
-        shutil.rmtree(checkpoints, ignore_errors=True)
-        log.info("tune %s: done in %.0f s, loss %.3f -> %.3f, adapter in %s", task.name, seconds,
+        checkpoint_files.remove(checkpoints)
+        log.info("tune %s: done in %.0f s, %d steps (%s), kept step %d, loss %.3f -> %.3f, adapter in %s", task.name,
+                 seconds, trainer.state.global_step, outcome["stop_reason"], outcome["kept_step"],
                  losses[0][1] if losses else float("nan"), losses[-1][1] if losses else float("nan"), out)
     distributed.barrier()  # every rank returns once the adapter is in place
     return out
+
+
+def training_outcome(trainer, held_out: validation.Validation | None, patience: int | None,
+                     max_steps: int) -> dict:
+    """The manifest's account of how training ended: the step whose weights were kept, why it stopped, the
+    best validation metric, and the curves (train loss, validation loss and exact match against steps)."""
+    state = trainer.state
+    curves = validation.history(state.log_history)
+    if held_out is None:
+        return {"kept_step": state.global_step, "stop_reason": f"max_steps ({max_steps}) reached",
+                "best_metric": None, "curves": curves}
+    reason = validation.stop_reason(state.log_history, held_out.metric, patience)
+    keep_best = trainer.args.load_best_model_at_end and state.best_global_step is not None
+    return {"kept_step": state.best_global_step if keep_best else state.global_step,
+            "stop_reason": f"early stopping: {reason}" if reason else f"max_steps ({max_steps}) reached",
+            "best_metric": {"name": held_out.metric, "value": state.best_metric, "step": state.best_global_step},
+            "curves": curves}
 
 
 def step_timer():
@@ -253,13 +300,16 @@ def restore_finished(trainer, checkpoint: Path) -> None:
     """Put a checkpoint that already holds every step into ``trainer`` (weights, state, log) without training.
 
     ``Trainer.train`` resumed from it would run one more step (it checks for the last step only after
-    taking one: 13 of 12), which changes the adapter under a constant schedule. The weights are loaded by
-    the same Trainer method ``train`` resumes with.
+    taking one: 13 of 12), which changes the adapter under a constant schedule; the same holds for a checkpoint
+    at which early stopping had decided to stop. The weights are loaded by the same Trainer method ``train``
+    resumes with, then the best checkpoint's, as ``train`` does at its end.
     """
     from transformers import TrainerState
 
     trainer._load_from_checkpoint(str(checkpoint))
     trainer.state = TrainerState.load_from_json(str(checkpoint / checkpoint_files.STATE))
+    if trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint:  # as train() ends
+        trainer._load_best_model()
     if trainer.optimizer is None:  # the manifest names the optimizer class a run uses
         trainer.create_optimizer()
     log.info("%s already holds all %d steps: restored, not trained further", checkpoint, trainer.state.global_step)

@@ -32,9 +32,9 @@ def test_real_model_pipeline(tmp_path: Path) -> None:
     run = tmp_path / "real"
 
     tune = json.loads((run / "adapters" / "sentiment" / "manifest.json").read_text())["metrics"]
-    first = [loss for _, loss in tune["loss_curve"][:3]]
-    last = [loss for _, loss in tune["loss_curve"][-3:]]
-    assert sum(last) / 3 < 0.5 * sum(first) / 3, tune["loss_curve"]
+    first = [loss for _, loss in tune["curves"]["train_loss"][:3]]
+    last = [loss for _, loss in tune["curves"]["train_loss"][-3:]]
+    assert sum(last) / 3 < 0.5 * sum(first) / 3, tune["curves"]["train_loss"]
 
     report = json.loads((run / "report.json").read_text())
     artifacts = report["tasks"]["sentiment"]["artifacts"]

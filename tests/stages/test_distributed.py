@@ -174,6 +174,23 @@ def test_ulmfit_groups_not_yet_unfrozen_do_not_move_on_two_ranks(launch, tiny_mo
     assert all(not torch.equal(p, after[names[id(p)]]) for p in top)  # trained
 
 
+def test_two_ranks_evaluate_and_stop_early_together(workdir: Path, tiny_model_dir: Path) -> None:
+    """Validation loss is sharded over the ranks and exact match decoded on rank 0 and broadcast: both ranks
+    see the same stalled metric and stop at the same step (one rank stopping alone would hang the other)."""
+    out = workdir / "early"
+    sets = [f"base={tiny_model_dir}", f"out_dir={out}", "tune.batch_size=2", "num_threads=0", "tune.max_steps=12",
+            "tune.eval_steps=2", "tune.early_stopping_patience=2", "tune.metric_for_best=auto"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={RANKS}",
+           "-m", "pipeline.cli", "tune", "--config", "configs/tiny.yaml", "--task", "sentiment",
+           *(a for s in sets for a in ("--set", s))]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    metrics = read_manifest(out / "tiny" / "adapters" / "sentiment")["metrics"]
+    assert (metrics["steps"], metrics["kept_step"]) == (6, 2), metrics  # exact match 0.0 at 2, 4, 6
+    assert output.count("tune sentiment: stopping early at step 6") == 1  # logged by rank 0, obeyed by both
+
+
 def test_without_a_launcher_the_helpers_are_single_process_no_ops(monkeypatch) -> None:
     from pipeline import distributed
 

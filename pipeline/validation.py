@@ -1,0 +1,188 @@
+"""Evaluation during training: the validation rows, validation loss and exact match every ``tune.eval_steps``,
+the best checkpoint, early stopping, and the history the report draws.
+
+It rides on transformers' ``Trainer``: its evaluation loop computes the validation loss (sharded over the
+ranks of a multi-process launch), and its ``load_best_model_at_end`` keeps the best checkpoint. Exact match
+is greedy decoding scored by :func:`pipeline.scoring.exact_match`, the code evaluate uses; rank 0 decodes and
+broadcasts the score, so every rank holds the same metrics and takes the same decision to stop.
+
+"Best" is strict improvement of ``tune.metric_for_best`` (an equal score keeps the earlier step, as the
+Trainer does). The stop decision is read from the Trainer's log history, not from state of its own, so a run
+resumed from a checkpoint decides exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline import distributed
+from pipeline.config import Config, TaskConfig
+from pipeline.data import Example, load_examples, split_validation
+from pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Validation:
+    """The validation rows of one tune and how they are scored."""
+
+    examples: list[Example]
+    """Every validation row (the loss is taken on all of them)."""
+    source: str
+    """Where they came from: the ``tasks[].validation`` file, or the share held out of the training file."""
+    metric: str
+    """``exact_match`` or ``loss``: what makes an evaluation the best."""
+    scored: list[Example]
+    """The rows whose greedy answer is scored for exact match (empty: the rows have no answers)."""
+
+    @property
+    def greater_is_better(self) -> bool:
+        return self.metric == "exact_match"
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {"source": self.source, "rows": len(self.examples), "exact_match_rows": len(self.scored),
+                "metric_for_best": self.metric}
+
+
+def split(cfg: Config, task: TaskConfig, train: list[Example]) -> tuple[list[Example], Validation | None]:
+    """(training rows, validation) for ``task``: its ``validation`` file, else ``tune.validation_share`` of
+    ``train`` held out with the seed; validation None when neither is configured. Every validation row is
+    read and checked here, before any model work (a malformed row raises DataError with ``file:line``)."""
+    t = cfg.tune
+    if task.validation is not None:
+        rows, source = load_examples(task.validation), task.validation
+    elif t.validation_share > 0:
+        train, rows = split_validation(train, t.validation_share, cfg.seed, task.train)
+        source = f"{len(rows)} of the rows of {task.train} (tune.validation_share={t.validation_share}, seed {cfg.seed})"
+    else:
+        return train, None
+    answered = [e for e in rows if e.reference is not None]
+    metric = t.metric_for_best
+    if metric == "auto":
+        metric = "exact_match" if answered else "loss"
+    elif metric == "exact_match" and not answered:
+        raise ConfigError(f"tune.metric_for_best=exact_match, but the validation rows of task {task.name!r} "
+                          f"({source}) have no answers to match (text rows); use metric_for_best: loss or auto")
+    return train, Validation(rows, source, metric, answered[:t.eval_rows])
+
+
+def stop_reason(history: list[dict[str, Any]], metric: str, patience: int | None) -> str | None:
+    """Why training should stop after the evaluations in ``history`` (the Trainer's ``log_history``), or None.
+
+    Stops when ``patience`` evaluations in a row brought no new best, or when exact match reached 1.0 (no later
+    evaluation can beat it, so waiting out the patience would keep the same step). ``patience`` None: never."""
+    key = f"eval_{metric}"
+    evals = [e for e in history if key in e]
+    if patience is None or not evals:
+        return None
+    best = best_index(evals, metric)
+    if metric == "exact_match" and evals[best][key] >= 1.0:
+        return f"validation exact match 1.0 at step {evals[best]['step']}: no later evaluation can beat it"
+    waited = len(evals) - 1 - best
+    if waited >= patience:
+        return (f"{waited} evaluations without a better validation {metric.replace('_', ' ')} than step "
+                f"{evals[best]['step']}'s (tune.early_stopping_patience={patience})")
+    return None
+
+
+def best_index(evals: list[dict[str, Any]], metric: str) -> int:
+    """Index of the best evaluation in ``evals``: strictly better than every earlier one (ties keep the first)."""
+    key, best = f"eval_{metric}", 0
+    for i, e in enumerate(evals):
+        if (e[key] > evals[best][key]) if metric == "exact_match" else (e[key] < evals[best][key]):
+            best = i
+    return best
+
+
+def history(log_history: list[dict[str, Any]]) -> dict[str, list[list[float]]]:
+    """The curves of a run: ``train_loss`` [[step, loss]], ``eval_loss`` and ``eval_exact_match``."""
+    curves: dict[str, list[list[float]]] = {"train_loss": [], "eval_loss": [], "eval_exact_match": []}
+    for e in log_history:
+        if "loss" in e:
+            curves["train_loss"].append([e["step"], e["loss"]])
+        for key in ("eval_loss", "eval_exact_match"):
+            if key in e:
+                curves[key].append([e["step"], e[key]])
+    return curves
+
+
+def trainer_args(cfg: Config, validation: Validation | None) -> dict[str, Any]:
+    """``TrainingArguments`` for evaluation during training (none without validation rows)."""
+    t = cfg.tune
+    if validation is None:
+        return {"save_steps": t.save_steps}
+    return {"eval_strategy": "steps", "eval_steps": t.eval_steps, "save_steps": t.eval_steps,
+            "per_device_eval_batch_size": t.eval_batch_size, "prediction_loss_only": True,
+            "label_names": ["labels"], "metric_for_best_model": validation.metric,
+            "greater_is_better": validation.greater_is_better, "load_best_model_at_end": t.load_best_at_end}
+
+
+def trainer_class():
+    """A ``Trainer`` whose evaluation adds greedy exact match on the validation rows with answers."""
+    from transformers import Trainer
+
+    from pipeline.scoring import exact_match
+
+    class ValidatingTrainer(Trainer):
+        def __init__(self, *args, validation: Validation | None = None, tokenizer=None, max_new_tokens: int = 32,
+                     task: str = "", **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.validation, self.scoring_tokenizer = validation, tokenizer
+            self.max_new_tokens, self.task = max_new_tokens, task
+
+        def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                            metric_key_prefix="eval"):
+            out = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                          metric_key_prefix)
+            if self.validation is not None and self.validation.scored:
+                score = None
+                if distributed.is_main_process():
+                    score, _ = exact_match(self.model, self.scoring_tokenizer, self.validation.scored,
+                                           self.max_new_tokens, self.args.per_device_eval_batch_size,
+                                           desc=f"{self.task} validation")
+                out.metrics[f"{metric_key_prefix}_exact_match"] = round(distributed.broadcast_object(score), 4)
+            return out
+
+    return ValidatingTrainer
+
+
+def control_callback(validation: Validation, patience: int | None, task: str):
+    """A Trainer callback that evaluates at the last step too, logs each evaluation, and stops early
+    (:func:`stop_reason`); its ``reason`` says why training stopped."""
+    from transformers import TrainerCallback
+
+    class EvaluationControl(TrainerCallback):
+        def __init__(self) -> None:
+            self.reason: str | None = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:  # the last step is judged too, not only multiples
+                control.should_evaluate = True
+            return control
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            evals = [e for e in state.log_history if f"eval_{validation.metric}" in e]
+            best = evals[best_index(evals, validation.metric)]["step"] if evals else None
+            em = (metrics or {}).get("eval_exact_match")
+            if state.is_world_process_zero:
+                log.info("tune %s: step %d: validation loss %.4f%s (best %s: step %s)", task, state.global_step,
+                         (metrics or {}).get("eval_loss", float("nan")),
+                         "" if em is None else f", exact match {em:.3f} on {len(validation.scored)} rows",
+                         validation.metric.replace("_", " "), best)
+            self.reason = stop_reason(state.log_history, validation.metric, patience)
+            if self.reason:
+                control.should_training_stop = True
+                if state.is_world_process_zero:
+                    log.info("tune %s: stopping early at step %d: %s", task, state.global_step, self.reason)
+            return control
+
+    return EvaluationControl()
+
+
+def write_state(trainer, folder: Path) -> None:
+    """The run's ``trainer_state.json`` (log history, best step and metric) into ``folder``."""
+    trainer.state.save_to_json(str(folder / "trainer_state.json"))
