@@ -217,11 +217,11 @@ class TuneConfig(_Section):
     eval_batch_size: int = Field(16, ge=1)
     """Rows per batch in evaluation during training (loss and greedy decoding)."""
     metric_for_best: Literal["auto", "exact_match", "loss"] = "auto"
-    """What makes a checkpoint the best: ``auto`` is validation exact match when the validation rows have
-    answers (ties keep the earlier step), else validation loss."""
+    """What makes a checkpoint the best: ``exact_match`` on the validation rows, ties broken by the lower
+    validation loss, or ``loss`` alone; ``auto`` is exact match when the validation rows have answers. An
+    evaluation that is not strictly better keeps the earlier step."""
     early_stopping_patience: int | None = Field(3, ge=1)
-    """Stop after N evaluations in a row without a new best (null: train ``max_steps``). Exact match 1.0
-    stops at once: no later evaluation could beat it."""
+    """Stop after N evaluations in a row without a new best (null: train ``max_steps``)."""
     load_best_at_end: bool = True
     """Keep the best evaluation's checkpoint as the adapter (false: the last step's)."""
     report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = "none"

@@ -134,8 +134,8 @@ def training_line(training: dict[str, Any] | None) -> str | None:
     if not training or training.get("steps") is None:
         return None
     best = training.get("best_metric") or {}
-    score = "" if best.get("value") is None else \
-        f"; best validation {best['name'].replace('_', ' ')} {best['value']:.4g} at step {best['step']}"
+    score = "" if not best else f"; best validation evaluation at step {best['step']} (by {best['name'].replace('_', ' ')}): " + \
+        ("" if best.get("exact_match") is None else f"exact match {best['exact_match']:.3f}, ") + f"loss {best['loss']:.4g}"
     seconds = "" if training.get("train_seconds") is None else f" in {training['train_seconds']:.0f} s"
     return (f"Training: {training['steps']} steps{seconds}, kept step {training['kept_step']} "
             f"({training.get('stop_reason') or 'no reason recorded'}){score}")

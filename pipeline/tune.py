@@ -158,7 +158,7 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
              distributed.world_size(), threads)
     started = time.perf_counter()
     finished = resume_from and (checkpoint_files.global_step(resume_from) >= args.max_steps or (held_out and
-                                validation.stop_reason(checkpoint_files.log_history(resume_from), held_out.metric,
+                                validation.stop_reason(checkpoint_files.log_history(resume_from), held_out,
                                                        t.early_stopping_patience)))
     if finished:
         restore_finished(trainer, resume_from)
@@ -220,12 +220,20 @@ def training_outcome(trainer, held_out: validation.Validation | None, patience: 
     if held_out is None:
         return {"kept_step": state.global_step, "stop_reason": f"max_steps ({max_steps}) reached",
                 "best_metric": None, "curves": curves}
-    reason = validation.stop_reason(state.log_history, held_out.metric, patience)
+    reason = validation.stop_reason(state.log_history, held_out, patience)
     keep_best = trainer.args.load_best_model_at_end and state.best_global_step is not None
     return {"kept_step": state.best_global_step if keep_best else state.global_step,
             "stop_reason": f"early stopping: {reason}" if reason else f"max_steps ({max_steps}) reached",
-            "best_metric": {"name": held_out.metric, "value": state.best_metric, "step": state.best_global_step},
+            "best_metric": best_evaluation(state.log_history, held_out.metric, state.best_global_step),
             "curves": curves}
+
+
+def best_evaluation(log_history: list[dict], metric: str, step: int | None) -> dict | None:
+    """The best evaluation's numbers: what ranked it (``name``), its step, validation loss and exact match."""
+    found = [e for e in log_history if e.get("step") == step and "eval_loss" in e]
+    if not found:
+        return None
+    return {"name": metric, "step": step, "loss": found[-1]["eval_loss"], "exact_match": found[-1].get("eval_exact_match")}
 
 
 def step_timer():

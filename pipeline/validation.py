@@ -6,9 +6,12 @@ ranks of a multi-process launch), and its ``load_best_model_at_end`` keeps the b
 is greedy decoding scored by :func:`pipeline.scoring.exact_match`, the code evaluate uses; rank 0 decodes and
 broadcasts the score, so every rank holds the same metrics and takes the same decision to stop.
 
-"Best" is strict improvement of ``tune.metric_for_best`` (an equal score keeps the earlier step, as the
-Trainer does). The stop decision is read from the Trainer's log history, not from state of its own, so a run
-resumed from a checkpoint decides exactly as the uninterrupted run would have.
+"Best" is strict improvement of ``tune.metric_for_best``; by exact match, ties are broken by validation loss
+(exact match on a few dozen rows reaches 1.0 long before the adapter has the margin that 4-bit weights need,
+so the lower loss wins among equal scores). The Trainer tracks it as one number, ``eval_selection``
+(:func:`selection`), which orders evaluations exactly that way; an equal selection keeps the earlier step.
+The stop decision is read from the Trainer's log history, not from state of its own, so a run resumed from
+a checkpoint decides exactly as the uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -43,6 +46,11 @@ class Validation:
     def greater_is_better(self) -> bool:
         return self.metric == "exact_match"
 
+    @property
+    def key(self) -> str:
+        """The Trainer metric that ranks evaluations (``metric_for_best_model``, without ``eval_``)."""
+        return "selection" if self.metric == "exact_match" else "loss"
+
     def to_manifest(self) -> dict[str, Any]:
         return {"source": self.source, "rows": len(self.examples), "exact_match_rows": len(self.scored),
                 "metric_for_best": self.metric}
@@ -70,30 +78,35 @@ def split(cfg: Config, task: TaskConfig, train: list[Example]) -> tuple[list[Exa
     return train, Validation(rows, source, metric, answered[:t.eval_rows])
 
 
-def stop_reason(history: list[dict[str, Any]], metric: str, patience: int | None) -> str | None:
-    """Why training should stop after the evaluations in ``history`` (the Trainer's ``log_history``), or None.
+def selection(exact_match: float, loss: float, rows: int) -> float:
+    """One number that orders evaluations by exact match, then by lower validation loss: exact match moves in
+    steps of 1/``rows``, and the loss term stays below half a step (and falls as the loss rises)."""
+    return exact_match + 0.5 / rows / (1.0 + max(loss, 0.0))
 
-    Stops when ``patience`` evaluations in a row brought no new best, or when exact match reached 1.0 (no later
-    evaluation can beat it, so waiting out the patience would keep the same step). ``patience`` None: never."""
-    key = f"eval_{metric}"
-    evals = [e for e in history if key in e]
+
+def _what(metric: str) -> str:
+    return "exact match (ties: loss)" if metric == "exact_match" else "loss"
+
+
+def stop_reason(history: list[dict[str, Any]], validation: Validation, patience: int | None) -> str | None:
+    """Why training should stop after the evaluations in ``history`` (the Trainer's ``log_history``), or None:
+    ``patience`` evaluations in a row brought no new best. ``patience`` None: never."""
+    evals = [e for e in history if f"eval_{validation.key}" in e]
     if patience is None or not evals:
         return None
-    best = best_index(evals, metric)
-    if metric == "exact_match" and evals[best][key] >= 1.0:
-        return f"validation exact match 1.0 at step {evals[best]['step']}: no later evaluation can beat it"
+    best = best_index(evals, validation)
     waited = len(evals) - 1 - best
     if waited >= patience:
-        return (f"{waited} evaluations without a better validation {metric.replace('_', ' ')} than step "
+        return (f"{waited} evaluations without a better validation {_what(validation.metric)} than step "
                 f"{evals[best]['step']}'s (tune.early_stopping_patience={patience})")
     return None
 
 
-def best_index(evals: list[dict[str, Any]], metric: str) -> int:
+def best_index(evals: list[dict[str, Any]], validation: Validation) -> int:
     """Index of the best evaluation in ``evals``: strictly better than every earlier one (ties keep the first)."""
-    key, best = f"eval_{metric}", 0
+    key, best = f"eval_{validation.key}", 0
     for i, e in enumerate(evals):
-        if (e[key] > evals[best][key]) if metric == "exact_match" else (e[key] < evals[best][key]):
+        if (e[key] > evals[best][key]) if validation.greater_is_better else (e[key] < evals[best][key]):
             best = i
     return best
 
@@ -117,7 +130,7 @@ def trainer_args(cfg: Config, validation: Validation | None) -> dict[str, Any]:
         return {"save_steps": t.save_steps}
     return {"eval_strategy": "steps", "eval_steps": t.eval_steps, "save_steps": t.eval_steps,
             "per_device_eval_batch_size": t.eval_batch_size, "prediction_loss_only": True,
-            "label_names": ["labels"], "metric_for_best_model": validation.metric,
+            "label_names": ["labels"], "metric_for_best_model": validation.key,
             "greater_is_better": validation.greater_is_better, "load_best_model_at_end": t.load_best_at_end}
 
 
@@ -144,7 +157,10 @@ def trainer_class():
                     score, _ = exact_match(self.model, self.scoring_tokenizer, self.validation.scored,
                                            self.max_new_tokens, self.args.per_device_eval_batch_size,
                                            desc=f"{self.task} validation")
-                out.metrics[f"{metric_key_prefix}_exact_match"] = round(distributed.broadcast_object(score), 4)
+                score = distributed.broadcast_object(score)
+                out.metrics[f"{metric_key_prefix}_exact_match"] = round(score, 4)
+                out.metrics[f"{metric_key_prefix}_selection"] = selection(
+                    score, out.metrics[f"{metric_key_prefix}_loss"], len(self.validation.scored))
             return out
 
     return ValidatingTrainer
@@ -165,15 +181,15 @@ def control_callback(validation: Validation, patience: int | None, task: str):
             return control
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-            evals = [e for e in state.log_history if f"eval_{validation.metric}" in e]
-            best = evals[best_index(evals, validation.metric)]["step"] if evals else None
+            evals = [e for e in state.log_history if f"eval_{validation.key}" in e]
+            best = evals[best_index(evals, validation)]["step"] if evals else None
             em = (metrics or {}).get("eval_exact_match")
             if state.is_world_process_zero:
                 log.info("tune %s: step %d: validation loss %.4f%s (best %s: step %s)", task, state.global_step,
                          (metrics or {}).get("eval_loss", float("nan")),
                          "" if em is None else f", exact match {em:.3f} on {len(validation.scored)} rows",
-                         validation.metric.replace("_", " "), best)
-            self.reason = stop_reason(state.log_history, validation.metric, patience)
+                         _what(validation.metric), best)
+            self.reason = stop_reason(state.log_history, validation, patience)
             if self.reason:
                 control.should_training_stop = True
                 if state.is_world_process_zero:

@@ -179,7 +179,8 @@ def test_two_ranks_evaluate_and_stop_early_together(workdir: Path, tiny_model_di
     see the same stalled metric and stop at the same step (one rank stopping alone would hang the other)."""
     out = workdir / "early"
     sets = [f"base={tiny_model_dir}", f"out_dir={out}", "tune.batch_size=2", "num_threads=0", "tune.max_steps=12",
-            "tune.eval_steps=2", "tune.early_stopping_patience=2", "tune.metric_for_best=auto"]
+            "tune.eval_steps=2", "tune.early_stopping_patience=2", "tune.metric_for_best=auto",
+            "tune.learning_rate=1e-30"]  # the metric stalls (see tests/stages/test_validation.py)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={RANKS}",
            "-m", "pipeline.cli", "tune", "--config", "configs/tiny.yaml", "--task", "sentiment",
            *(a for s in sets for a in ("--set", s))]

@@ -1,8 +1,10 @@
 """Evaluation during training on the tiny model: early stopping, the kept checkpoint, resume, bad validation data,
 experiment tracking and the curves in the report.
 
-The tiny random model never answers a sentiment row right, so its validation exact match stalls at 0.0 from the
-first evaluation: exactly the run early stopping must cut short, keeping the first evaluation's weights.
+The tiny random model never answers a sentiment row right, so its validation exact match stays 0.0; with a
+learning rate of 1e-30 its weights still move (each step adds ~1e-30 to them) but its validation loss cannot, so
+the metric stalls from the first evaluation: exactly the run early stopping must cut short, keeping the first
+evaluation's weights.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from safetensors.torch import load_file
 
 from pipeline import checkpoints, tune
 from pipeline.cli import main
-from pipeline.validation import best_index, stop_reason
+from pipeline.validation import Validation, best_index, selection, stop_reason
 
 SENTIMENT = ("tasks=[{name: sentiment, train: data/tasks/sentiment/train.jsonl, test: data/tasks/sentiment/test.jsonl,"
              " max_new_tokens: 4}]")
@@ -36,14 +38,15 @@ def metrics(out: Path) -> dict:
 def test_early_stopping_stops_a_stalled_run_and_keeps_the_best_checkpoint_bit_for_bit(
         tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(checkpoints, "remove", lambda folder: None)  # keep them to compare with
-    assert tune_cli(tiny_model_dir, tmp_path, "tune.max_steps=20", "tune.eval_steps=2",
+    assert tune_cli(tiny_model_dir, tmp_path, "tune.max_steps=20", "tune.eval_steps=2", "tune.learning_rate=1e-30",
                     "tune.early_stopping_patience=2", "tune.metric_for_best=auto") == 0
     m = metrics(tmp_path)
     # evaluations at 2, 4, 6: exact match 0.0 each time, so step 2 stays best and two more end the run
     assert m["steps"] == 6 and m["kept_step"] == 2, m
-    assert "2 evaluations without a better validation exact match than step 2's" in m["stop_reason"]
+    assert "2 evaluations without a better validation exact match (ties: loss) than step 2's" in m["stop_reason"]
     assert [s for s, _ in m["curves"]["eval_exact_match"]] == [2, 4, 6]
-    assert m["best_metric"] == {"name": "exact_match", "value": 0.0, "step": 2}
+    assert len({loss for _, loss in m["curves"]["eval_loss"]}) == 1  # stalled indeed
+    assert m["best_metric"]["step"] == 2 and m["best_metric"]["exact_match"] == 0.0
 
     adapter = load_file(tmp_path / "tiny/adapters/sentiment/adapter_model.safetensors")
     folder = tmp_path / "tiny/checkpoints/sentiment"
@@ -51,6 +54,7 @@ def test_early_stopping_stops_a_stalled_run_and_keeps_the_best_checkpoint_bit_fo
     assert sorted(p.name for p in folder.glob("checkpoint-*")) == ["checkpoint-2"]
     best = load_file(folder / "checkpoint-2/adapter_model.safetensors")
     assert adapter.keys() == best.keys() and all(torch.equal(adapter[k], best[k]) for k in best)
+    assert any(t.abs().max() > 0 for k, t in best.items() if "lora_B" in k)  # trained (B starts at zero)
     state = json.loads((tmp_path / "tiny/adapters/sentiment/trainer_state.json").read_text())
     assert state["best_global_step"] == 2 and state["global_step"] == 6
 
@@ -144,16 +148,24 @@ def test_a_share_that_leaves_nothing_to_train_on_or_text_rows_with_exact_match_f
     assert "have no answers to match" in capsys.readouterr().err
 
 
-def test_stop_rules_ties_keep_the_first_and_exact_match_one_stops_at_once() -> None:
-    em = [{"step": s, "eval_exact_match": v} for s, v in ((10, 0.5), (20, 0.75), (30, 0.75), (40, 0.5))]
-    assert best_index(em, "exact_match") == 1  # step 30 ties step 20: the earlier is kept
-    assert stop_reason(em[:3], "exact_match", 3) is None
-    assert "2 evaluations without" in stop_reason(em, "exact_match", 2)
-    assert stop_reason(em, "exact_match", None) is None  # no patience: never
-    perfect = [*em[:2], {"step": 30, "eval_exact_match": 1.0}]
-    assert "exact match 1.0 at step 30" in stop_reason(perfect, "exact_match", 5)
+def test_stop_rules_exact_match_then_loss_and_ties_keep_the_first() -> None:
+    by_em, by_loss = Validation([], "", "exact_match", []), Validation([], "", "loss", [])
+
+    def evals(*rows):  # (step, exact match over 4 rows, loss)
+        return [{"step": s, "eval_exact_match": em, "eval_loss": loss, "eval_selection": selection(em, loss, 4)}
+                for s, em, loss in rows]
+
+    # equal exact match: the lower loss wins; a higher exact match beats any loss; an exact tie keeps the first
+    history = evals((10, 0.5, 0.9), (20, 1.0, 0.30), (30, 1.0, 0.10), (40, 0.75, 0.01), (50, 1.0, 0.10))
+    assert best_index(history, by_em) == 2
+    assert stop_reason(history[:4], by_em, 2) is None
+    assert "2 evaluations without a better validation exact match (ties: loss) than step 30's" in \
+        stop_reason(history, by_em, 2)
+    assert stop_reason(history, by_em, None) is None  # no patience: never
+    assert selection(0.75, 0.0, 4) < selection(1.0, 1e9, 4)  # the loss term never outweighs one more right row
     loss = [{"step": s, "eval_loss": v} for s, v in ((2, 1.0), (4, 0.5), (6, 0.7), (8, 0.6))]
-    assert best_index(loss, "loss") == 1 and "2 evaluations" in stop_reason(loss, "loss", 2)
+    assert best_index(loss, by_loss) == 1 and "2 evaluations without a better validation loss" in \
+        stop_reason(loss, by_loss, 2)
 
 
 def test_report_to_tensorboard_writes_event_files_offline(tmp_path: Path, tiny_model_dir: Path) -> None:
