@@ -214,7 +214,7 @@ class TuneConfig(_Section):
     """Evaluate on the validation rows every N optimizer steps (and at the last step)."""
     eval_rows: int = Field(32, ge=1)
     """Validation rows whose greedy answer is scored for exact match at each evaluation (loss uses all)."""
-    eval_batch_size: int = Field(16, ge=1)
+    eval_batch_size: int = Field(32, ge=1)
     """Rows per batch in evaluation during training (loss and greedy decoding)."""
     metric_for_best: Literal["auto", "exact_match", "loss"] = "auto"
     """What makes a checkpoint the best: ``exact_match`` on the validation rows, ties broken by the lower

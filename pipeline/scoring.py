@@ -50,21 +50,42 @@ def exact_match(model, tokenizer, examples: list[Example], max_new_tokens: int, 
     return hits / max(len(outputs), 1), outputs
 
 
+def _answer_logits_only(model) -> bool:
+    """Whether ``model`` computes logits at the last k positions only when asked (``logits_to_keep``): a PyTorch
+    transformers model, not a prompt-learning PEFT model (those prepend virtual tokens inside) and not ONNX."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        return False
+    configs = getattr(model, "peft_config", None) or {}
+    return not any(getattr(c, "is_prompt_learning", False) for c in configs.values())
+
+
 def perplexity(model, tokenizer, examples: list[Example], max_len: int, batch_size: int) -> float:
-    """exp(mean negative log-likelihood) of the reference completion tokens given their prompts."""
+    """exp(mean negative log-likelihood) of the reference completion tokens given their prompts.
+
+    PyTorch models get the rows left-padded and compute the output head at the answer positions only (as in
+    training): over a long prompt, full-vocabulary logits at every position were most of the time."""
     import torch
     import torch.nn.functional as F
 
-    from pipeline.data import collate
+    from pipeline.data import collate, collate_for_training
 
     encoded = [encode(tokenizer, e, max_len)[0] for e in examples]
+    sliced = _answer_logits_only(model)
     nll, count = 0.0, 0
     for start in range(0, len(encoded), batch_size):
-        batch = to_model(collate(encoded[start:start + batch_size], tokenizer.pad_token_id), model)
+        rows = encoded[start:start + batch_size]
+        batch = to_model(collate_for_training(rows, tokenizer.pad_token_id) if sliced
+                         else collate(rows, tokenizer.pad_token_id), model)
         with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        # prompt tuning and P-tuning return logits for their virtual tokens too, in front: drop them
-        logits = logits[:, logits.shape[1] - batch["input_ids"].shape[1]:]
+            if sliced:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               position_ids=batch["position_ids"], logits_to_keep=batch["logits_to_keep"]).logits.float()
+            else:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+                # prompt tuning and P-tuning return logits for their virtual tokens too, in front: drop them
+                logits = logits[:, logits.shape[1] - batch["input_ids"].shape[1]:]
         labels = batch["labels"][:, 1:]
         losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                  ignore_index=IGNORE_INDEX, reduction="sum")

@@ -129,6 +129,17 @@ def test_report_scores_every_artifact_and_equivalent_artifacts_agree(tiny_run) -
     assert (run / "plots" / "sentiment.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (run / "report.html").read_text()
     assert "<img src='plots/praise.png'" in page and "onnx-int4" in page
+    # each task's training: the curves the report draws, the step kept and why training stopped
+    for task in ("sentiment", "praise"):
+        training = report["tasks"][task]["training"]
+        tune = json.loads((run / "adapters" / task / "manifest.json").read_text())
+        assert training["curves"] == tune["metrics"]["curves"] and training["steps"] == 4
+        assert [s for s, _ in training["curves"]["eval_loss"]] == [2, 4]  # tiny.yaml: every 2 steps and the last
+        assert len(training["curves"]["train_loss"]) == 4 and training["kept_step"] in (2, 4)
+        assert training["validation"]["rows"] == (30 if task == "sentiment" else 1)  # 5 % of 600 and of 16 rows
+        assert (run / "plots" / f"{task}-training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"<img src='plots/{task}-training.png'" in page
+        assert f"kept step {training['kept_step']} ({training['stop_reason']})" in page
     md = (run / "report.md").read_text()
     assert "| artifact | exact match | perplexity | size on disk | decode tok/s (batch 1) |" in md
     assert "## praise (2 held-out rows)" in md
