@@ -1,12 +1,14 @@
 """Generate the bundled task-specialist data sets (deterministic, stdlib only).
 
 Contract:
-  - Writes ``<out>/<task>/test.jsonl`` and ``<out>/<task>/train.jsonl`` for the tasks
+  - Writes ``<out>/<task>/test.jsonl``, ``train.jsonl`` and ``validation.jsonl`` for the tasks
     ``sentiment``, ``extract`` and ``dates``; ``<out>`` defaults to ``data/tasks`` next to this file.
   - Each task has its own ``random.Random`` seeded from ``--seed`` (default 1234) and a fixed
     per-task offset, so the output is byte-identical on every run and platform.
-  - Test rows (120) are sampled first, then train rows (600); a candidate whose prompt (or user
-    message) already appears in either split is rejected, so prompts are unique across both files.
+  - Test rows (120) are sampled first, then train rows (600), then validation rows (60, for evaluation
+    during training; drawn last from the same stream so test and train are what they were before the
+    validation split existed); a candidate whose prompt (or user message) already appears in any split
+    is rejected, so prompts are unique across the three files.
   - Rows are written one per line with ``json.dumps(row, ensure_ascii=False)``, newline-terminated,
     in generation order.
 
@@ -35,6 +37,7 @@ Row = dict[str, Any]
 DEFAULT_SEED = 1234
 N_TEST = 120
 N_TRAIN = 600
+N_VALIDATION = 60
 MAX_DRAWS_PER_ROW = 1000
 
 # ---------------------------------------------------------------------------- sentiment
@@ -252,9 +255,10 @@ def make_drawer(task: str, rng: random.Random, n: int) -> Callable[[int], Row]:
 
 
 def make_splits(task: str, rng: random.Random) -> dict[str, list[Row]]:
-    """Test rows first, then train rows, all prompts distinct."""
+    """Test rows first, then train rows, then validation rows, all prompts distinct."""
     seen: set[str] = set()
-    return {split: sample_unique(make_drawer(task, rng, n), n, seen) for split, n in (("test", N_TEST), ("train", N_TRAIN))}
+    return {split: sample_unique(make_drawer(task, rng, n), n, seen)
+            for split, n in (("test", N_TEST), ("train", N_TRAIN), ("validation", N_VALIDATION))}
 
 
 # Fixed offsets keep each task's stream independent of the others (never use hash(): it is salted).

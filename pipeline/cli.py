@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", default=",".join(STAGES),
                    help="comma-separated subset of stages to run, in pipeline order (default: all)")
     helps = {
-        "tune": "train each task's adapter (PEFT format) → runs/<run>/adapters/<task>/",
+        "tune": "train each task's adapter (PEFT format), evaluated on validation rows every tune.eval_steps, "
+                "stopped early and kept at its best evaluation → runs/<run>/adapters/<task>/",
         "merge": "merge each adapter into the base, checked for fidelity → runs/<run>/merged/<task>/",
         "quantize": "bitsandbytes int8 and NF4 of each merged model → runs/<run>/quantized/<task>-<fmt>/",
         "export": "safetensors, ONNX fp32/int8/int4, GGUF for llama.cpp/Ollama (each gated on fidelity) and the edge bundle → runs/<run>/export/",

@@ -220,7 +220,8 @@ def training_outcome(trainer, held_out: validation.Validation | None, patience: 
     if held_out is None:
         return {"kept_step": state.global_step, "stop_reason": f"max_steps ({max_steps}) reached",
                 "best_metric": None, "curves": curves}
-    reason = validation.stop_reason(state.log_history, held_out, patience)
+    # the patience may also run out at the last step: that run was not stopped early
+    reason = validation.stop_reason(state.log_history, held_out, patience) if state.global_step < max_steps else None
     keep_best = trainer.args.load_best_model_at_end and state.best_global_step is not None
     return {"kept_step": state.best_global_step if keep_best else state.global_step,
             "stop_reason": f"early stopping: {reason}" if reason else f"max_steps ({max_steps}) reached",

@@ -14,7 +14,7 @@ import pytest
 DATA = Path(__file__).resolve().parents[2] / "data"
 TASKS_DIR = DATA / "tasks"
 TASKS = ("sentiment", "extract", "dates")
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "validation")
 ORDER_KEYS = ["name", "qty", "item", "city"]
 DATE_FORMATS = ("%B %d, %Y", "%d %B %Y", "%b %d %Y", "%Y/%m/%d", "%d.%m.%Y")
 
@@ -65,6 +65,15 @@ def test_no_test_prompt_in_train(task: str) -> None:
     train_prompts = {prompt_text(r) for r in read_rows(task, "train")}
     assert len(set(test_prompts)) == len(test_prompts)
     assert not set(test_prompts) & train_prompts
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_validation_rows_are_new_and_leave_train_and_test_as_they_were(task: str) -> None:
+    validation = [prompt_text(r) for r in read_rows(task, "validation")]
+    assert len(validation) == len(set(validation)) == 60
+    assert not set(validation) & {prompt_text(r) for split in ("train", "test") for r in read_rows(task, split)}
+    for row in read_rows(task, "validation"):
+        check_row_shape(task, row)
 
 
 @pytest.mark.parametrize("split", SPLITS)
