@@ -168,13 +168,10 @@ def trainer_class():
 
 def control_callback(validation: Validation, patience: int | None, task: str):
     """A Trainer callback that evaluates at the last step too, logs each evaluation, and stops early
-    (:func:`stop_reason`); its ``reason`` says why training stopped."""
+    (:func:`stop_reason`; tune reads the reason back from the log history for its manifest)."""
     from transformers import TrainerCallback
 
     class EvaluationControl(TrainerCallback):
-        def __init__(self) -> None:
-            self.reason: str | None = None
-
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step >= state.max_steps:  # the last step is judged too, not only multiples
                 control.should_evaluate = True
@@ -189,11 +186,11 @@ def control_callback(validation: Validation, patience: int | None, task: str):
                          (metrics or {}).get("eval_loss", float("nan")),
                          "" if em is None else f", exact match {em:.3f} on {len(validation.scored)} rows",
                          _what(validation.metric), best)
-            self.reason = stop_reason(state.log_history, validation, patience)
-            if self.reason:
+            reason = stop_reason(state.log_history, validation, patience)
+            if reason:
                 control.should_training_stop = True
                 if state.is_world_process_zero:
-                    log.info("tune %s: stopping early at step %d: %s", task, state.global_step, self.reason)
+                    log.info("tune %s: stopping early at step %d: %s", task, state.global_step, reason)
             return control
 
     return EvaluationControl()
