@@ -332,19 +332,39 @@ def read_lora_gguf(path: Path, config) -> dict[str, tuple[np.ndarray, np.ndarray
 
 
 def load_gguf_model(path: Path, *, lora: Path | None = None):
-    """The model in GGUF file ``path`` as a transformers model (fp32, CPU), read by transformers' own GGUF
-    loader; with ``lora``, that GGUF adapter's updates added to the weights (what llama.cpp computes)."""
+    """The model in GGUF file ``path`` as a transformers model (fp32, CPU); with ``lora``, that GGUF adapter's
+    updates added to the weights (what llama.cpp computes).
+
+    The configuration is transformers' reading of the file's metadata; the tensors are found by gguf-py's
+    name map (llama.cpp's own), dequantized by gguf-py, and llama-layout query/key rows un-permuted. That is
+    what transformers' GGUF loader does (``from_pretrained(gguf_file=)``; tests hold the two equal, weight for
+    weight, for every family written here), with the file parsed once instead of several times: parsing the
+    vocabulary's strings in Python was most of a 20 s read-back of SmolLM2-135M."""
     import gguf
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    reader = gguf.GGUFReader(path)
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    fields = gguf.GGUFReader(path).fields
-    key_length = fields.get(f"{fields['general.architecture'].contents()}.attention.key_length")
+    key_length = reader.fields.get(f"{reader.fields['general.architecture'].contents()}.attention.key_length")
     if key_length is not None:  # transformers' reader drops it for some families (Qwen3): head_dim != hidden/heads
         config.head_dim = int(key_length.contents())
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config,
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    arch = gguf_arch(config)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
+    tensors = {t.name: t for t in reader.tensors}
+    state = {}
+    for name in model.state_dict():
+        stored = tensors.get(names.get_name(name, try_suffixes=(".weight", ".bias")) or "")
+        if stored is None:
+            if name == "lm_head.weight" and config.tie_word_embeddings:
+                continue  # the output head reads the embedding (no output.weight in the file)
+            raise GGUFExportError(f"{path}: no tensor for {name}; is it a complete {arch} model file?")
+        weight = gguf.quants.dequantize(stored.data, stored.tensor_type).reshape([int(d) for d in reversed(stored.shape)])
+        heads = _rotary_heads(arch, config, name.rsplit(".", 1)[0])
+        state[name] = torch.from_numpy(np.array(_unpermute(weight, heads) if heads else weight, dtype=np.float32))
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
     model.eval()
     if lora is not None:
         modules = dict(model.named_modules())

@@ -86,8 +86,16 @@ def test_every_type_reads_back_as_the_pytorch_model(kind: str, tmp_path: Path) -
         # the tolerances: f16 weights (the issue's 1e-2), then 8-bit and 4-bit blocks of a random model
         for gguf_type, tolerance in (("f16", 1e-2), ("q8_0", 0.05), ("q4_1", 0.5)):
             path = write_model_gguf(model, tokenizer, tmp_path / f"{gguf_type}.gguf", gguf_type, name="tiny")
-            got = load_gguf_model(path)(ids).logits
+            back = load_gguf_model(path)
+            got = back(ids).logits
             diff = float((got - ref).abs().max())
+            # edgetune's one-parse reader is transformers' GGUF loader, weight for weight (the independent reading
+            # of llama.cpp's layout the gates rely on)
+            theirs = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=back.config,
+                                                          dtype=torch.float32)  # Qwen3: head_dim from the file
+            ours = back.state_dict()
+            assert ours.keys() == theirs.state_dict().keys()
+            assert all(torch.equal(ours[k], v) for k, v in theirs.state_dict().items()), f"{kind} {gguf_type}"
             assert diff < tolerance, f"{kind} {gguf_type}: max |Δlogit| {diff:.3g}"
             assert diff > 0 or gguf_type == "f16"  # a quantized file that reads back bit-identical was not quantized
             assert not list(tmp_path.glob("*.partial"))
