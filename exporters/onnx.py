@@ -208,6 +208,7 @@ def logit_parity(
     attention_mask: torch.Tensor,
     score_mask: torch.Tensor | None = None,
     reference: dict | None = None,
+    predictions: list | None = None,
 ) -> dict[str, float]:
     """Compare the logits of a PyTorch model and an ONNX export over the real tokens of a batch.
 
@@ -221,6 +222,9 @@ def logit_parity(
 
     ``reference`` (optional, a dict the caller keeps per PyTorch model) caches the PyTorch logits at the
     scored positions of each row, so several exports gated against one model run its forwards once.
+
+    ``predictions`` (optional, a list) receives each row's ONNX argmax token ids at its scored positions, in
+    order (a gate reads the export's greedy answers to the reference from them: pipeline.fidelity).
 
     Returns, over all real positions:
       - ``max_abs_logit_diff``: max |torch - onnx|;
@@ -250,6 +254,8 @@ def logit_parity(
                 raise RuntimeError(f"logit shape mismatch: torch {(ids.shape[1], *ref.shape[1:])} vs onnx "
                                    f"{tuple(got.shape)}")
             got = got[keep]
+            if predictions is not None:
+                predictions.append(got.argmax(-1).tolist())
             diffs.append(float((ref - got).abs().max()))
             agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
             log_p, log_q = ref.log_softmax(-1), got.log_softmax(-1)

@@ -1,7 +1,9 @@
 """Stage 5, evaluate: quality, size and speed of the base model and every artifact of every task.
 
-For each (task, artifact) it measures held-out exact match (greedy decoding), perplexity on the
-test completions, size on disk and batch-1 greedy decode tokens/s, and caches the result in
+For each (task, artifact) it measures held-out exact match (greedy decoding; one teacher-forced pass
+over prompt + reference gives the perplexity and every row greedy decoding would answer exactly, and only
+the other rows are decoded: :func:`pipeline.scoring.exact_match`), perplexity on the test completions,
+size on disk and batch-1 greedy decode tokens/s, and caches the result in
 ``runs/<run>/eval/<task>/<artifact>.json`` (fingerprinted, so unchanged artifacts are not
 re-scored). Then :mod:`pipeline.report` writes ``report.json`` and ``report.md``.
 """
@@ -25,7 +27,7 @@ from pipeline.errors import EdgetuneError
 from pipeline.models import load_model, load_tokenizer, resolve_base
 from pipeline.onnx_build import int4_recipe
 from pipeline.paths import adapter_dir, eval_file, export_dir, merged_dir, quantized_dir
-from pipeline.scoring import decode_speed, exact_match, perplexity
+from pipeline.scoring import answer_pass, decode_speed, exact_match, plain_greedy
 from pipeline.stage_outputs import (
     export_failures,
     export_skips,
@@ -197,10 +199,14 @@ def _measure(cfg: Config, task: TaskConfig, artifact: str, model, tokenizer, exa
     ev = cfg.evaluate
     scored = [e for e in examples if e.reference is not None]
     em, outputs = None, []  # text-only test sets have no reference answer: perplexity only
+    # one teacher-forced pass gives perplexity and every row greedy decoding would answer exactly; the others
+    # are decoded (scoring.exact_match)
+    checked = answer_pass(model, tokenizer, scored or examples, cfg.tune.max_seq_len, ev.batch_size,
+                          task.max_new_tokens if scored and plain_greedy(model) else None)
     if scored:
         em, outputs = exact_match(model, tokenizer, scored, task.max_new_tokens, ev.batch_size,
-                                  desc=f"{task.name}/{artifact}")
-    ppl = perplexity(model, tokenizer, scored or examples, cfg.tune.max_seq_len, ev.batch_size)
+                                  desc=f"{task.name}/{artifact}", checked=checked)
+    ppl = checked.perplexity
     prompt = render_prompt(tokenizer, scored[0]) if scored else examples[0].text or ""
     speed, on = None, _runs_on(cfg, artifact)
     if artifact == "gguf":  # llama.cpp's own speed on the file, when the bench extra installed it

@@ -3,7 +3,8 @@
 On the first ``export.fidelity_rows`` held-out rows of the task (prompt + reference answer, fixed
 for a given test file) it measures, at the positions that predict the reference answer (and its end
 token), max |Δlogit|, top-1 agreement and mean KL(PyTorch || export), plus the exact match of both
-models' greedy answers, then applies ``export.gates.<precision>``. Answer positions, not the whole
+models' greedy answers (the export's read from the argmax chain of that same comparison where it is the
+reference, decoded elsewhere), then applies ``export.gates.<precision>``. Answer positions, not the whole
 prompt: that is what the task asks of the model, and a 4-bit 135M model reshuffles its guesses
 inside a long generic system prompt (mean KL above 1 nat there) while its answers hold.
 """
@@ -15,7 +16,7 @@ import weakref
 from typing import Any
 
 from pipeline.config import Config, TaskConfig
-from pipeline.data import load_examples, render_prompt
+from pipeline.data import IGNORE_INDEX, load_examples
 from pipeline.errors import EdgetuneError, GateFailed
 
 log = logging.getLogger(__name__)
@@ -40,30 +41,44 @@ def measure(cfg: Config, task: TaskConfig, torch_model, export_model, tokenizer)
     import torch
 
     from exporters.onnx import logit_parity
-    from pipeline.scoring import exact_match
+    from pipeline.scoring import AnswerPass, exact_match, greedy_reproduces, plain_greedy, reference_rows
 
     rows = fidelity_examples(cfg, task)
-    prompts = [render_prompt(tokenizer, e) for e in rows]
-    texts = [p + e.reference + (tokenizer.eos_token or "") for p, e in zip(prompts, rows)]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    # left padding: the answer (and end token) are the last tokens; they are predicted from one position earlier
-    answer = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
-    for i, (p, t) in enumerate(zip(prompts, texts)):
-        n = len(tokenizer(t, add_special_tokens=False)["input_ids"]) - len(tokenizer(p, add_special_tokens=False)["input_ids"])
-        answer[i, -n - 1:-1] = True
+    encoded, answers = reference_rows(tokenizer, rows, cfg.tune.max_seq_len)
+    width = max(len(r["input_ids"]) for r in encoded)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    answer = torch.zeros_like(ids, dtype=torch.bool)
+    for i, (row, ans) in enumerate(zip(encoded, answers)):
+        n = len(row["input_ids"])
+        ids[i, width - n:] = torch.tensor(row["input_ids"])  # left padding: the answer and end token come last
+        mask[i, width - n:] = 1
+        # the answer's positions (predicted from one position earlier); a row without a usable answer is
+        # compared on its target tokens
+        k = len(ans) if ans else sum(label != IGNORE_INDEX for label in row["labels"])
+        answer[i, width - k - 1:width - 1] = True
     # the same PyTorch model is the reference of several exports (ONNX fp32/int8/int4, edge, GGUF): its
     # answer-position logits are computed once
     reference = _TORCH_LOGITS.setdefault(torch_model, {})
-    metrics: dict[str, Any] = logit_parity(torch_model, export_model, batch["input_ids"], batch["attention_mask"],
-                                           answer, reference=reference)
+    predicted: list[list[int]] = []
+    metrics: dict[str, Any] = logit_parity(torch_model, export_model, ids, mask, answer, reference=reference,
+                                           predictions=predicted)
     size = max(1, min(cfg.evaluate.batch_size, len(rows)))
     # the same PyTorch model is the reference of several exports (fp32, int8, int4, edge): score it once
     key = (task.name, task.test, len(rows), task.max_new_tokens)
     scores = _TORCH_SCORES.setdefault(torch_model, {})
     if key not in scores:
-        scores[key], _ = exact_match(torch_model, tokenizer, rows, task.max_new_tokens, size, desc=f"{task.name}/torch")
+        scores[key], _ = exact_match(torch_model, tokenizer, rows, task.max_new_tokens, size, desc=f"{task.name}/torch",
+                                     max_len=cfg.tune.max_seq_len)
     score_torch = scores[key]
-    score_export, _ = exact_match(export_model, tokenizer, rows, task.max_new_tokens, size, desc=f"{task.name}/onnx")
+    # the export's greedy answers: read from the argmax chain the comparison above already computed (a row
+    # that is the reference then the end token needs no decoding: scoring.exact_match); the rest are decoded
+    verdicts = [greedy_reproduces(tokenizer, ans, [p == t for p, t in zip(pred, ans)], task.max_new_tokens)
+                if ans else (None, None) for pred, ans in zip(predicted, answers)]
+    checked = AnswerPass(0.0, 0, [v[0] for v in verdicts], [v[1] for v in verdicts]) \
+        if plain_greedy(export_model) else None
+    score_export, _ = exact_match(export_model, tokenizer, rows, task.max_new_tokens, size, desc=f"{task.name}/onnx",
+                                  checked=checked)
     metrics.update(score_torch=score_torch, score_export=score_export, score_drop=score_torch - score_export,
                    rows=len(rows))
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}

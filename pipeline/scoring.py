@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
@@ -26,26 +27,157 @@ def prompt_batch(tokenizer, task: TaskConfig, n: int):
     return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
 
 
+@dataclass
+class AnswerPass:
+    """What one teacher-forced forward over prompt + reference answer says, per example.
+
+    ``greedy_hit[i]``: True when greedy decoding (``max_new_tokens``, stopping at the end token) provably
+    reproduces the reference tokens: the argmax at every answer position is the reference's next token and
+    then the end token (or the answer fills ``max_new_tokens`` exactly); then the greedy answer *is* the
+    reference's tokens, decoded in ``answer[i]``. False: the argmax leaves the reference somewhere. None:
+    it cannot be told from the pass (the row was cut at ``max_len``, the answer is longer than
+    ``max_new_tokens``, or the prompt's tokens are not a prefix of the encoded row).
+    """
+
+    nll: float
+    tokens: int
+    greedy_hit: list[bool | None]
+    answer: list[str | None]
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll / self.tokens) if self.tokens else float("nan")
+
+
+def answer_pass(model, tokenizer, examples: list[Example], max_len: int, batch_size: int,
+                max_new_tokens: int | None = None) -> AnswerPass:
+    """One forward over each example's prompt + reference: the completion's negative log-likelihood (summed
+    over every target token, for perplexity) and, with ``max_new_tokens``, whether greedy decoding would
+    reproduce the reference (:class:`AnswerPass`).
+
+    PyTorch models get the rows left-padded and compute the output head at the answer positions only (as in
+    training): over a long prompt, full-vocabulary logits at every position were most of the time."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.data import collate, collate_for_training
+
+    encoded, answers = reference_rows(tokenizer, examples, max_len)
+    sliced = _answer_logits_only(model)
+    nll, count, hits, texts = 0.0, 0, [], []
+    for start in range(0, len(encoded), batch_size):
+        rows = encoded[start:start + batch_size]
+        batch = to_model(collate_for_training(rows, tokenizer.pad_token_id) if sliced
+                         else collate(rows, tokenizer.pad_token_id), model)
+        with torch.no_grad():
+            if sliced:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               position_ids=batch["position_ids"], logits_to_keep=batch["logits_to_keep"]).logits
+            else:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                # prompt tuning and P-tuning return logits for their virtual tokens too, in front: drop them
+                logits = logits[:, logits.shape[1] - batch["input_ids"].shape[1]:]
+        labels = batch["labels"][:, 1:]
+        targets = labels != IGNORE_INDEX
+        # the target positions only: a full-width ONNX output is rows x positions x vocabulary floats
+        picked = logits[:, :-1][targets].float()
+        nll += F.cross_entropy(picked, labels[targets], reduction="sum").item()
+        count += int(targets.sum())
+        if max_new_tokens is None:
+            continue
+        predicted = torch.full_like(labels, -1)
+        predicted[targets] = picked.argmax(-1)
+        for row, answer in enumerate(answers[start:start + batch_size]):
+            hit, text = None, None
+            if answer is not None:
+                target = (labels[row] != IGNORE_INDEX).nonzero().flatten()[-len(answer):]  # the answer's positions
+                agree = (predicted[row, target] == labels[row, target]).tolist()
+                hit, text = greedy_reproduces(tokenizer, answer, agree, max_new_tokens)
+            hits.append(hit)
+            texts.append(text)
+    return AnswerPass(nll, count, hits, texts)
+
+
+def reference_rows(tokenizer, examples: list[Example], max_len: int) -> tuple[list[dict], list[list[int] | None]]:
+    """Each example encoded as training encodes it (cut at ``max_len``), and its reference answer's token ids at
+    the end of the row (end token included; None for a text row, a cut row, or one whose rendered prompt's
+    tokens are not a prefix of the encoded row, as with a template that does not render turns incrementally)."""
+    encoded, answers = [], []
+    for e in examples:
+        enc, truncated = encode(tokenizer, e, max_len)
+        encoded.append(enc)
+        answers.append(None if truncated or e.reference is None else _answer_ids(tokenizer, e, enc["input_ids"]))
+    return encoded, answers
+
+
+def _answer_ids(tokenizer, example: Example, ids: list[int]) -> list[int] | None:
+    """The reference answer's token ids (end token included) at the end of ``ids``, or None when the rendered
+    prompt's tokens are not a prefix of the encoded row (a template that does not render turns incrementally)."""
+    prompt = tokenizer(render_prompt(tokenizer, example), add_special_tokens=False)["input_ids"]
+    if len(prompt) >= len(ids) or ids[:len(prompt)] != prompt:
+        return None
+    return ids[len(prompt):]
+
+
+def greedy_reproduces(tokenizer, answer: list[int], agree: list[bool],
+                       max_new_tokens: int) -> tuple[bool | None, str | None]:
+    """(greedy reproduces the reference?, the reference's decoded text) from the per-position argmax agreement
+    over ``answer`` (its ids, end token last when it has one); see :class:`AnswerPass`."""
+    body = answer[:-1] if answer[-1] == tokenizer.eos_token_id else answer
+    if len(body) > max_new_tokens or (len(body) < max_new_tokens and len(body) == len(answer)):
+        return None, None  # greedy stops before the answer ends, or the row has no end token to stop at
+    hit = all(agree[:len(body)]) if len(body) == max_new_tokens else all(agree)
+    return hit, tokenizer.decode(body, skip_special_tokens=True).strip()
+
+
+def plain_greedy(model) -> bool:
+    """Whether ``model.generate(do_sample=False)`` is the plain argmax chain (no logits processors from its
+    generation config, which a teacher-forced pass would not apply)."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return True
+    return (getattr(config, "repetition_penalty", None) in (None, 1.0)
+            and not getattr(config, "no_repeat_ngram_size", None)
+            and not getattr(config, "bad_words_ids", None)
+            and not getattr(config, "suppress_tokens", None)
+            and not getattr(config, "begin_suppress_tokens", None)
+            and not getattr(config, "sequence_bias", None)
+            and getattr(config, "forced_bos_token_id", None) is None
+            and getattr(config, "forced_eos_token_id", None) is None)
+
+
 def exact_match(model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int,
-                desc: str) -> tuple[float, list[dict[str, str]]]:
+                desc: str, *, max_len: int = 4096, checked: AnswerPass | None = None,
+                verify: bool = True) -> tuple[float, list[dict[str, str]]]:
     """Share of examples whose greedy answer equals the reference (whitespace-stripped).
 
     Also returns every (prompt, expected, got) triple so a report can show mistakes.
+
+    Greedy decoding is one token per forward; most rows of a tuned model are answered exactly, and that
+    can be read from a single teacher-forced forward over prompt + reference (:func:`answer_pass`, or
+    ``checked``, one already run with ``max_new_tokens``): a row whose argmax chain is the reference and
+    then the end token decodes to the reference, so only the other rows are decoded. ``verify=False``
+    decodes every row. Both give the same answers, up to the float noise between a cached decode and one
+    forward on a near-tie (tested against each other).
     """
     import torch
 
-    outputs = []
-    for start in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch", leave=False):
-        chunk = examples[start:start + batch_size]
-        batch = to_model(tokenizer([render_prompt(tokenizer, e) for e in chunk], return_tensors="pt", padding=True,
-                                   add_special_tokens=False), model)
+    if checked is None and verify and plain_greedy(model):
+        checked = answer_pass(model, tokenizer, examples, max_len, batch_size, max_new_tokens)
+    known = {i: checked.answer[i] for i, hit in enumerate(checked.greedy_hit) if hit} if checked else {}
+    decode = [i for i in range(len(examples)) if i not in known]
+    got = dict(known)
+    for start in tqdm(range(0, len(decode), batch_size), desc=desc, unit="batch", leave=False):
+        chunk = decode[start:start + batch_size]
+        batch = to_model(tokenizer([render_prompt(tokenizer, examples[i]) for i in chunk], return_tensors="pt",
+                                   padding=True, add_special_tokens=False), model)
         with torch.no_grad():
             generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        new = generated[:, batch["input_ids"].shape[1]:]
-        for e, ids in zip(chunk, new):
-            outputs.append({"prompt": e.prompt_messages[-1]["content"], "expected": e.reference,
-                            "got": tokenizer.decode(ids, skip_special_tokens=True).strip()})
+        for i, ids in zip(chunk, generated[:, batch["input_ids"].shape[1]:]):
+            got[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    outputs = [{"prompt": e.prompt_messages[-1]["content"], "expected": e.reference, "got": got[i]}
+               for i, e in enumerate(examples)]
     hits = sum(o["got"] == (o["expected"] or "").strip() for o in outputs)
     return hits / max(len(outputs), 1), outputs
 
@@ -62,36 +194,9 @@ def _answer_logits_only(model) -> bool:
 
 
 def perplexity(model, tokenizer, examples: list[Example], max_len: int, batch_size: int) -> float:
-    """exp(mean negative log-likelihood) of the reference completion tokens given their prompts.
-
-    PyTorch models get the rows left-padded and compute the output head at the answer positions only (as in
-    training): over a long prompt, full-vocabulary logits at every position were most of the time."""
-    import torch
-    import torch.nn.functional as F
-
-    from pipeline.data import collate, collate_for_training
-
-    encoded = [encode(tokenizer, e, max_len)[0] for e in examples]
-    sliced = _answer_logits_only(model)
-    nll, count = 0.0, 0
-    for start in range(0, len(encoded), batch_size):
-        rows = encoded[start:start + batch_size]
-        batch = to_model(collate_for_training(rows, tokenizer.pad_token_id) if sliced
-                         else collate(rows, tokenizer.pad_token_id), model)
-        with torch.no_grad():
-            if sliced:
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               position_ids=batch["position_ids"], logits_to_keep=batch["logits_to_keep"]).logits.float()
-            else:
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-                # prompt tuning and P-tuning return logits for their virtual tokens too, in front: drop them
-                logits = logits[:, logits.shape[1] - batch["input_ids"].shape[1]:]
-        labels = batch["labels"][:, 1:]
-        losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                 ignore_index=IGNORE_INDEX, reduction="sum")
-        nll += losses.item()
-        count += int((labels != IGNORE_INDEX).sum())
-    return math.exp(nll / count) if count else float("nan")
+    """exp(mean negative log-likelihood) of the reference completion tokens given their prompts
+    (:func:`answer_pass`)."""
+    return answer_pass(model, tokenizer, examples, max_len, batch_size).perplexity
 
 
 def decode_speed(model, tokenizer, prompt: str, new_tokens: int, repeats: int) -> float:

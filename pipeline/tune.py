@@ -165,8 +165,8 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
     else:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - started
-    losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
     outcome = training_outcome(trainer, held_out, t.early_stopping_patience, args.max_steps)
+    losses = outcome["curves"]["train_loss"]  # [[step, loss]] as logged
 
     if trainer.is_world_process_zero():
         with atomic_dir(out) as tmp:

@@ -1,0 +1,114 @@
+"""Exact match read from one teacher-forced pass equals exact match by greedy decoding, row for row.
+
+``scoring.exact_match`` decodes only the rows whose argmax chain over prompt + reference is not the
+reference followed by the end token; these tests hold it to full greedy decoding on a tiny model taught a
+few answers (so some rows are answered exactly, with the end token, and some are not).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pipeline.data import Example, encode
+from pipeline.models import load_tokenizer
+from pipeline.scoring import answer_pass, exact_match, perplexity
+
+
+def _row(question: str, answer: str) -> Example:
+    return Example(messages=({"role": "user", "content": question}, {"role": "assistant", "content": answer}),
+                   text=None, source="test")
+
+
+TAUGHT = [_row("label: great product", "positive"), _row("label: terrible order", "negative"),
+          _row("date: may 3", "2021-05-03"), _row("json: Ada", '{"name": "Ada"}')]
+
+
+@pytest.fixture(scope="module")
+def taught(tiny_model_dir):
+    """The tiny model trained until it answers the TAUGHT rows exactly (then its end token)."""
+    tokenizer = load_tokenizer(tiny_model_dir)  # left padding, as every stage loads it
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    rows = [encode(tokenizer, e, 256)[0] for e in TAUGHT]
+    for _ in range(300):
+        loss = sum(model(input_ids=torch.tensor([r["input_ids"]]), labels=torch.tensor([r["labels"]])).loss
+                   for r in rows)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 0.01:
+            break
+    return model.eval(), tokenizer
+
+
+def _examples() -> list[Example]:
+    """Taught rows (answered exactly), taught prompts with another reference (a miss), and unseen prompts."""
+    return [*TAUGHT, _row("label: great product", "negative"), _row("date: may 3", "2021-05-04"),
+            _row("unseen question", "anything"), _row("json: Ada", '{"name": "Ada"}'), _row("label: x", "y")]
+
+
+class _CountingGenerate:
+    """Wraps ``model.generate`` and counts the rows it decodes."""
+
+    def __init__(self, model) -> None:
+        self.model, self.rows = model, 0
+        self.inner = model.generate
+
+    def __call__(self, **kwargs):
+        self.rows += kwargs["input_ids"].shape[0]
+        return self.inner(**kwargs)
+
+
+@pytest.mark.parametrize("max_new_tokens", [3, 8, 16])
+def test_verified_exact_match_equals_greedy_decoding(taught, monkeypatch, max_new_tokens):
+    model, tokenizer = taught
+    examples = _examples()
+    decoded_em, decoded = exact_match(model, tokenizer, examples, max_new_tokens, 4, "decode", verify=False)
+    counter = _CountingGenerate(model)
+    monkeypatch.setattr(model, "generate", counter)
+    verified_em, verified = exact_match(model, tokenizer, examples, max_new_tokens, 4, "verify")
+    assert verified == decoded  # every row's answer, not only the score
+    assert verified_em == decoded_em
+    checked = answer_pass(model, tokenizer, examples, 256, 4, max_new_tokens)
+    # the rows the pass vouches for are never decoded; every other row is
+    assert counter.rows == len(examples) - sum(hit is True for hit in checked.greedy_hit)
+    if max_new_tokens == 16:  # long enough for every taught answer and its end token: all five are read, not decoded
+        assert decoded_em == pytest.approx(5 / 9)
+        assert checked.greedy_hit == [True] * 4 + [False, False, False, True, False]
+    for hit, e in zip(checked.greedy_hit, examples):  # an answer longer than max_new_tokens cannot be vouched for
+        body = len(tokenizer(e.reference, add_special_tokens=False)["input_ids"])
+        assert (hit is None) == (body > max_new_tokens)
+
+def test_a_row_cut_at_max_len_is_decoded(taught):
+    model, tokenizer = taught
+    checked = answer_pass(model, tokenizer, TAUGHT, 12, 4, 16)  # every row is longer than 12 tokens
+    assert checked.greedy_hit == [None] * len(TAUGHT)
+
+
+def test_perplexity_is_the_pass_over_every_target_token(taught):
+    model, tokenizer = taught
+    import math
+
+    import torch.nn.functional as F
+
+    nll, count = 0.0, 0
+    for e in _examples():  # one row at a time, no padding: the definition
+        enc = encode(tokenizer, e, 256)[0]
+        logits = model(input_ids=torch.tensor([enc["input_ids"]])).logits[0, :-1]
+        labels = torch.tensor(enc["labels"][1:])
+        nll += F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
+        count += int((labels != -100).sum())
+    assert perplexity(model, tokenizer, _examples(), 256, 4) == pytest.approx(math.exp(nll / count), rel=1e-4)
+
+
+def test_a_repetition_penalty_turns_verification_off(taught, monkeypatch):
+    """Greedy decoding under logits processors is not the argmax chain: every row is decoded."""
+    model, tokenizer = taught
+    monkeypatch.setattr(model.generation_config, "repetition_penalty", 1.3)
+    counter = _CountingGenerate(model)
+    monkeypatch.setattr(model, "generate", counter)
+    exact_match(model, tokenizer, _examples(), 16, 4, "penalised")
+    assert counter.rows == len(_examples())
