@@ -223,8 +223,8 @@ def logit_parity(
     ``reference`` (optional, a dict the caller keeps per PyTorch model) caches the PyTorch logits at the
     scored positions of each row, so several exports gated against one model run its forwards once.
 
-    ``predictions`` (optional, a list) receives each row's ONNX argmax token ids at its scored positions, in
-    order (a gate reads the export's greedy answers to the reference from them: pipeline.fidelity).
+    ``predictions`` (optional, a list) receives each row's ONNX logits at its scored positions, in order (a
+    gate reads the export's greedy answers to the reference from them: pipeline.fidelity).
 
     Returns, over all real positions:
       - ``max_abs_logit_diff``: max |torch - onnx|;
@@ -255,7 +255,7 @@ def logit_parity(
                                    f"{tuple(got.shape)}")
             got = got[keep]
             if predictions is not None:
-                predictions.append(got.argmax(-1).tolist())
+                predictions.append(got)
             diffs.append(float((ref - got).abs().max()))
             agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
             log_p, log_q = ref.log_softmax(-1), got.log_softmax(-1)

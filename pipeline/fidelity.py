@@ -41,7 +41,14 @@ def measure(cfg: Config, task: TaskConfig, torch_model, export_model, tokenizer)
     import torch
 
     from exporters.onnx import logit_parity
-    from pipeline.scoring import AnswerPass, exact_match, greedy_reproduces, plain_greedy, reference_rows
+    from pipeline.scoring import (
+        AnswerPass,
+        confident_argmax,
+        exact_match,
+        greedy_reproduces,
+        plain_greedy,
+        reference_rows,
+    )
 
     rows = fidelity_examples(cfg, task)
     encoded, answers = reference_rows(tokenizer, rows, cfg.tune.max_seq_len)
@@ -60,7 +67,7 @@ def measure(cfg: Config, task: TaskConfig, torch_model, export_model, tokenizer)
     # the same PyTorch model is the reference of several exports (ONNX fp32/int8/int4, edge, GGUF): its
     # answer-position logits are computed once
     reference = _TORCH_LOGITS.setdefault(torch_model, {})
-    predicted: list[list[int]] = []
+    predicted: list = []
     metrics: dict[str, Any] = logit_parity(torch_model, export_model, ids, mask, answer, reference=reference,
                                            predictions=predicted)
     size = max(1, min(cfg.evaluate.batch_size, len(rows)))
@@ -73,8 +80,8 @@ def measure(cfg: Config, task: TaskConfig, torch_model, export_model, tokenizer)
     score_torch = scores[key]
     # the export's greedy answers: read from the argmax chain the comparison above already computed (a row
     # that is the reference then the end token needs no decoding: scoring.exact_match); the rest are decoded
-    verdicts = [greedy_reproduces(tokenizer, ans, [p == t for p, t in zip(pred, ans)], task.max_new_tokens)
-                if ans else (None, None) for pred, ans in zip(predicted, answers)]
+    verdicts = [greedy_reproduces(tokenizer, ans, [p == t for p, t in zip(confident_argmax(got).tolist(), ans)],
+                                  task.max_new_tokens) if ans else (None, None) for got, ans in zip(predicted, answers)]
     checked = AnswerPass(0.0, 0, [v[0] for v in verdicts], [v[1] for v in verdicts]) \
         if plain_greedy(export_model) else None
     score_export, _ = exact_match(export_model, tokenizer, rows, task.max_new_tokens, size, desc=f"{task.name}/onnx",

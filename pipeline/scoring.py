@@ -27,14 +27,31 @@ def prompt_batch(tokenizer, task: TaskConfig, n: int):
     return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
 
 
+MARGIN = 1.0
+"""Logits by which a position's argmax must lead the runner-up for the teacher-forced pass to vouch for it.
+A cached decode and one forward over the whole row round differently (int4 and int8 kernels most): on a
+near-tie they can pick different tokens, so such a row is decoded rather than read."""
+
+
+def confident_argmax(logits):
+    """Argmax token ids over the last dimension, -1 where the top token leads the next by less than
+    :data:`MARGIN` (a position no reference token can match)."""
+
+    top = logits.float().topk(2, dim=-1)
+    ids = top.indices[..., 0].clone()
+    ids[(top.values[..., 0] - top.values[..., 1]) < MARGIN] = -1
+    return ids
+
+
 @dataclass
 class AnswerPass:
     """What one teacher-forced forward over prompt + reference answer says, per example.
 
-    ``greedy_hit[i]``: True when greedy decoding (``max_new_tokens``, stopping at the end token) provably
-    reproduces the reference tokens: the argmax at every answer position is the reference's next token and
-    then the end token (or the answer fills ``max_new_tokens`` exactly); then the greedy answer *is* the
-    reference's tokens, decoded in ``answer[i]``. False: the argmax leaves the reference somewhere. None:
+    ``greedy_hit[i]``: True when greedy decoding (``max_new_tokens``, stopping at the end token) reproduces
+    the reference tokens: the argmax at every answer position is the reference's next token, by a margin of
+    :data:`MARGIN` logits, and then the end token (or the answer fills ``max_new_tokens`` exactly); then the
+    greedy answer *is* the reference's tokens, decoded in ``answer[i]``. False: the argmax leaves the
+    reference somewhere, or leads by less than the margin (decoded, to be sure). None:
     it cannot be told from the pass (the row was cut at ``max_len``, the answer is longer than
     ``max_new_tokens``, or the prompt's tokens are not a prefix of the encoded row).
     """
@@ -86,7 +103,7 @@ def answer_pass(model, tokenizer, examples: list[Example], max_len: int, batch_s
         if max_new_tokens is None:
             continue
         predicted = torch.full_like(labels, -1)
-        predicted[targets] = picked.argmax(-1)
+        predicted[targets] = confident_argmax(picked)
         for row, answer in enumerate(answers[start:start + batch_size]):
             hit, text = None, None
             if answer is not None:

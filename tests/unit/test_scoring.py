@@ -112,3 +112,19 @@ def test_a_repetition_penalty_turns_verification_off(taught, monkeypatch):
     monkeypatch.setattr(model, "generate", counter)
     exact_match(model, tokenizer, _examples(), 16, 4, "penalised")
     assert counter.rows == len(_examples())
+
+
+def test_a_near_tie_is_decoded_not_read(taught, monkeypatch):
+    """A position whose argmax leads the runner-up by less than scoring.MARGIN is not vouched for: a cached
+    decode can round the other way there (measured on an int4 export), so the row is decoded."""
+    import pipeline.scoring as scoring
+
+    model, tokenizer = taught
+    logits = torch.tensor([[2.0, 1.5, 0.0], [3.0, 0.0, 1.0]])
+    assert scoring.confident_argmax(logits).tolist() == [-1, 0]  # 0.5 < MARGIN (1.0); 2.0 >= MARGIN
+    monkeypatch.setattr(scoring, "MARGIN", 1e9)  # no position is confident enough: every row is decoded
+    counter = _CountingGenerate(model)
+    monkeypatch.setattr(model, "generate", counter)
+    em, outputs = exact_match(model, tokenizer, _examples(), 16, 4, "near ties")
+    assert counter.rows == len(_examples())
+    assert em == pytest.approx(5 / 9)
