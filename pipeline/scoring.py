@@ -36,7 +36,6 @@ near-tie they can pick different tokens, so such a row is decoded rather than re
 def confident_argmax(logits):
     """Argmax token ids over the last dimension, -1 where the top token leads the next by less than
     :data:`MARGIN` (a position no reference token can match)."""
-
     top = logits.float().topk(2, dim=-1)
     ids = top.indices[..., 0].clone()
     ids[(top.values[..., 0] - top.values[..., 1]) < MARGIN] = -1
