@@ -3,7 +3,7 @@ the best checkpoint, early stopping, and the history the report draws.
 
 It rides on transformers' ``Trainer``: its evaluation loop computes the validation loss (sharded over the
 ranks of a multi-process launch), and its ``load_best_model_at_end`` keeps the best checkpoint. Exact match
-is greedy exact match by :func:`pipeline.scoring.exact_match`, the code evaluate uses; rank 0 scores and
+is scored greedily by :func:`pipeline.scoring.exact_match`, the code evaluate uses; rank 0 scores and
 broadcasts the score, so every rank holds the same metrics and takes the same decision to stop.
 
 "Best" is strict improvement of ``tune.metric_for_best``; by exact match, ties are broken by validation loss
