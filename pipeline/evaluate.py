@@ -27,7 +27,7 @@ from pipeline.errors import EdgetuneError
 from pipeline.models import load_model, load_tokenizer, resolve_base
 from pipeline.onnx_build import int4_recipe
 from pipeline.paths import adapter_dir, eval_file, export_dir, merged_dir, quantized_dir
-from pipeline.scoring import answer_pass, decode_speed, exact_match, plain_greedy
+from pipeline.scoring import answer_pass, decode_speed, exact_match
 from pipeline.stage_outputs import (
     export_failures,
     export_skips,
@@ -202,7 +202,7 @@ def _measure(cfg: Config, task: TaskConfig, artifact: str, model, tokenizer, exa
     # one teacher-forced pass gives perplexity and every row greedy decoding would answer exactly; the others
     # are decoded (scoring.exact_match)
     checked = answer_pass(model, tokenizer, scored or examples, cfg.tune.max_seq_len, ev.batch_size,
-                          task.max_new_tokens if scored and plain_greedy(model) else None)
+                          task.max_new_tokens if scored else None)
     if scored:
         em, outputs = exact_match(model, tokenizer, scored, task.max_new_tokens, ev.batch_size,
                                   desc=f"{task.name}/{artifact}", checked=checked)

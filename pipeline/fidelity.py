@@ -46,7 +46,6 @@ def measure(cfg: Config, task: TaskConfig, torch_model, export_model, tokenizer)
         confident_argmax,
         exact_match,
         greedy_reproduces,
-        plain_greedy,
         reference_rows,
     )
 
@@ -82,8 +81,7 @@ def measure(cfg: Config, task: TaskConfig, torch_model, export_model, tokenizer)
     # that is the reference then the end token needs no decoding: scoring.exact_match); the rest are decoded
     verdicts = [greedy_reproduces(tokenizer, ans, [p == t for p, t in zip(confident_argmax(got).tolist(), ans)],
                                   task.max_new_tokens) if ans else (None, None) for got, ans in zip(predicted, answers)]
-    checked = AnswerPass(0.0, 0, [v[0] for v in verdicts], [v[1] for v in verdicts]) \
-        if plain_greedy(export_model) else None
+    checked = AnswerPass(0.0, 0, [v[0] for v in verdicts], [v[1] for v in verdicts])
     score_export, _ = exact_match(export_model, tokenizer, rows, task.max_new_tokens, size, desc=f"{task.name}/onnx",
                                   checked=checked)
     metrics.update(score_torch=score_torch, score_export=score_export, score_drop=score_torch - score_export,

@@ -178,7 +178,9 @@ def exact_match(model, tokenizer, examples: list[Example], max_new_tokens: int, 
     """
     import torch
 
-    if checked is None and verify and plain_greedy(model):
+    if not verify or not plain_greedy(model):  # the pass says nothing about processed or sampled decoding
+        checked = None
+    elif checked is None:
         checked = answer_pass(model, tokenizer, examples, max_len, batch_size, max_new_tokens)
     known = {i: checked.answer[i] for i, hit in enumerate(checked.greedy_hit) if hit} if checked else {}
     decode = [i for i in range(len(examples)) if i not in known]
@@ -207,12 +209,6 @@ def _answer_logits_only(model) -> bool:
         return False
     configs = getattr(model, "peft_config", None) or {}
     return not any(getattr(c, "is_prompt_learning", False) for c in configs.values())
-
-
-def perplexity(model, tokenizer, examples: list[Example], max_len: int, batch_size: int) -> float:
-    """exp(mean negative log-likelihood) of the reference completion tokens given their prompts
-    (:func:`answer_pass`)."""
-    return answer_pass(model, tokenizer, examples, max_len, batch_size).perplexity
 
 
 def decode_speed(model, tokenizer, prompt: str, new_tokens: int, repeats: int) -> float:

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.data import Example, encode
 from pipeline.models import load_tokenizer
-from pipeline.scoring import answer_pass, exact_match, perplexity
+from pipeline.scoring import answer_pass, exact_match
 
 
 def _row(question: str, answer: str) -> Example:
@@ -101,7 +101,7 @@ def test_perplexity_is_the_pass_over_every_target_token(taught):
         labels = torch.tensor(enc["labels"][1:])
         nll += F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
         count += int((labels != -100).sum())
-    assert perplexity(model, tokenizer, _examples(), 256, 4) == pytest.approx(math.exp(nll / count), rel=1e-4)
+    assert answer_pass(model, tokenizer, _examples(), 256, 4).perplexity == pytest.approx(math.exp(nll / count), rel=1e-4)
 
 
 def test_a_repetition_penalty_turns_verification_off(taught, monkeypatch):
