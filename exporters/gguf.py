@@ -19,8 +19,8 @@ its numpy quantizers), in the layout llama.cpp's ``convert_hf_to_gguf.py`` and
 
 Supported: Llama-architecture models (Llama, SmolLM, Mistral) and Qwen2/Qwen3 with byte-level BPE
 tokenizers; anything else raises :class:`GGUFExportError` naming what is supported. The files are
-read back with :func:`load_gguf_model` (transformers' own GGUF reader) and :func:`read_lora_gguf`
-for the fidelity gates.
+read back with :func:`load_gguf_model` (as transformers' GGUF loader reads them, the file parsed once:
+:func:`read_gguf`) and :func:`read_lora_gguf` for the fidelity gates.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from exporters.onnx_lora import LoraExportError, lora_factors, lora_input_names
 log = logging.getLogger(__name__)
 
 __all__ = ["FORMAT", "GGUF_TYPES", "GGUFExportError", "gguf_arch", "llama_cpp_decode_speed", "llama_cpp_rate",
-           "load_gguf_model", "modelfile", "read_lora_gguf",
+           "load_gguf_model", "modelfile", "read_gguf", "read_lora_gguf",
            "write_lora_gguf", "write_model_gguf"]
 
 FORMAT = "gguf-writer-1"
@@ -331,28 +331,138 @@ def read_lora_gguf(path: Path, config) -> dict[str, tuple[np.ndarray, np.ndarray
     return out
 
 
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+"""GGUF metadata value type → struct format (8 is a string, 9 an array)."""
+
+
+def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, tuple[Any, np.ndarray]]]:
+    """(metadata, tensors) of the GGUF file ``path``, as gguf-py's ``GGUFReader`` reads them, minus arrays.
+
+    ``metadata``: key → int, float, bool or str; array values (the tokenizer's tokens, types and merges)
+    are skipped, not parsed. ``tensors``: name → (``gguf.GGMLQuantizationType``, raw bytes [*rows, bytes per
+    row], a read-only view of the file that :func:`gguf.quants.dequantize` takes). ``GGUFReader`` builds a
+    NumPy view for every element of every array: on a 49k-token vocabulary that was 4.5 s a file, the rest of
+    the file 0.1 s. Raises ``GGUFExportError`` for a file that is not GGUF v2/v3, or is truncated or damaged.
+    """
+    import struct
+
+    import gguf
+
+    data = buf = None  # the file, mapped (below: an empty file cannot be)
+    offset = 0
+
+    def take(fmt: str):
+        nonlocal offset
+        value = struct.unpack_from(fmt, buf, offset)
+        offset += struct.calcsize(fmt)
+        return value[0]
+
+    def string() -> str:
+        nonlocal offset
+        size = take("<Q")
+        offset += size
+        return bytes(buf[offset - size:offset]).decode("utf-8")
+
+    def skip(kind: int, count: int) -> None:
+        nonlocal offset
+        if kind in _SCALARS:
+            offset += struct.calcsize(_SCALARS[kind]) * count
+        elif kind == 8:
+            for _ in range(count):
+                offset += 8 + struct.unpack_from("<Q", buf, offset)[0]
+        elif kind == 9:
+            for _ in range(count):
+                inner, n = take("<I"), take("<Q")
+                skip(inner, n)
+        else:
+            raise GGUFExportError(f"{path}: unknown GGUF metadata type {kind}")
+
+    try:
+        data = np.memmap(path, mode="r")
+        buf = memoryview(data)
+        if bytes(buf[:4]) != b"GGUF" or struct.unpack_from("<I", buf, 4)[0] not in (2, 3):
+            raise GGUFExportError(f"{path} is not a little-endian GGUF v2/v3 file")
+        offset = 8
+        tensor_count, kv_count = take("<Q"), take("<Q")
+        metadata: dict[str, Any] = {}
+        for _ in range(kv_count):
+            key, kind = string(), take("<I")
+            if kind == 8:
+                metadata[key] = string()
+            elif kind == 9:
+                inner, count = take("<I"), take("<Q")
+                skip(inner, count)
+            elif kind in _SCALARS:
+                metadata[key] = take(_SCALARS[kind])
+            else:
+                raise GGUFExportError(f"{path}: unknown GGUF metadata type {kind} for {key}")
+        infos = []
+        for _ in range(tensor_count):
+            name, n_dims = string(), take("<I")
+            dims = [take("<Q") for _ in range(n_dims)]
+            infos.append((name, dims, gguf.GGMLQuantizationType(take("<I")), take("<Q")))
+        alignment = int(metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
+        start = -(-offset // alignment) * alignment
+        tensors = {}
+        for name, dims, kind, at in infos:
+            shape = gguf.quant_shape_to_byte_shape(tuple(reversed(dims)), kind) if kind not in (
+                gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) else \
+                (*reversed(dims[1:]), dims[0] * (4 if kind == gguf.GGMLQuantizationType.F32 else 2))
+            size = int(np.prod(shape))
+            tensors[name] = (kind, data[start + at:start + at + size].reshape(shape))
+    except GGUFExportError:
+        raise
+    except (struct.error, ValueError, UnicodeDecodeError) as exc:  # cut short, or not what it says it is
+        raise GGUFExportError(f"{path} is truncated or damaged ({exc}); export it again") from exc
+    return metadata, tensors
+
+
+def _config(path: Path, metadata: Mapping[str, Any], tensors: Mapping[str, Any]):
+    """The transformers configuration of a GGUF model file, read as transformers reads it (its own map
+    of GGUF keys to config fields, ``GGUF_TO_TRANSFORMERS_MAPPING``; Mistral written as llama; the output
+    head tied when the file has no ``output.weight``), from metadata :func:`read_gguf` already parsed."""
+    from transformers import CONFIG_MAPPING
+    from transformers.modeling_gguf_pytorch_utils import GGUF_TO_TRANSFORMERS_MAPPING
+
+    arch = metadata["general.architecture"]
+    model_type = "mistral" if arch == "llama" and metadata.get("general.name") == "mistral" else arch
+    if model_type not in _ARCHS:
+        raise GGUFExportError(f"{path}: a {arch} GGUF file; the read-back supports {SUPPORTED}")
+    renames = GGUF_TO_TRANSFORMERS_MAPPING["config"]
+    fields: dict[str, Any] = {"tie_word_embeddings": "output.weight" not in tensors}
+    for key, value in metadata.items():
+        prefix, _, rest = key.partition(".")
+        prefix = model_type if prefix == arch else prefix
+        field = renames.get(prefix, {}).get(rest)
+        if field not in (None, -1):
+            fields[field] = model_type if field == "model_type" else value
+    fields.setdefault("vocab_size", int(tensors["token_embd.weight"][1].shape[0]))
+    key_length = metadata.get(f"{arch}.attention.key_length")
+    if key_length is not None:  # transformers drops it for some families (Qwen3): head_dim != hidden/heads
+        fields["head_dim"] = int(key_length)
+    return CONFIG_MAPPING[model_type].from_dict(fields)
+
+
 def load_gguf_model(path: Path, *, lora: Path | None = None):
     """The model in GGUF file ``path`` as a transformers model (fp32, CPU); with ``lora``, that GGUF adapter's
     updates added to the weights (what llama.cpp computes).
 
     The configuration is transformers' reading of the file's metadata; the tensors are found by gguf-py's
     name map (llama.cpp's own), dequantized by gguf-py, and llama-layout query/key rows un-permuted. That is
-    what transformers' GGUF loader does (``from_pretrained(gguf_file=)``; tests hold the two equal, weight for
-    weight, for every family written here), with the file parsed once instead of several times: parsing the
-    vocabulary's strings in Python was most of a 20 s read-back of SmolLM2-135M."""
+    what transformers' GGUF loader does (``from_pretrained(gguf_file=)``; tests hold the two equal, config and
+    weight for weight, for every family written here), with the file parsed once and its vocabulary skipped
+    (:func:`read_gguf`): parsing the vocabulary's strings in Python was most of a 20 s read-back of SmolLM2-135M."""
     import gguf
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_utils import no_init_weights
 
-    reader = gguf.GGUFReader(path)
-    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    key_length = reader.fields.get(f"{reader.fields['general.architecture'].contents()}.attention.key_length")
-    if key_length is not None:  # transformers' reader drops it for some families (Qwen3): head_dim != hidden/heads
-        config.head_dim = int(key_length.contents())
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    metadata, tensors = read_gguf(path)
+    config = _config(path, metadata, tensors)
+    with no_init_weights():  # every weight is read from the file below (random init was 1.8 s of 3.7)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     arch = gguf_arch(config)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
-    tensors = {t.name: t for t in reader.tensors}
     state = {}
     for name in model.state_dict():
         stored = tensors.get(names.get_name(name, try_suffixes=(".weight", ".bias")) or "")
@@ -360,7 +470,8 @@ def load_gguf_model(path: Path, *, lora: Path | None = None):
             if name == "lm_head.weight" and config.tie_word_embeddings:
                 continue  # the output head reads the embedding (no output.weight in the file)
             raise GGUFExportError(f"{path}: no tensor for {name}; is it a complete {arch} model file?")
-        weight = gguf.quants.dequantize(stored.data, stored.tensor_type).reshape([int(d) for d in reversed(stored.shape)])
+        kind, raw = stored
+        weight = gguf.quants.dequantize(raw, kind)
         heads = _rotary_heads(arch, config, name.rsplit(".", 1)[0])
         state[name] = torch.from_numpy(np.array(_unpermute(weight, heads) if heads else weight, dtype=np.float32))
     model.load_state_dict(state, strict=False)

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from exporters.gguf import (
     GGUFExportError,
     load_gguf_model,
     modelfile,
+    read_gguf,
     read_lora_gguf,
     write_lora_gguf,
     write_model_gguf,
@@ -96,6 +97,18 @@ def test_every_type_reads_back_as_the_pytorch_model(kind: str, tmp_path: Path) -
             ours = back.state_dict()
             assert ours.keys() == theirs.state_dict().keys()
             assert all(torch.equal(ours[k], v) for k, v in theirs.state_dict().items()), f"{kind} {gguf_type}"
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name).to_dict()
+            if kind == "qwen3":  # transformers drops the file's key_length; the read-back keeps it (head_dim 16)
+                config["head_dim"] = back.config.head_dim
+            assert {k: v for k, v in back.config.to_dict().items() if k != "_name_or_path"} == \
+                {k: v for k, v in config.items() if k != "_name_or_path"}
+            # the one-parse reader sees what gguf-py's reader sees: every scalar and string, every tensor's bytes
+            metadata, tensors = read_gguf(path)
+            reader = gguf.GGUFReader(path)
+            assert metadata == {k: f.contents() for k, f in reader.fields.items()
+                                if not k.startswith("GGUF.") and f.types[0] != gguf.GGUFValueType.ARRAY}
+            assert {t.name: (t.tensor_type, t.data.tobytes()) for t in reader.tensors} == \
+                {name: (kind_, raw.tobytes()) for name, (kind_, raw) in tensors.items()}
             assert diff < tolerance, f"{kind} {gguf_type}: max |Δlogit| {diff:.3g}"
             assert diff > 0 or gguf_type == "f16"  # a quantized file that reads back bit-identical was not quantized
             assert not list(tmp_path.glob("*.partial"))
@@ -186,6 +199,16 @@ def test_adapters_without_a_gguf_form_and_other_families_fail_clearly(tiny_model
         with pytest.raises(GGUFExportError, match=f"supports Llama.*Qwen3.*this model is {kind}.*convert_hf_to_gguf"):
             write_model_gguf(model, AutoTokenizer.from_pretrained(src), tmp_path / f"{kind}.gguf", "f16", name=kind)
         assert not list(tmp_path.glob(f"{kind}.gguf*"))
+    # reading back something that is not a GGUF model file names the file
+    (tmp_path / "model.safetensors.gguf").write_bytes(b"\x00" * 64)
+    with pytest.raises(GGUFExportError, match="model.safetensors.gguf is not a little-endian GGUF"):
+        load_gguf_model(tmp_path / "model.safetensors.gguf")
+    whole = write_model_gguf(base, AutoTokenizer.from_pretrained(tiny_model_dir), tmp_path / "whole.gguf", "q8_0",
+                             name="tiny").read_bytes()
+    for cut in (len(whole) // 2, 300):  # in the weights, in the metadata
+        (tmp_path / "cut.gguf").write_bytes(whole[:cut])
+        with pytest.raises(GGUFExportError, match="cut.gguf is truncated or damaged.*export it again"):
+            load_gguf_model(tmp_path / "cut.gguf")
 
 
 def test_modelfile_runs_the_chat_format_and_stops_at_end_of_turn(tiny_model_dir: Path) -> None:
