@@ -205,18 +205,31 @@ class Decoder:
         return outputs[0].numpy(), list(outputs[1:])
 
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, *,
-               adapter: str | None = None, prefix: Prefix | None = None) -> np.ndarray:
+               adapter: str | None = None, prefix: Prefix | None = None, keep: int | None = None) -> np.ndarray:
         """Full-sequence logits of a (left-padded) batch, with no cache: [batch, seq, vocab]. On the fused
-        sidecar the padded positions' logits are zeros (the exported graph computes something there)."""
+        sidecar the padded positions' logits are zeros (the exported graph computes something there).
+
+        ``keep``: the last ``keep`` positions only, [batch, keep, vocab] (transformers' ``logits_to_keep``):
+        the fused sidecar then runs the output head (a vocabulary-wide matrix per position) there only."""
         input_ids = np.asarray(input_ids, dtype=np.int64)
         batch, seq = input_ids.shape
+        keep = min(keep, seq) if keep else None
         mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
         n = prefix.length if prefix else 0
         self._check_adapter(adapter)
         real = mask.astype(bool)
         if self._fits(n + seq + 1) and real.any(axis=1).all():
-            rows = [row[keep].tolist() for row, keep in zip(input_ids, real)]
+            rows = [row[keep_].tolist() for row, keep_ in zip(input_ids, real)]
             slots = self._slots(batch, adapter, prefix, n + seq + 1)
+            if keep:  # input position p of a row is position (real tokens up to p) - 1 of its unpadded prompt
+                picked = np.maximum(np.cumsum(real, axis=1) - 1, 0)[:, seq - keep:]
+                wanted = real[:, seq - keep:]
+                out = np.zeros((batch, keep, self.fused.vocab), np.float32)
+                for start, part in _prefill_runs(rows, n):
+                    got = slots.prefill(start, part, [n] * len(part), positions=picked[start:start + len(part)])
+                    out[start:start + len(part)] = got
+                out[~wanted] = 0  # padding, as below
+                return out
             out = np.zeros((batch, seq, self.fused.vocab), np.float32)
             for start, part in _prefill_runs(rows, n):
                 got = slots.prefill(start, part, [n] * len(part), every_position=True)
@@ -227,7 +240,7 @@ class Decoder:
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0) + n
         full_mask = np.concatenate([np.ones((batch, n), np.int64), mask], axis=1)
         logits, _ = self.forward(input_ids, full_mask, positions, past, adapter)
-        return logits
+        return logits[:, seq - keep:] if keep else logits
 
     def _fits(self, length: int) -> bool:
         """Whether the fused sidecar runs a sequence of ``length`` positions (prefix included)."""

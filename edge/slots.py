@@ -345,10 +345,11 @@ class SlotDecoder:
             self.values[layer][slot, :, at:at + length] = block[layer, 1]
 
     def prefill(self, start: int, prompts: Sequence[Sequence[int]], past: Sequence[int] = (),
-                pad_id: int = 0, every_position: bool = False) -> np.ndarray:
+                pad_id: int = 0, every_position: bool = False, positions: np.ndarray | None = None) -> np.ndarray:
         """Run the prompts of rows ``start .. start + len(prompts) - 1`` in one run; returns each row's next-token
         logits [rows, vocab] (``every_position``: the logits at every prompt position, [rows, longest prompt,
-        vocab], padding included). Slot ``start + k`` already holds ``past[k]`` positions (a prefix, cached blocks:
+        vocab], padding included; ``positions`` [rows, k]: at those positions of each row's prompt, [rows, k, vocab],
+        the output head run there only). Slot ``start + k`` already holds ``past[k]`` positions (a prefix, cached blocks:
         see :meth:`write_prefix`, :meth:`write_block`; default none) and its prompt follows them. Adapters:
         :meth:`set_adapter` first.
 
@@ -367,10 +368,15 @@ class SlotDecoder:
                 raise ValueError("a prompt is empty: give at least one token")
             ids[k, :len(p)] = p
         lengths = np.asarray([len(p) for p in prompts], np.int64)
-        picked = np.broadcast_to(np.arange(width), (n, width)) if every_position else (lengths - 1)[:, None]
+        if every_position:
+            picked = np.broadcast_to(np.arange(width), (n, width))
+        elif positions is not None:
+            picked = np.asarray(positions, np.int64).reshape(n, -1)
+        else:
+            picked = (lengths - 1)[:, None]
         logits = self._run(start, ids, past + width - 1, picked)
         self.lengths[start:start + n] = past + lengths
-        return logits if every_position else logits[:, 0]
+        return logits if every_position or positions is not None else logits[:, 0]
 
     def decode(self, tokens: Sequence[int], start: int = 0) -> np.ndarray:
         """One token for each of rows ``start .. start + len(tokens) - 1`` (their last picks); next logits."""

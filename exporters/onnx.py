@@ -143,7 +143,8 @@ def export_onnx_fp32(model_dir: Path, out_dir: Path) -> Path:
 class OnnxCausalLM:
     """A torch-facing view of an ONNX decoder (:class:`edge.runtime.Decoder`), for evaluation and gates.
 
-    ``model(input_ids=, attention_mask=)`` returns an object with ``.logits`` (a torch tensor) and
+    ``model(input_ids=, attention_mask=, logits_to_keep=)`` returns an object with ``.logits`` (a torch tensor;
+    the last ``logits_to_keep`` positions only when it is given, as transformers does) and
     ``model.generate(...)`` takes the Hugging Face keywords the pipeline uses (greedy only) and
     returns prompt + new tokens like ``transformers`` does (a stop token is kept, then padding).
     ``adapter`` / ``prefix`` select a LoRA adapter loaded in the decoder or a key/value prefix.
@@ -152,11 +153,12 @@ class OnnxCausalLM:
     def __init__(self, decoder, *, adapter: str | None = None, prefix=None) -> None:
         self.decoder, self.adapter, self.prefix = decoder, adapter, prefix
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: object):
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 logits_to_keep: int = 0, **_: object):
         from types import SimpleNamespace
 
         logits = self.decoder.logits(input_ids.numpy(), None if attention_mask is None else attention_mask.numpy(),
-                                     adapter=self.adapter, prefix=self.prefix)
+                                     adapter=self.adapter, prefix=self.prefix, keep=logits_to_keep or None)
         return SimpleNamespace(logits=torch.from_numpy(logits))
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -249,11 +251,14 @@ def logit_parity(
                 ref = full[keep]
                 if reference is not None:
                     reference[key] = ref
-            got = torch.as_tensor(onnx_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits).float()[0]
-            if got.shape[0] != ids.shape[1] or got.shape[1:] != ref.shape[1:]:
-                raise RuntimeError(f"logit shape mismatch: torch {(ids.shape[1], *ref.shape[1:])} vs onnx "
+            # from the first scored position on only: the export runs its output head there alone
+            width = ids.shape[1] - int(keep.nonzero()[0, 0])
+            got = torch.as_tensor(onnx_model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                             logits_to_keep=width).logits).float()[0]
+            if got.shape[0] != width or got.shape[1:] != ref.shape[1:]:
+                raise RuntimeError(f"logit shape mismatch: torch {(width, *ref.shape[1:])} vs onnx "
                                    f"{tuple(got.shape)}")
-            got = got[keep]
+            got = got[keep[-width:]]
             if predictions is not None:
                 predictions.append(got)
             diffs.append(float((ref - got).abs().max()))

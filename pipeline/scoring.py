@@ -71,8 +71,9 @@ def answer_pass(model, tokenizer, examples: list[Example], max_len: int, batch_s
     over every target token, for perplexity) and, with ``max_new_tokens``, whether greedy decoding would
     reproduce the reference (:class:`AnswerPass`).
 
-    PyTorch models get the rows left-padded and compute the output head at the answer positions only (as in
-    training): over a long prompt, full-vocabulary logits at every position were most of the time."""
+    The rows are left-padded and the output head runs at the answer positions only (as in training; PyTorch
+    and ONNX models alike, PEFT prompt learning excepted): over a long prompt, full-vocabulary logits at every
+    position were most of the time."""
     import torch
     import torch.nn.functional as F
 
@@ -202,9 +203,14 @@ def exact_match(model, tokenizer, examples: list[Example], max_new_tokens: int, 
 
 def _answer_logits_only(model) -> bool:
     """Whether ``model`` computes logits at the last k positions only when asked (``logits_to_keep``): a PyTorch
-    transformers model, not a prompt-learning PEFT model (those prepend virtual tokens inside) and not ONNX."""
+    transformers model that is not a prompt-learning PEFT model (those prepend virtual tokens inside), or an
+    ONNX model (:class:`exporters.onnx.OnnxCausalLM`: a key/value prefix is not among its positions)."""
     import torch
 
+    from exporters.onnx import OnnxCausalLM
+
+    if isinstance(model, OnnxCausalLM):
+        return True
     if not isinstance(model, torch.nn.Module):
         return False
     configs = getattr(model, "peft_config", None) or {}

@@ -131,7 +131,16 @@ def test_lora_and_prefix_adapters_decode_on_the_sidecar_as_on_the_exported_graph
     ids, mask = _left_padded(PROMPTS)
     real = mask.astype(bool)
     for kwargs in ({"adapter": "task"}, {"prefix": prefix}):
-        assert np.abs(fused.logits(ids, mask, **kwargs) - plain.logits(ids, mask, **kwargs))[real].max() < 1e-4
+        full = fused.logits(ids, mask, **kwargs)
+        assert np.abs(full - plain.logits(ids, mask, **kwargs))[real].max() < 1e-4
+        # the last k positions only (transformers' logits_to_keep), the output head run there alone: the same
+        # logits, padding zero; rows shorter than k (PROMPTS[1] has 3 tokens, PROMPTS[2] one) included
+        for keep in (1, 4, ids.shape[1]):
+            tail = fused.logits(ids, mask, keep=keep, **kwargs)
+            assert tail.shape == (len(PROMPTS), keep, full.shape[-1])
+            assert np.abs(tail - full[:, -keep:]).max() < 1e-5
+            assert not tail[~real[:, -keep:]].any()
+            assert np.abs(plain.logits(ids, mask, keep=keep, **kwargs) - full[:, -keep:])[real[:, -keep:]].max() < 1e-4
         assert fused.generate_batch(PROMPTS, 6, pad_id=0, **kwargs) == plain.generate_batch(PROMPTS, 6, pad_id=0,
                                                                                           **kwargs)
     assert fused._session is None

@@ -128,3 +128,29 @@ def test_a_near_tie_is_decoded_not_read(taught, monkeypatch):
     em, outputs = exact_match(model, tokenizer, _examples(), 16, 4, "near ties")
     assert counter.rows == len(_examples())
     assert em == pytest.approx(5 / 9)
+
+
+def test_an_onnx_model_reads_the_same_answers_from_logits_at_the_answer_positions(taught, tmp_path):
+    """ONNX models get the output head at the answer positions only (``logits_to_keep``, on the fused sidecar)
+    as PyTorch ones do: the pass vouches for the same rows with the same perplexity, and exact match read from
+    it equals exact match by decoding the export."""
+    from exporters.fused_graph import write_fused
+    from exporters.onnx import export_onnx_fp32, load_onnx_model
+
+    model, tokenizer = taught
+    model.save_pretrained(tmp_path / "taught")
+    tokenizer.save_pretrained(tmp_path / "taught")
+    export_onnx_fp32(tmp_path / "taught", tmp_path / "onnx")
+    write_fused(tmp_path / "onnx" / "model.onnx", max_length=128)
+    onnx_model = load_onnx_model(tmp_path / "onnx", 1)
+    assert onnx_model.decoder.fused is not None
+    examples = _examples()
+    want = answer_pass(model, tokenizer, examples, 256, 4, 16)
+    kept, logits = [], onnx_model.decoder.logits
+    onnx_model.decoder.logits = lambda *a, keep=None, **k: kept.append(keep) or logits(*a, keep=keep, **k)
+    got = answer_pass(onnx_model, tokenizer, examples, 256, 4, 16)
+    assert kept and all(k is not None and k < 16 for k in kept)  # never the full width
+    assert got.greedy_hit == want.greedy_hit and got.answer == want.answer
+    assert got.tokens == want.tokens and got.perplexity == pytest.approx(want.perplexity, rel=1e-4)
+    assert exact_match(onnx_model, tokenizer, examples, 16, 4, "read", checked=got) == \
+        exact_match(onnx_model, tokenizer, examples, 16, 4, "decode", verify=False)
