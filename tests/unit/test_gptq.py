@@ -140,3 +140,25 @@ def test_gptq_codes_land_in_bitsandbytes_nf4_unchanged() -> None:
     w = reference[0].weight.detach()
     err = lambda v: float(((x @ w.T - x @ v.T) ** 2).mean())  # noqa: E731
     assert err(refined) < 0.8 * err(rtn)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_layers_rounded_together_get_the_codes_each_gets_alone(act_order: bool) -> None:
+    """gptq_batch stacks layers of one shape into one pass over the columns: each layer's codes, scales and zero
+    points are bit for bit those of its own pass (uniform grid and a codebook; an input the text never uses)."""
+    rng = np.random.default_rng(5)
+    weights = [rng.standard_normal((24, 128)).astype(np.float32) for _ in range(3)]
+    hessians = []
+    for _ in weights:
+        x = _correlated_inputs(rng, 1500, 128)
+        hessians.append(x.T @ x / len(x))
+    hessians[1][7, :] = hessians[1][:, 7] = 0  # a dead input in one layer only
+    together = G.gptq_batch(weights, hessians, 32, act_order=act_order)
+    for w, h, q in zip(weights, hessians, together):
+        alone = G.gptq(w, h, 32, act_order=act_order)
+        assert all(np.array_equal(getattr(q, f), getattr(alone, f)) for f in ("codes", "scales", "zeros"))
+    levels = np.linspace(-1, 1, 16, dtype=np.float32)
+    scales = [np.abs(w).reshape(24, -1, 32).max(axis=2) for w in weights]
+    together = G.gptq_batch(weights, hessians, 32, codebook=levels, scales=scales, act_order=act_order)
+    for w, h, s, q in zip(weights, hessians, scales, together):
+        assert np.array_equal(q.codes, G.gptq(w, h, 32, codebook=levels, scales=s, act_order=act_order).codes)
