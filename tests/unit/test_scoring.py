@@ -154,3 +154,36 @@ def test_an_onnx_model_reads_the_same_answers_from_logits_at_the_answer_position
     assert got.tokens == want.tokens and got.perplexity == pytest.approx(want.perplexity, rel=1e-4)
     assert exact_match(onnx_model, tokenizer, examples, 16, 4, "read", checked=got) == \
         exact_match(onnx_model, tokenizer, examples, 16, 4, "decode", verify=False)
+
+
+def test_the_shared_opening_runs_once_and_changes_nothing(taught, monkeypatch):
+    """Rows that open alike (the chat template's system turn, a task's instruction) continue from one key/value
+    cache of that opening: the same perplexity and the same rows vouched for as running every row whole, on
+    a plain model and through a LoRA adapter; a row's own tokens are never shared."""
+    from peft import LoraConfig, get_peft_model
+
+    import pipeline.scoring as scoring
+
+    model, tokenizer = taught
+    examples = _examples()
+    encoded, _ = scoring.reference_rows(tokenizer, examples, 256)
+    opening = scoring.shared_prefix(encoded)
+    prompts = [tokenizer(scoring.render_prompt(tokenizer, e), add_special_tokens=False)["input_ids"] for e in examples]
+    assert 0 < opening < min(len(p) for p in prompts)  # the system turn at least, and never a whole prompt
+    assert all(p[:opening] == prompts[0][:opening] for p in prompts)
+    assert scoring.shared_prefix(encoded[:1]) == 0
+    torch.manual_seed(3)
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    for subject in (model, lora):
+        fed = []
+        hook = subject.register_forward_pre_hook(lambda _m, args, kwargs: fed.append(kwargs["input_ids"].shape),
+                                                 with_kwargs=True)
+        shared = answer_pass(subject, tokenizer, examples, 256, 4, 16)
+        hook.remove()
+        assert fed[0] == (1, opening)  # the opening, once per batch, then the rows without it
+        monkeypatch.setattr(scoring, "shared_prefix", lambda rows: 0)
+        whole = answer_pass(subject, tokenizer, examples, 256, 4, 16)
+        monkeypatch.undo()
+        assert shared.greedy_hit == whole.greedy_hit and shared.answer == whole.answer
+        assert shared.tokens == whole.tokens and shared.perplexity == pytest.approx(whole.perplexity, rel=1e-5)
+    lora.unload()
