@@ -84,6 +84,8 @@ def answer_pass(model, tokenizer, examples: list[Example], max_len: int, batch_s
     encoded, answers = reference_rows(tokenizer, examples, max_len)
     sliced = _answer_logits_only(model)
     shared = shared_prefix(encoded) if sliced and isinstance(model, torch.nn.Module) else 0
+    if shared and _opening_cache(model, encoded[0]["input_ids"][:shared], 1) is None:
+        shared = 0  # a model that returns no cache it can repeat over a batch: every row runs whole
     nll, count, hits, texts = 0.0, 0, [], []
     for start in range(0, len(encoded), batch_size):
         rows = encoded[start:start + batch_size]
@@ -93,9 +95,7 @@ def answer_pass(model, tokenizer, examples: list[Example], max_len: int, batch_s
                          else collate(rows, tokenizer.pad_token_id), model)
         with torch.no_grad():
             if shared:
-                opening = to_model({"input_ids": torch.tensor([encoded[0]["input_ids"][:shared]])}, model)
-                past = model(input_ids=opening["input_ids"], use_cache=True, logits_to_keep=1).past_key_values
-                past.batch_repeat_interleave(len(rows))
+                past = _opening_cache(model, encoded[0]["input_ids"][:shared], len(rows))
                 mask = batch["attention_mask"]
                 logits = model(input_ids=batch["input_ids"], past_key_values=past, use_cache=True,
                                attention_mask=torch.cat([torch.ones_like(mask[:, :1]).expand(-1, shared), mask], 1),
@@ -141,6 +141,20 @@ def shared_prefix(encoded: list[dict]) -> int:
     while length < limit and all(e["input_ids"][length] == first[length] for e in encoded):
         length += 1
     return length
+
+
+def _opening_cache(model, opening: list[int], rows: int):
+    """The key/value cache of ``opening`` (one forward) repeated for ``rows`` rows, or None when the model
+    returns no cache that can be repeated (a transformers ``Cache``); the next forward extends it in place."""
+    import torch
+
+    ids = to_model({"input_ids": torch.tensor([opening])}, model)["input_ids"]
+    with torch.no_grad():
+        past = model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+    if past is None or not hasattr(past, "batch_repeat_interleave"):
+        return None
+    past.batch_repeat_interleave(rows)
+    return past
 
 
 def reference_rows(tokenizer, examples: list[Example], max_len: int) -> tuple[list[dict], list[list[int] | None]]:

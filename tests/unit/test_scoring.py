@@ -187,3 +187,19 @@ def test_the_shared_opening_runs_once_and_changes_nothing(taught, monkeypatch):
         assert shared.greedy_hit == whole.greedy_hit and shared.answer == whole.answer
         assert shared.tokens == whole.tokens and shared.perplexity == pytest.approx(whole.perplexity, rel=1e-5)
     lora.unload()
+
+    class NoCache(torch.nn.Module):  # a model that returns no key/value cache: every row runs whole
+        def __init__(self, inner) -> None:
+            super().__init__()
+            self.inner, self.generation_config = inner, inner.generation_config
+
+        def forward(self, **kwargs):
+            out = self.inner(**kwargs)
+            out.past_key_values = None
+            return out
+
+    monkeypatch.setattr(scoring, "shared_prefix", lambda rows: 0)
+    whole = answer_pass(model, tokenizer, examples, 256, 4, 16)
+    monkeypatch.undo()
+    uncached = answer_pass(NoCache(model), tokenizer, examples, 256, 4, 16)
+    assert uncached.greedy_hit == whole.greedy_hit and uncached.perplexity == pytest.approx(whole.perplexity, rel=1e-6)
