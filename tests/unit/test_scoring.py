@@ -176,8 +176,8 @@ def test_the_shared_opening_runs_once_and_changes_nothing(taught, monkeypatch):
     lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     for subject in (model, lora):
         fed = []
-        hook = subject.register_forward_pre_hook(lambda _m, args, kwargs: fed.append(kwargs["input_ids"].shape),
-                                                 with_kwargs=True)
+        hook = subject.register_forward_pre_hook(
+            lambda _m, args, kwargs, fed=fed: fed.append(kwargs["input_ids"].shape), with_kwargs=True)
         shared = answer_pass(subject, tokenizer, examples, 256, 4, 16)
         hook.remove()
         assert fed[0] == (1, opening)  # the opening, once per batch, then the rows without it
