@@ -39,6 +39,9 @@ SETTINGS = ["num_threads=0", "tune.max_steps=4", "tune.save_steps=100", "tune.lo
 # (other thread counts pick other kernels); a rank training on its own (ULMFiT unfrozen by requires_grad,
 # PIR choosing its own weights) is off by ~1e-2.
 TOLERANCE = 1e-5
+RANK_THREADS = max(1, (os.cpu_count() or 1) // RANKS)
+"""Each rank's share of the cores; the one-process reference runs with as many threads, so both pick the same
+kernels (with every core, one process summed in another order: 1.6e-5 apart for ULMFiT on a 2-core AMD EPYC)."""
 # ULMFiT's launch also trains a one-step copy of the task: 1 step of 2 phases ends in phase 0, where only
 # the top group may move (a second task costs ~2 s, a second launch ~20 s).
 PHASE0_TASKS = ("tasks=[{name: sentiment, train: data/tasks/sentiment/train.jsonl, test: data/tasks/sentiment/test.jsonl},"
@@ -85,9 +88,9 @@ def one_process(workdir: Path, tiny_model_dir: Path):
     def run(method: str) -> tuple[Path, str]:
         cfg = load_config("configs/tiny.yaml", [f"base={tiny_model_dir}", f"out_dir={workdir / ('one-' + method)}",
                                                 f"method={method}", "tune.batch_size=2", "tune.grad_accum=2",
-                                                *SETTINGS])
+                                                *SETTINGS, f"num_threads={RANK_THREADS}"])
         handler, logger = _Collect(), logging.getLogger("pipeline")
-        level = logger.level
+        level, threads = logger.level, torch.get_num_threads()
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         try:
@@ -95,6 +98,7 @@ def one_process(workdir: Path, tiny_model_dir: Path):
         finally:
             logger.removeHandler(handler)
             logger.setLevel(level)
+            torch.set_num_threads(threads)  # tune set this process's thread count; later tests get theirs back
         return folder, "\n".join(handler.lines)
 
     return run
@@ -118,9 +122,8 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_tunes_on_two_ranks_and_only_rank_0_writes(method: str, launch, tiny_model_dir: Path) -> None:
     run_dir, output = launch(method)
-    share = max(1, (os.cpu_count() or 1) // RANKS)
     for rank in range(RANKS):
-        assert f"tune sentiment: rank {rank} of {RANKS} trains with {share} CPU threads" in output, output[-3000:]
+        assert f"tune sentiment: rank {rank} of {RANKS} trains with {RANK_THREADS} CPU threads" in output, output[-3000:]
     tasks = sorted(p.name for p in (run_dir / "adapters").iterdir())
     assert output.count("adapter in ") == len(tasks)  # one rank saved each
 
