@@ -181,6 +181,7 @@ def calibration_hessians(model, batches: Iterable[Mapping], names: Iterable[str]
     """
     import torch
 
+    names = list(names)
     modules = dict(model.named_modules())
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -202,7 +203,10 @@ def calibration_hessians(model, batches: Iterable[Mapping], names: Iterable[str]
             state["last"] = (x, key)  # holding x keeps its memory from being reused by a later tensor
         return fn
 
-    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    # The output projection reads the decoder's last hidden state: measured from the decoder's output, its
+    # full-vocabulary logits (as much work as a sixth of the model, at every position) are never computed.
+    head = _output_head(model, modules, names)
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names if n != head]
     device = next(model.parameters()).device
     try:
         with torch.inference_mode():
@@ -210,12 +214,31 @@ def calibration_hessians(model, batches: Iterable[Mapping], names: Iterable[str]
                 mask = batch["attention_mask"].to(device)
                 state.clear()
                 state["mask"] = mask.reshape(-1).bool()
-                model(input_ids=batch["input_ids"].to(device), attention_mask=mask)
+                if head is None:
+                    model(input_ids=batch["input_ids"].to(device), attention_mask=mask)
+                else:
+                    hidden = model.get_decoder()(input_ids=batch["input_ids"].to(device), attention_mask=mask)
+                    hook(head)(None, (hidden.last_hidden_state,))
     finally:
         for handle in handles:
             handle.remove()
     means = {key: (total / max(1, counts[key])).float().cpu().numpy() for key, total in sums.items()}
     return {n: means[owner[n]] for n in names if n in owner}  # shared inputs: the same array object
+
+
+def _output_head(model, modules: Mapping, names: Iterable[str]) -> str | None:
+    """The name of ``model``'s output projection among ``names`` when its input is the decoder's last hidden
+    state (a transformers causal LM: ``get_decoder()`` then ``get_output_embeddings()``), else None."""
+    getters = (getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None))
+    if not all(callable(g) for g in getters):
+        return None
+    try:
+        decoder, head = getters[0](), getters[1]()
+    except (AttributeError, NotImplementedError):
+        return None
+    if decoder is None or decoder is model or head is None:
+        return None
+    return next((n for n in names if modules.get(n) is head), None)
 
 
 def node_module(node_name: str) -> str:

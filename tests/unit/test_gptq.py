@@ -85,6 +85,27 @@ def test_calibration_hessians_share_one_matrix_per_input_and_skip_padding() -> N
     assert np.allclose(h["o"], (mid.T @ mid / 5).numpy(), atol=1e-5)
 
 
+def test_the_output_head_is_measured_without_computing_logits(tiny_model_dir, monkeypatch) -> None:
+    """A causal LM's output projection is measured from its decoder's last hidden state: the same matrices,
+    bit for bit, as hooking the projection inside a full forward, and no full-vocabulary logits computed."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert "lm_head" in names
+    batches = [{"input_ids": torch.tensor([[5, 6, 7, 8], [0, 9, 10, 11]]),
+                "attention_mask": torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])}]
+    heads = []
+    hook = model.lm_head.register_forward_hook(lambda _m, _a, out: heads.append(out.shape))
+    fast = G.calibration_hessians(model, batches, names)
+    hook.remove()
+    assert heads == []  # the projection itself never ran
+    monkeypatch.setattr(G, "_output_head", lambda *a: None)  # every layer hooked inside a full forward
+    full = G.calibration_hessians(model, batches, names)
+    assert fast.keys() == full.keys() == set(names)
+    assert all(np.array_equal(fast[n], full[n]) for n in names)
+
+
 def test_calibrated_blocks_replace_the_onnx_weights_and_compute_what_they_say(tmp_path) -> None:
     import onnx
     import onnxruntime as ort
