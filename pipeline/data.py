@@ -238,18 +238,50 @@ def encode_all(tokenizer, examples: list[Example], max_len: int, what: str) -> l
     return encoded
 
 
-def collate_for_training(batch: list[dict[str, list[int]]], pad_id: int, slice_logits: bool = True) -> dict[str, Any]:
+def shared_prefix(encoded: list[dict]) -> int:
+    """How many leading tokens every encoded row has in common, short of each row's first target (the logit
+    before a target must be computed with the row): a chat template's system prompt and a task's instruction.
+    0 for fewer than two rows."""
+    if len(encoded) < 2:
+        return 0
+    first = encoded[0]["input_ids"]
+    limit = min(min((i for i, label in enumerate(e["labels"]) if label != IGNORE_INDEX), default=len(e["labels"]))
+                for e in encoded) - 1
+    length = 0
+    while length < limit and all(e["input_ids"][length] == first[length] for e in encoded):
+        length += 1
+    return length
+
+
+def collate_for_training(batch: list[dict[str, list[int]]], pad_id: int, slice_logits: bool = True,
+                         opening: int = 0) -> dict[str, Any]:
     """Left-pad a training batch so every target token sits in the last ``logits_to_keep`` positions.
 
     The output head (vocab x hidden, a fifth of a small model's compute) then runs only where a
     loss is taken, not over the prompt: same loss, about a quarter less work per step. Position
     ids count from each row's first real token, as at generation time.
 
+    ``opening`` > 0: the first ``opening`` tokens, which every row of the data set starts with
+    (:func:`shared_prefix` over all of them: the chat template's system turn, the task's instruction), are
+    returned once, as ``opening_ids`` (1 x ``opening``), and the rows without them;
+    :func:`pipeline.scoring.with_opening` turns that into model inputs that run the opening once per batch (a
+    third to a half of each row on the bundled tasks). One opening for the whole data set, not each batch's own:
+    a row is then computed the same way whichever rows share its batch (or its rank, under a launcher).
+
     ``slice_logits=False`` returns full-width labels and leaves logits and positions to the model:
     PEFT's prompt-learning models prepend virtual tokens (and their ignored labels) themselves.
     """
     import torch
 
+    if opening and slice_logits:
+        first = batch[0]["input_ids"][:opening]
+        # the logit before a row's first target is computed with the row: no target within opening + 1
+        if any(e["input_ids"][:opening] != first or any(t != IGNORE_INDEX for t in e["labels"][:opening + 1])
+               for e in batch):
+            raise ValueError(f"collate_for_training: the rows do not share their first {opening} tokens (or a target "
+                             "lies among them); pass the shared_prefix of the data set they come from")
+        rows = [{"input_ids": e["input_ids"][opening:], "labels": e["labels"][opening:]} for e in batch]
+        return {**collate_for_training(rows, pad_id), "opening_ids": torch.tensor([first])}
     width = max(len(e["input_ids"]) for e in batch)
     keep = 1
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)

@@ -73,34 +73,27 @@ def answer_pass(model, tokenizer, examples: list[Example], max_len: int, batch_s
 
     The rows are left-padded and the output head runs at the answer positions only (as in training; PyTorch
     and ONNX models alike, PEFT prompt learning excepted): over a long prompt, full-vocabulary logits at every
-    position were most of the time. On a PyTorch model the opening all rows share (:func:`shared_prefix`) runs
-    once per batch and the rows continue from its key/value cache: a third to a half of each row on the
-    bundled tasks."""
+    position were most of the time. On a PyTorch model the opening every row shares
+    (:func:`pipeline.data.shared_prefix`) runs once per batch and the rows continue from its key/value cache
+    (:func:`with_opening`): a third to a half of each row on the bundled tasks."""
     import torch
     import torch.nn.functional as F
 
-    from pipeline.data import collate, collate_for_training
+    from pipeline.data import collate, collate_for_training, shared_prefix
 
     encoded, answers = reference_rows(tokenizer, examples, max_len)
     sliced = _answer_logits_only(model)
-    shared = shared_prefix(encoded) if sliced and isinstance(model, torch.nn.Module) else 0
-    if shared and _opening_cache(model, encoded[0]["input_ids"][:shared], 1) is None:
-        shared = 0  # a model that returns no cache it can repeat over a batch: every row runs whole
+    # the opening every row shares (ONNX graphs take no key/value cache over many rows: whole rows there)
+    opening = shared_prefix(encoded) if sliced and isinstance(model, torch.nn.Module) else 0
     nll, count, hits, texts = 0.0, 0, [], []
     for start in range(0, len(encoded), batch_size):
         rows = encoded[start:start + batch_size]
-        if shared:  # the rows' common opening (system prompt, instruction) runs once, as a cache they all read
-            rows = [{"input_ids": r["input_ids"][shared:], "labels": r["labels"][shared:]} for r in rows]
-        batch = to_model(collate_for_training(rows, tokenizer.pad_token_id) if sliced
+        batch = to_model(collate_for_training(rows, tokenizer.pad_token_id, opening=opening) if sliced
                          else collate(rows, tokenizer.pad_token_id), model)
         with torch.no_grad():
-            if shared:
-                past = _opening_cache(model, encoded[0]["input_ids"][:shared], len(rows))
-                mask = batch["attention_mask"]
-                logits = model(input_ids=batch["input_ids"], past_key_values=past, use_cache=True,
-                               attention_mask=torch.cat([torch.ones_like(mask[:, :1]).expand(-1, shared), mask], 1),
-                               position_ids=batch["position_ids"] + shared,
-                               logits_to_keep=batch["logits_to_keep"]).logits
+            if "opening_ids" in batch:  # the rows' common opening (system prompt, instruction) runs once
+                inputs = with_opening(model, batch)
+                logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
             elif sliced:
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                position_ids=batch["position_ids"], logits_to_keep=batch["logits_to_keep"]).logits
@@ -129,32 +122,28 @@ def answer_pass(model, tokenizer, examples: list[Example], max_len: int, batch_s
     return AnswerPass(nll, count, hits, texts)
 
 
-def shared_prefix(encoded: list[dict]) -> int:
-    """How many leading tokens every encoded row has in common, short of each row's first target (the logit
-    before a target must be computed with the row): a chat template's system prompt and a task's instruction."""
-    if len(encoded) < 2:
-        return 0
-    first = encoded[0]["input_ids"]
-    limit = min(min((i for i, label in enumerate(e["labels"]) if label != IGNORE_INDEX), default=len(e["labels"]))
-                for e in encoded) - 1
-    length = 0
-    while length < limit and all(e["input_ids"][length] == first[length] for e in encoded):
-        length += 1
-    return length
-
-
-def _opening_cache(model, opening: list[int], rows: int):
-    """The key/value cache of ``opening`` (one forward) repeated for ``rows`` rows, or None when the model
-    returns no cache that can be repeated (a transformers ``Cache``); the next forward extends it in place."""
+def with_opening(model, batch: dict) -> dict:
+    """Model inputs for a batch of rows that share an opening (``opening_ids``, 1 x P, from
+    :func:`pipeline.data.collate_for_training` with ``opening``): the opening runs here once (with
+    gradients when they are enabled, as in training) and its key/value cache, repeated for every row, is what the
+    rows attend to; their mask and positions continue after it. The result is the same as running every row
+    whole, up to float rounding. A model that returns no cache it can repeat gets the whole rows back (the
+    opening in front of each), so the result never depends on it."""
     import torch
 
-    ids = to_model({"input_ids": torch.tensor([opening])}, model)["input_ids"]
-    with torch.no_grad():
-        past = model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+    inputs = dict(batch)
+    opening = inputs.pop("opening_ids")
+    rows, width = inputs["input_ids"].shape[0], opening.shape[1]
+    past = model(input_ids=opening, use_cache=True, logits_to_keep=1).past_key_values
+    mask = inputs["attention_mask"]
+    mask = torch.cat([torch.ones((rows, width), dtype=mask.dtype, device=mask.device), mask], 1)
+    positions = inputs["position_ids"] + width
     if past is None or not hasattr(past, "batch_repeat_interleave"):
-        return None
+        ahead = torch.arange(width, dtype=positions.dtype, device=positions.device).expand(rows, -1)
+        return {**inputs, "input_ids": torch.cat([opening.expand(rows, -1), inputs["input_ids"]], 1),
+                "attention_mask": mask, "position_ids": torch.cat([ahead, positions], 1)}
     past.batch_repeat_interleave(rows)
-    return past
+    return {**inputs, "past_key_values": past, "use_cache": True, "attention_mask": mask, "position_ids": positions}
 
 
 def reference_rows(tokenizer, examples: list[Example], max_len: int) -> tuple[list[dict], list[list[int] | None]]:

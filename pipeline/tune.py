@@ -29,7 +29,7 @@ from pipeline import distributed, tracking, validation
 from pipeline.adapter_spec import MANIFEST_KEY, AdapterSpec, spec_from_files
 from pipeline.artifacts import atomic_dir, fingerprint, is_fresh, write_manifest
 from pipeline.config import Config, TaskConfig
-from pipeline.data import collate_for_training, encode_all, load_examples
+from pipeline.data import collate_for_training, encode_all, load_examples, shared_prefix
 from pipeline.device import resolve_device, resolve_precision, set_threads
 from pipeline.errors import EdgetuneError
 from pipeline.methods import Method, get_method
@@ -134,6 +134,10 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
         **validation.trainer_args(cfg, held_out),
         **tracker_args,
     )
+    # the tokens every row starts with (chat template's system turn, the task's instruction) run once per batch
+    opening = 0 if method.prompt_learning else shared_prefix(dataset + (eval_dataset or []))
+    if opening:
+        log.info("tune %s: every row opens with the same %d tokens: they run once per batch", task.name, opening)
     timer = step_timer()
     plan = method.training_plan(model, cfg, args.learning_rate, args.max_steps) if method.training_plan else None
     control = validation.control_callback(held_out, t.early_stopping_patience, task.name) if held_out else None
@@ -146,9 +150,10 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
         # saved with the adapter must not depend on whether this process ran an evaluation (resume)
         validation=held_out, tokenizer=load_tokenizer(base) if held_out else None,
         max_new_tokens=task.max_new_tokens, task=task.name,
-        # prompt-learning methods prepend virtual tokens (and their labels) inside the model: full-width logits
+        # prompt-learning methods prepend virtual tokens (and their labels) inside the model: full-width logits,
+        # whole rows; every other method runs the rows' shared opening once per batch (the trainer's loss)
         data_collator=partial(collate_for_training, pad_id=tokenizer.pad_token_id,
-                              slice_logits=not method.prompt_learning),
+                              slice_logits=not method.prompt_learning, opening=opening),
         optimizers=(plan.optimizer, plan.scheduler) if plan else (None, None),
         callbacks=[*(plan.callbacks if plan else []), timer, *([control] if control else [])],
     )
@@ -195,7 +200,7 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
                 },
                 extra={"task": task.name, "method": method.name, "mergeable": method.mergeable, "base": cfg.base,
                        "full_model": method.full_model, "prompt_learning": method.prompt_learning,
-                       "learning_rate": args.learning_rate,
+                       "learning_rate": args.learning_rate, "opening_tokens": opening,
                        "validation": held_out.to_manifest() if held_out else None,
                        "report_to": t.report_to,
                        "base_quantization": method.base_quantization, "optimizer": optimizer,

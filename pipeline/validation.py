@@ -135,10 +135,12 @@ def trainer_args(cfg: Config, validation: Validation | None) -> dict[str, Any]:
 
 
 def trainer_class():
-    """A ``Trainer`` whose evaluation adds greedy exact match on the validation rows with answers."""
+    """A ``Trainer`` whose evaluation adds greedy exact match on the validation rows with answers, and whose
+    loss runs a batch's shared opening once (batches collated with an ``opening``; training and validation
+    loss alike)."""
     from transformers import Trainer
 
-    from pipeline.scoring import exact_match
+    from pipeline.scoring import exact_match, with_opening
 
     class ValidatingTrainer(Trainer):
         def __init__(self, *args, validation: Validation | None = None, tokenizer=None, max_new_tokens: int = 32,
@@ -146,6 +148,13 @@ def trainer_class():
             super().__init__(*args, **kwargs)
             self.validation, self.scoring_tokenizer = validation, tokenizer
             self.max_new_tokens, self.task = max_new_tokens, task
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # a batch collated with an opening: it runs once, with gradients, for every row
+            if "opening_ids" in inputs:
+                inputs = with_opening(model, inputs)
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
 
         def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                             metric_key_prefix="eval"):

@@ -50,6 +50,8 @@ def test_method_passes_every_stage_and_its_artifacts_agree(method: str, tiny_mod
     assert tuned["method"] == method and tuned["metrics"]["steps"] == 3
     assert tuned["device"] == "cpu" and tuned["precision"] == "fp32"  # what auto means on a CPU
     assert tuned["optimizer_class"] == "AdamW"  # no paged optimizer on the CPU, and the manifest says what ran
+    # the chat template's opening ran once per batch, except where virtual tokens go in front of it
+    assert (tuned["opening_tokens"] > 0) == (not spec.prompt_learning), tuned["opening_tokens"]
 
     entry = json.loads((run / "report.json").read_text())["tasks"]["sentiment"]
     scored, skipped = entry["artifacts"], entry["skipped"]

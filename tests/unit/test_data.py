@@ -114,6 +114,48 @@ def test_training_batch_loss_equals_full_logits_loss(tmp_path: Path, tokenizer, 
     assert kept.item() == pytest.approx(reference.item(), rel=1e-5)
 
 
+def test_a_shared_opening_trains_as_whole_rows(tmp_path: Path, tokenizer, tiny_model_dir: Path) -> None:
+    """Rows that open alike train from one forward of their opening (its cache repeated for every row): the
+    same loss and the same gradients as the rows run whole, through a LoRA adapter; a row's targets are never
+    part of the opening, and an opening the rows do not share is refused."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.data import collate_for_training, shared_prefix
+    from pipeline.scoring import with_opening
+
+    rows = [{"messages": [{"role": "system", "content": "Label the review."}, {"role": "user", "content": u},
+                          {"role": "assistant", "content": a}]}
+            for u, a in [("great mug, would buy again", "positive"), ("broke", "negative"), ("fine", "neutral")]]
+    encoded = encode_all(tokenizer, load_examples(write_jsonl(tmp_path / "d.jsonl", rows)), 256, "d")
+    opening = shared_prefix(encoded)
+    shared = collate_for_training(encoded, tokenizer.pad_token_id, opening=opening)
+    whole = collate_for_training(encoded, tokenizer.pad_token_id)
+    assert opening > 5 and shared["opening_ids"].tolist() == [encoded[0]["input_ids"][:opening]]
+    assert shared["input_ids"].shape[1] == whole["input_ids"].shape[1] - opening
+    assert torch.equal(shared["labels"], whole["labels"])  # every target stays with its row
+    assert shared_prefix(encoded[:1]) == 0
+    for wrong in (opening + 1, len(encoded[1]["input_ids"]) - 1):  # rows that differ there; a target inside
+        with pytest.raises(ValueError, match="do not share their first"):
+            collate_for_training(encoded, tokenizer.pad_token_id, opening=wrong)
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    losses, grads = [], []
+    for inputs in (with_opening(model, shared), whole):
+        model.zero_grad()
+        loss = model(**inputs).loss
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("name, content, message", [
     ("bad.jsonl", b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "b"}\n',
      ":2: not valid UTF-8 (byte 0xe9 at column 16)"),

@@ -162,26 +162,30 @@ def test_the_shared_opening_runs_once_and_changes_nothing(taught, monkeypatch):
     a plain model and through a LoRA adapter; a row's own tokens are never shared."""
     from peft import LoraConfig, get_peft_model
 
+    import pipeline.data as data
     import pipeline.scoring as scoring
 
     model, tokenizer = taught
     examples = _examples()
     encoded, _ = scoring.reference_rows(tokenizer, examples, 256)
-    opening = scoring.shared_prefix(encoded)
+    opening = data.shared_prefix(encoded)
     prompts = [tokenizer(scoring.render_prompt(tokenizer, e), add_special_tokens=False)["input_ids"] for e in examples]
     assert 0 < opening < min(len(p) for p in prompts)  # the system turn at least, and never a whole prompt
     assert all(p[:opening] == prompts[0][:opening] for p in prompts)
-    assert scoring.shared_prefix(encoded[:1]) == 0
+    assert data.shared_prefix(encoded[:1]) == 0
     torch.manual_seed(3)
     lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    batches = [encoded[i:i + 4] for i in range(0, len(encoded), 4)]
     for subject in (model, lora):
         fed = []
         hook = subject.register_forward_pre_hook(
-            lambda _m, args, kwargs, fed=fed: fed.append(kwargs["input_ids"].shape), with_kwargs=True)
+            lambda _m, args, kwargs, fed=fed: fed.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
         shared = answer_pass(subject, tokenizer, examples, 256, 4, 16)
         hook.remove()
-        assert fed[0] == (1, opening)  # the opening, once per batch, then the rows without it
-        monkeypatch.setattr(scoring, "shared_prefix", lambda rows: 0)
+        # per batch: the opening (1 x P), then the batch's rows without it
+        assert fed == [shape for rows in batches for shape in
+                       ((1, opening), (len(rows), max(len(r["input_ids"]) for r in rows) - opening))]
+        monkeypatch.setattr(data, "shared_prefix", lambda rows: 0)
         whole = answer_pass(subject, tokenizer, examples, 256, 4, 16)
         monkeypatch.undo()
         assert shared.greedy_hit == whole.greedy_hit and shared.answer == whole.answer
@@ -198,7 +202,7 @@ def test_the_shared_opening_runs_once_and_changes_nothing(taught, monkeypatch):
             out.past_key_values = None
             return out
 
-    monkeypatch.setattr(scoring, "shared_prefix", lambda rows: 0)
+    monkeypatch.setattr(data, "shared_prefix", lambda rows: 0)
     whole = answer_pass(model, tokenizer, examples, 256, 4, 16)
     monkeypatch.undo()
     uncached = answer_pass(NoCache(model), tokenizer, examples, 256, 4, 16)
