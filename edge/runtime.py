@@ -72,6 +72,8 @@ class Decoder:
         self._session: ort.InferenceSession | None = None
         self.adapters: dict[str, Path] = {}
         self._ort_adapters: dict[str, ort.LoraAdapter] = {}
+        self._openings: dict[tuple, tuple[Prefix | None, np.ndarray]] = {}
+        """(opening, adapter, id(prefix)) -> (prefix, its key/value block): see :meth:`_opening_cache`."""
         if self.fused is not None:  # the exported graph opens when first needed: one copy of the weights in memory
             self.providers: list[str] = self.wanted
             self.layers, self.kv_heads, self.head_dim = self.fused.layers, self.fused.kv_heads, self.fused.head_dim
@@ -121,6 +123,7 @@ class Decoder:
         else:
             self._ort_adapter(name, path)
         self.adapters[name] = Path(path)
+        self._openings.clear()  # computed with whatever ``name`` held before
 
     def _ort_adapter(self, name: str, path: Path) -> ort.LoraAdapter:
         """``name``'s adapter loaded for the exported graph (checked against its LoRA inputs first)."""
@@ -153,6 +156,7 @@ class Decoder:
     def unload_adapter(self, name: str) -> None:
         self.adapters.pop(name, None)
         self._ort_adapters.pop(name, None)
+        self._openings.clear()
         if self.fused is not None:
             self.fused.unload_lora(name)
 
@@ -205,12 +209,20 @@ class Decoder:
         return outputs[0].numpy(), list(outputs[1:])
 
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, *,
-               adapter: str | None = None, prefix: Prefix | None = None, keep: int | None = None) -> np.ndarray:
+               adapter: str | None = None, prefix: Prefix | None = None, keep: int | None = None,
+               opening: Sequence[int] = ()) -> np.ndarray:
         """Full-sequence logits of a (left-padded) batch, with no cache: [batch, seq, vocab]. On the fused
         sidecar the padded positions' logits are zeros (the exported graph computes something there).
 
         ``keep``: the last ``keep`` positions only, [batch, keep, vocab] (transformers' ``logits_to_keep``):
-        the fused sidecar then runs the output head (a vocabulary-wide matrix per position) there only."""
+        the fused sidecar then runs the output head (a vocabulary-wide matrix per position) there only.
+
+        ``opening``: tokens every row starts with, left out of ``input_ids`` (a chat template's system turn, a
+        task's instruction): each row is ``opening`` + its real tokens, and the logits are those of the rows'
+        own positions. On the fused sidecar, with ``keep``, the opening runs once (and is kept for the next
+        calls with the same opening, adapter and prefix) and every row continues from a copy of its cache (a
+        third to a half less work on the bundled tasks); otherwise the rows run whole.
+        The logits are the same either way, up to float rounding."""
         input_ids = np.asarray(input_ids, dtype=np.int64)
         batch, seq = input_ids.shape
         keep = min(keep, seq) if keep else None
@@ -218,9 +230,18 @@ class Decoder:
         n = prefix.length if prefix else 0
         self._check_adapter(adapter)
         real = mask.astype(bool)
+        block = None
+        if len(opening):
+            if not (keep and self._fits(n + len(opening) + seq + 1) and real.any(axis=1).all()):
+                return self._logits_whole(input_ids, real, opening, adapter=adapter, prefix=prefix, keep=keep)
+            block = self._opening_cache(tuple(int(t) for t in opening), adapter, prefix)
+            n += len(opening)
         if self._fits(n + seq + 1) and real.any(axis=1).all():
             rows = [row[keep_].tolist() for row, keep_ in zip(input_ids, real)]
-            slots = self._slots(batch, adapter, prefix, n + seq + 1)
+            slots = self._slots(batch, adapter, None if block is not None else prefix, n + seq + 1)
+            if block is not None:  # prefix + opening, computed once
+                for row in range(batch):
+                    slots.write_block(row, 0, block)
             if keep:  # input position p of a row is position (real tokens up to p) - 1 of its unpadded prompt
                 picked = np.maximum(np.cumsum(real, axis=1) - 1, 0)[:, seq - keep:]
                 wanted = real[:, seq - keep:]
@@ -241,6 +262,39 @@ class Decoder:
         full_mask = np.concatenate([np.ones((batch, n), np.int64), mask], axis=1)
         logits, _ = self.forward(input_ids, full_mask, positions, past, adapter)
         return logits[:, seq - keep:] if keep else logits
+
+    def _opening_cache(self, opening: tuple[int, ...], adapter: str | None, prefix: Prefix | None) -> np.ndarray:
+        """The fused sidecar's key/value cache of ``prefix`` + ``opening`` with ``adapter``
+        (:meth:`edge.slots.SlotDecoder.read_block` layout): computed on first use, then kept (the last few;
+        loading or unloading an adapter forgets them), so the opening of many calls runs once."""
+        key = (opening, adapter, id(prefix))
+        hit = self._openings.get(key)
+        if hit is not None and hit[0] is prefix:  # the entry holds its prefix: the same id is the same object
+            return hit[1]
+        n = prefix.length if prefix else 0
+        slots = self._slots(1, adapter, prefix, n + len(opening) + 1)
+        slots.prefill(0, [list(opening)], [n])
+        block = slots.read_block(0, 0, n + len(opening))
+        self._openings[key] = (prefix, block)
+        while len(self._openings) > 8:
+            self._openings.pop(next(iter(self._openings)), None)
+        return block
+
+    def _logits_whole(self, input_ids: np.ndarray, real: np.ndarray, opening: Sequence[int], *,
+                      adapter: str | None, prefix: Prefix | None, keep: int | None) -> np.ndarray:
+        """:meth:`logits` over rows that begin with ``opening``, each run whole: ``opening`` + the row's real
+        tokens, left-padded again; the rows' own positions come back."""
+        batch, seq = input_ids.shape
+        width = len(opening) + seq
+        ids = np.zeros((batch, width), np.int64)
+        mask = np.zeros((batch, width), np.int64)
+        for row in range(batch):
+            tokens = [*opening, *input_ids[row, real[row]].tolist()]
+            ids[row, width - len(tokens):] = tokens
+            mask[row, width - len(tokens):] = 1
+        out = self.logits(ids, mask, adapter=adapter, prefix=prefix, keep=keep or seq)
+        out[~real[:, seq - out.shape[1]:]] = 0  # the rows' own padding: zeros, as the fused path gives
+        return out
 
     def _fits(self, length: int) -> bool:
         """Whether the fused sidecar runs a sequence of ``length`` positions (prefix included)."""

@@ -154,11 +154,15 @@ class OnnxCausalLM:
         self.decoder, self.adapter, self.prefix = decoder, adapter, prefix
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 logits_to_keep: int = 0, **_: object):
+                 logits_to_keep: int = 0, opening_ids: torch.Tensor | None = None, **_: object):
+        """``opening_ids`` (1 x P): tokens every row starts with, left out of ``input_ids`` (from
+        :func:`pipeline.data.collate_for_training` with ``opening``); the logits are the rows' own positions'
+        (:meth:`edge.runtime.Decoder.logits`)."""
         from types import SimpleNamespace
 
         logits = self.decoder.logits(input_ids.numpy(), None if attention_mask is None else attention_mask.numpy(),
-                                     adapter=self.adapter, prefix=self.prefix, keep=logits_to_keep or None)
+                                     adapter=self.adapter, prefix=self.prefix, keep=logits_to_keep or None,
+                                     opening=() if opening_ids is None else opening_ids[0].tolist())
         return SimpleNamespace(logits=torch.from_numpy(logits))
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -211,6 +215,7 @@ def logit_parity(
     score_mask: torch.Tensor | None = None,
     reference: dict | None = None,
     predictions: list | None = None,
+    opening: int = 0,
 ) -> dict[str, float]:
     """Compare the logits of a PyTorch model and an ONNX export over the real tokens of a batch.
 
@@ -227,6 +232,10 @@ def logit_parity(
 
     ``predictions`` (optional, a list) receives each row's ONNX logits at its scored positions, in order (a
     gate reads the export's greedy answers to the reference from them: pipeline.fidelity).
+
+    ``opening``: how many leading real tokens every row shares (:func:`pipeline.data.shared_prefix`): an
+    :class:`OnnxCausalLM` is given them apart (``opening_ids``), so the decoder runs them once for all rows
+    (:meth:`edge.runtime.Decoder.logits`); the logits are the same, up to float rounding.
 
     Returns, over all real positions:
       - ``max_abs_logit_diff``: max |torch - onnx|;
@@ -253,8 +262,14 @@ def logit_parity(
                     reference[key] = ref
             # from the first scored position on only: the export runs its output head there alone
             width = ids.shape[1] - int(keep.nonzero()[0, 0])
-            got = torch.as_tensor(onnx_model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                             logits_to_keep=width).logits).float()[0]
+            if opening and isinstance(onnx_model, OnnxCausalLM) and ids.shape[1] - width >= opening:
+                # the shared opening apart: the decoder keeps its cache
+                rest = ids[:, opening:]
+                got = onnx_model(input_ids=rest, attention_mask=torch.ones_like(rest), logits_to_keep=width,
+                                 opening_ids=ids[:, :opening]).logits
+            else:
+                got = onnx_model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=width).logits
+            got = torch.as_tensor(got).float()[0]
             if got.shape[0] != width or got.shape[1:] != ref.shape[1:]:
                 raise RuntimeError(f"logit shape mismatch: torch {(width, *ref.shape[1:])} vs onnx "
                                    f"{tuple(got.shape)}")

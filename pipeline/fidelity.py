@@ -16,7 +16,7 @@ import weakref
 from typing import Any
 
 from pipeline.config import Config, TaskConfig
-from pipeline.data import IGNORE_INDEX, load_examples
+from pipeline.data import IGNORE_INDEX, load_examples, shared_prefix
 from pipeline.errors import EdgetuneError, GateFailed
 
 log = logging.getLogger(__name__)
@@ -67,8 +67,9 @@ def measure(cfg: Config, task: TaskConfig, torch_model, export_model, tokenizer)
     # answer-position logits are computed once
     reference = _TORCH_LOGITS.setdefault(torch_model, {})
     predicted: list = []
+    # the opening every row shares (system turn, instruction) runs once in the export (edge.runtime.Decoder)
     metrics: dict[str, Any] = logit_parity(torch_model, export_model, ids, mask, answer, reference=reference,
-                                           predictions=predicted)
+                                           predictions=predicted, opening=shared_prefix(encoded))
     size = max(1, min(cfg.evaluate.batch_size, len(rows)))
     # the same PyTorch model is the reference of several exports (fp32, int8, int4, edge): score it once
     key = (task.name, task.test, len(rows), task.max_new_tokens)

@@ -73,9 +73,9 @@ def answer_pass(model, tokenizer, examples: list[Example], max_len: int, batch_s
 
     The rows are left-padded and the output head runs at the answer positions only (as in training; PyTorch
     and ONNX models alike, PEFT prompt learning excepted): over a long prompt, full-vocabulary logits at every
-    position were most of the time. On a PyTorch model the opening every row shares
-    (:func:`pipeline.data.shared_prefix`) runs once per batch and the rows continue from its key/value cache
-    (:func:`with_opening`): a third to a half of each row on the bundled tasks."""
+    position were most of the time. The opening every row shares (:func:`pipeline.data.shared_prefix`) runs
+    once per batch and the rows continue from its key/value cache (PyTorch: :func:`with_opening`; ONNX:
+    :meth:`edge.runtime.Decoder.logits` on the fused sidecar): a third to a half of each row on the bundled tasks."""
     import torch
     import torch.nn.functional as F
 
@@ -83,15 +83,17 @@ def answer_pass(model, tokenizer, examples: list[Example], max_len: int, batch_s
 
     encoded, answers = reference_rows(tokenizer, examples, max_len)
     sliced = _answer_logits_only(model)
-    # the opening every row shares (ONNX graphs take no key/value cache over many rows: whole rows there)
-    opening = shared_prefix(encoded) if sliced and isinstance(model, torch.nn.Module) else 0
+    opening = shared_prefix(encoded) if sliced else 0  # the opening every row shares
     nll, count, hits, texts = 0.0, 0, [], []
     for start in range(0, len(encoded), batch_size):
         rows = encoded[start:start + batch_size]
         batch = to_model(collate_for_training(rows, tokenizer.pad_token_id, opening=opening) if sliced
                          else collate(rows, tokenizer.pad_token_id), model)
         with torch.no_grad():
-            if "opening_ids" in batch:  # the rows' common opening (system prompt, instruction) runs once
+            if "opening_ids" in batch and not isinstance(model, torch.nn.Module):  # ONNX: the decoder takes it
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               logits_to_keep=batch["logits_to_keep"], opening_ids=batch["opening_ids"]).logits
+            elif "opening_ids" in batch:  # the rows' common opening (system prompt, instruction) runs once
                 inputs = with_opening(model, batch)
                 logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
             elif sliced:

@@ -19,7 +19,7 @@ from peft import LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from edge.runtime import Decoder
-from edge.slots import fused_path
+from edge.slots import SlotDecoder, fused_path
 from exporters.fused_graph import SHARED_MIN_BYTES, write_fused
 from exporters.kv_prefix import adapter_prefix
 from exporters.onnx import export_onnx_fp32
@@ -98,7 +98,7 @@ def test_the_sidecar_shares_the_weights_and_decodes_the_exported_graphs_tokens(p
 
 
 def test_lora_and_prefix_adapters_decode_on_the_sidecar_as_on_the_exported_graph(
-        tiny_model_dir: Path, exported: dict[str, Path], tmp_path: Path) -> None:
+        tiny_model_dir: Path, exported: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(1)
     lora = get_peft_model(_base(tiny_model_dir), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                             task_type=TaskType.CAUSAL_LM))
@@ -143,6 +143,32 @@ def test_lora_and_prefix_adapters_decode_on_the_sidecar_as_on_the_exported_graph
             assert np.abs(plain.logits(ids, mask, keep=keep, **kwargs) - full[:, -keep:])[real[:, -keep:]].max() < 1e-4
         assert fused.generate_batch(PROMPTS, 6, pad_id=0, **kwargs) == plain.generate_batch(PROMPTS, 6, pad_id=0,
                                                                                           **kwargs)
+    # rows that share an opening (a system turn, an instruction), given once: on the sidecar the opening runs
+    # once and every row continues from a copy of its cache; the logits are those of the rows run whole
+    opening = [40, 41, 42, 43, 44]
+    whole_ids, whole_mask = _left_padded([opening + p for p in PROMPTS])
+    runs = []
+    prefill = SlotDecoder.prefill
+    monkeypatch.setattr(SlotDecoder, "prefill", lambda self, start, prompts, *a, **k:
+                        runs.append([list(p) for p in prompts]) or prefill(self, start, prompts, *a, **k))
+    for kwargs in ({"adapter": "task"}, {"prefix": prefix}, {}):
+        want = plain.logits(whole_ids, whole_mask, keep=4, **kwargs)
+        runs.clear()
+        got = fused.logits(ids, mask, keep=4, opening=opening, **kwargs)
+        assert runs == [[opening]] + [[p] for p in PROMPTS]
+        assert np.abs(got - want)[real[:, -4:]].max() < 1e-4 and not got[~real[:, -4:]].any()
+        runs.clear()  # the opening's cache is kept for the next call with the same opening, adapter and prefix
+        assert np.abs(fused.logits(ids[1:], mask[1:], keep=4, opening=opening, **kwargs) - got[1:]).max() < 1e-6
+        assert runs == [[p] for p in PROMPTS[1:]]
+        # the exported graph (and a call without keep) runs each row whole: the same logits
+        assert np.abs(plain.logits(ids, mask, keep=4, opening=opening, **kwargs) - got).max() < 1e-4
+        assert np.abs(fused.logits(ids, mask, opening=opening, **kwargs)[:, -4:] - got).max() < 1e-4
+    # an adapter loaded again under its name (another file, maybe) is not answered from the old cache
+    fused.load_adapter("task", tmp_path / "task.onnx_adapter")
+    runs.clear()
+    fused.logits(ids, mask, keep=4, opening=opening, adapter="task")
+    assert runs[0] == [opening]
+    monkeypatch.undo()
     assert fused._session is None
     # streams interleaved over one decoder keep their own caches
     a, b = fused.stream(PROMPTS[0], 6, adapter="task"), fused.stream(PROMPTS[1], 6, prefix=prefix)

@@ -94,3 +94,34 @@ def test_dir_without_config_raises(tmp_path: Path) -> None:
 def test_load_missing_onnx_raises(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="export_onnx_fp32"):
         load_onnx_model(tmp_path)
+
+
+def test_logit_parity_runs_the_shared_opening_once_with_the_same_result(
+        onnx_dir: Path, torch_model, batch, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gates give an ONNX model the opening every row shares (chat template, instruction) apart: the fused
+    sidecar runs it once for all rows, and the comparison (metrics, the export's logits) is what whole rows give."""
+    import shutil
+
+    from edge.slots import SlotDecoder
+    from exporters.fused_graph import write_fused
+
+    shutil.copytree(onnx_dir, tmp_path / "fused")
+    write_fused(tmp_path / "fused" / "model.onnx", max_length=128)
+    onnx_model = load_onnx_model(tmp_path / "fused", num_threads=1)
+    assert onnx_model.decoder.fused is not None
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    rows = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    opening = next(i for i in range(min(map(len, rows))) if rows[0][i] != rows[1][i])
+    assert opening >= 3
+    scored = torch.zeros_like(mask)
+    scored[:, -3:] = 1  # the answer's positions, as a gate scores them
+    whole, shared, runs = [], [], []
+    want = logit_parity(torch_model, onnx_model, ids, mask, scored, predictions=whole)
+    prefill = SlotDecoder.prefill
+    monkeypatch.setattr(SlotDecoder, "prefill", lambda self, start, prompts, *a, **k:
+                        runs.append([list(p) for p in prompts]) or prefill(self, start, prompts, *a, **k))
+    got = logit_parity(torch_model, onnx_model, ids, mask, scored, predictions=shared, opening=opening)
+    assert runs == [[rows[0][:opening]]] + [[row[opening:]] for row in rows]  # the opening once, then each row's rest
+    assert got["top1_agreement"] == want["top1_agreement"] == 1.0
+    assert got["max_abs_logit_diff"] == pytest.approx(want["max_abs_logit_diff"], abs=1e-4)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(whole, shared)) and len(shared) == 2
