@@ -72,8 +72,8 @@ class Decoder:
         self._session: ort.InferenceSession | None = None
         self.adapters: dict[str, Path] = {}
         self._ort_adapters: dict[str, ort.LoraAdapter] = {}
-        self._openings: dict[tuple, tuple[Prefix | None, np.ndarray]] = {}
-        """(opening, adapter, id(prefix)) -> (prefix, its key/value block): see :meth:`_opening_cache`."""
+        self._openings: dict[tuple, tuple[Prefix | None, Prefix]] = {}
+        """(opening, adapter, id(prefix)) -> (prefix, prefix + opening): see :meth:`_opening_cache`."""
         if self.fused is not None:  # the exported graph opens when first needed: one copy of the weights in memory
             self.providers: list[str] = self.wanted
             self.layers, self.kv_heads, self.head_dim = self.fused.layers, self.fused.kv_heads, self.fused.head_dim
@@ -219,10 +219,9 @@ class Decoder:
 
         ``opening``: tokens every row starts with, left out of ``input_ids`` (a chat template's system turn, a
         task's instruction): each row is ``opening`` + its real tokens, and the logits are those of the rows'
-        own positions. On the fused sidecar, with ``keep``, the opening runs once (and is kept for the next
-        calls with the same opening, adapter and prefix) and every row continues from a copy of its cache (a
-        third to a half less work on the bundled tasks); otherwise the rows run whole.
-        The logits are the same either way, up to float rounding."""
+        own positions. The opening runs once (and is kept for the next calls with the same opening, adapter and
+        prefix) and every row continues from its key/value cache, as after a prefix: a third to a half less
+        work on the bundled tasks. The logits are those of the rows run whole, up to float rounding."""
         input_ids = np.asarray(input_ids, dtype=np.int64)
         batch, seq = input_ids.shape
         keep = min(keep, seq) if keep else None
@@ -230,18 +229,12 @@ class Decoder:
         n = prefix.length if prefix else 0
         self._check_adapter(adapter)
         real = mask.astype(bool)
-        block = None
-        if len(opening):
-            if not (keep and self._fits(n + len(opening) + seq + 1) and real.any(axis=1).all()):
-                return self._logits_whole(input_ids, real, opening, adapter=adapter, prefix=prefix, keep=keep)
-            block = self._opening_cache(tuple(int(t) for t in opening), adapter, prefix)
-            n += len(opening)
+        if len(opening):  # the prefix and the opening become one key/value prefix, computed once (and kept)
+            prefix = self._opening_cache(tuple(int(t) for t in opening), adapter, prefix)
+            n = prefix.length
         if self._fits(n + seq + 1) and real.any(axis=1).all():
             rows = [row[keep_].tolist() for row, keep_ in zip(input_ids, real)]
-            slots = self._slots(batch, adapter, None if block is not None else prefix, n + seq + 1)
-            if block is not None:  # prefix + opening, computed once
-                for row in range(batch):
-                    slots.write_block(row, 0, block)
+            slots = self._slots(batch, adapter, prefix, n + seq + 1)
             if keep:  # input position p of a row is position (real tokens up to p) - 1 of its unpadded prompt
                 picked = np.maximum(np.cumsum(real, axis=1) - 1, 0)[:, seq - keep:]
                 wanted = real[:, seq - keep:]
@@ -263,38 +256,31 @@ class Decoder:
         logits, _ = self.forward(input_ids, full_mask, positions, past, adapter)
         return logits[:, seq - keep:] if keep else logits
 
-    def _opening_cache(self, opening: tuple[int, ...], adapter: str | None, prefix: Prefix | None) -> np.ndarray:
-        """The fused sidecar's key/value cache of ``prefix`` + ``opening`` with ``adapter``
-        (:meth:`edge.slots.SlotDecoder.read_block` layout): computed on first use, then kept (the last few;
-        loading or unloading an adapter forgets them), so the opening of many calls runs once."""
+    def _opening_cache(self, opening: tuple[int, ...], adapter: str | None, prefix: Prefix | None) -> Prefix:
+        """``prefix`` (None: none) followed by ``opening``'s keys and values with ``adapter``, as one key/value
+        prefix: computed on first use (on the fused sidecar when it fits, else the exported graph), then kept
+        (the last few; loading or unloading an adapter forgets them), so the opening of many calls runs once."""
         key = (opening, adapter, id(prefix))
         hit = self._openings.get(key)
         if hit is not None and hit[0] is prefix:  # the entry holds its prefix: the same id is the same object
             return hit[1]
-        n = prefix.length if prefix else 0
-        slots = self._slots(1, adapter, prefix, n + len(opening) + 1)
-        slots.prefill(0, [list(opening)], [n])
-        block = slots.read_block(0, 0, n + len(opening))
-        self._openings[key] = (prefix, block)
+        n, width = (prefix.length if prefix else 0), len(opening)
+        if self._fits(n + width + 1):
+            slots = self._slots(1, adapter, prefix, n + width + 1)
+            slots.prefill(0, [list(opening)], [n])
+            block = slots.read_block(0, 0, n + width)  # [layers, 2, kv_heads, n + width, head_dim]
+            keys, values = [layer[0] for layer in block], [layer[1] for layer in block]
+        else:
+            past = self.prefix_past(prefix, 1) if prefix else self.empty_past(1)
+            _, present = self.forward(np.asarray([opening], np.int64), np.ones((1, n + width), np.int64),
+                                      np.arange(n, n + width, dtype=np.int64)[None], past, adapter)
+            arrays = [value.numpy()[0] for value in present]  # layer by layer: key, value
+            keys, values = arrays[0::2], arrays[1::2]
+        combined = Prefix(keys, values)
+        self._openings[key] = (prefix, combined)
         while len(self._openings) > 8:
             self._openings.pop(next(iter(self._openings)), None)
-        return block
-
-    def _logits_whole(self, input_ids: np.ndarray, real: np.ndarray, opening: Sequence[int], *,
-                      adapter: str | None, prefix: Prefix | None, keep: int | None) -> np.ndarray:
-        """:meth:`logits` over rows that begin with ``opening``, each run whole: ``opening`` + the row's real
-        tokens, left-padded again; the rows' own positions come back."""
-        batch, seq = input_ids.shape
-        width = len(opening) + seq
-        ids = np.zeros((batch, width), np.int64)
-        mask = np.zeros((batch, width), np.int64)
-        for row in range(batch):
-            tokens = [*opening, *input_ids[row, real[row]].tolist()]
-            ids[row, width - len(tokens):] = tokens
-            mask[row, width - len(tokens):] = 1
-        out = self.logits(ids, mask, adapter=adapter, prefix=prefix, keep=keep or seq)
-        out[~real[:, seq - out.shape[1]:]] = 0  # the rows' own padding: zeros, as the fused path gives
-        return out
+        return combined
 
     def _fits(self, length: int) -> bool:
         """Whether the fused sidecar runs a sequence of ``length`` positions (prefix included)."""

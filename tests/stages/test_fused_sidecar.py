@@ -151,6 +151,9 @@ def test_lora_and_prefix_adapters_decode_on_the_sidecar_as_on_the_exported_graph
     prefill = SlotDecoder.prefill
     monkeypatch.setattr(SlotDecoder, "prefill", lambda self, start, prompts, *a, **k:
                         runs.append([list(p) for p in prompts]) or prefill(self, start, prompts, *a, **k))
+    fed = []
+    forward = plain.forward
+    monkeypatch.setattr(plain, "forward", lambda ids_, *a, **k: fed.append(ids_.shape) or forward(ids_, *a, **k))
     for kwargs in ({"adapter": "task"}, {"prefix": prefix}, {}):
         want = plain.logits(whole_ids, whole_mask, keep=4, **kwargs)
         runs.clear()
@@ -160,8 +163,12 @@ def test_lora_and_prefix_adapters_decode_on_the_sidecar_as_on_the_exported_graph
         runs.clear()  # the opening's cache is kept for the next call with the same opening, adapter and prefix
         assert np.abs(fused.logits(ids[1:], mask[1:], keep=4, opening=opening, **kwargs) - got[1:]).max() < 1e-6
         assert runs == [[p] for p in PROMPTS[1:]]
-        # the exported graph (and a call without keep) runs each row whole: the same logits
-        assert np.abs(plain.logits(ids, mask, keep=4, opening=opening, **kwargs) - got).max() < 1e-4
+        # the exported graph too runs the opening once, then the rows after it (as after a prefix): the same
+        # logits; and every position, without keep
+        fed.clear()
+        on_graph = plain.logits(ids, mask, keep=4, opening=opening, **kwargs)
+        assert fed == [(1, len(opening)), ids.shape]
+        assert np.abs(on_graph - got)[real[:, -4:]].max() < 1e-4
         assert np.abs(fused.logits(ids, mask, opening=opening, **kwargs)[:, -4:] - got).max() < 1e-4
     # an adapter loaded again under its name (another file, maybe) is not answered from the old cache
     fused.load_adapter("task", tmp_path / "task.onnx_adapter")
