@@ -233,9 +233,9 @@ def logit_parity(
     ``predictions`` (optional, a list) receives each row's ONNX logits at its scored positions, in order (a
     gate reads the export's greedy answers to the reference from them: pipeline.fidelity).
 
-    ``opening``: how many leading real tokens every row shares (:func:`pipeline.data.shared_prefix`): an
-    :class:`OnnxCausalLM` is given them apart (``opening_ids``), so the decoder runs them once for all rows
-    (:meth:`edge.runtime.Decoder.logits`); the logits are the same, up to float rounding.
+    ``opening``: how many leading real tokens every row shares (:func:`pipeline.data.shared_prefix`): they run
+    once for all rows and each row continues from their key/value cache (:func:`_tail_logits`); the logits
+    are the same, up to float rounding.
 
     Returns, over all real positions:
       - ``max_abs_logit_diff``: max |torch - onnx|;
@@ -249,27 +249,21 @@ def logit_parity(
     was_training = torch_model.training
     torch_model.eval()
     diffs, agree, kls, count = [], 0, 0.0, 0
+    torch_opening: dict = {}  # a PyTorch model's cache of the shared opening, kept across rows
+    export_opening: dict = {}
     try:
         for row, row_mask, row_scored in zip(input_ids.to(torch.long), mask, scored):
             ids = row[row_mask][None]
             keep = row_scored[row_mask]
             key = (tuple(ids[0].tolist()), tuple(keep.tolist()))
             ref = None if reference is None else reference.get(key)
-            if ref is None:
-                full = torch_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()[0, -ids.shape[1]:]
-                ref = full[keep]
-                if reference is not None:
-                    reference[key] = ref
             # from the first scored position on only: the export runs its output head there alone
             width = ids.shape[1] - int(keep.nonzero()[0, 0])
-            if opening and isinstance(onnx_model, OnnxCausalLM) and ids.shape[1] - width >= opening:
-                # the shared opening apart: the decoder keeps its cache
-                rest = ids[:, opening:]
-                got = onnx_model(input_ids=rest, attention_mask=torch.ones_like(rest), logits_to_keep=width,
-                                 opening_ids=ids[:, :opening]).logits
-            else:
-                got = onnx_model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=width).logits
-            got = torch.as_tensor(got).float()[0]
+            if ref is None:
+                ref = _tail_logits(torch_model, ids, width, opening, torch_opening)[keep[-width:]]
+                if reference is not None:
+                    reference[key] = ref
+            got = _tail_logits(onnx_model, ids, width, opening, export_opening)
             if got.shape[0] != width or got.shape[1:] != ref.shape[1:]:
                 raise RuntimeError(f"logit shape mismatch: torch {(width, *ref.shape[1:])} vs onnx "
                                    f"{tuple(got.shape)}")
@@ -284,3 +278,42 @@ def logit_parity(
     finally:
         torch_model.train(was_training)
     return {"max_abs_logit_diff": max(diffs), "top1_agreement": agree / count, "kl": kls / count}
+
+
+def _tail_logits(model, ids: torch.Tensor, width: int, opening: int, kept: dict) -> torch.Tensor:
+    """Logits [width, vocab] (float32) of ``model`` at the last ``width`` positions of the one row ``ids``
+    (1 x L), the output head run there only.
+
+    ``opening`` > 0 (the first tokens every row of the comparison shares, none of them among those positions):
+    an :class:`OnnxCausalLM` gets them apart (its decoder keeps their cache: :meth:`edge.runtime.Decoder.logits`);
+    a PyTorch model runs them once, keeps the key/value cache in ``kept`` (one dict per model and comparison) and
+    continues each row from it, cropped back to the opening afterwards. A PEFT prompt-learning model (its
+    forward adds virtual tokens in front) runs the whole row, its virtual tokens' logits dropped."""
+    length = ids.shape[1]
+    shared = 0 < opening <= length - width
+    if isinstance(model, OnnxCausalLM):
+        if shared:
+            rest = ids[:, opening:]
+            logits = model(input_ids=rest, attention_mask=torch.ones_like(rest), logits_to_keep=width,
+                           opening_ids=ids[:, :opening]).logits
+        else:
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=width).logits
+        return torch.as_tensor(logits).float()[0]
+    configs = getattr(model, "peft_config", None) or {}
+    if any(getattr(c, "is_prompt_learning", False) for c in configs.values()):
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()[0, -length:][-width:]
+    head = tuple(ids[0, :opening].tolist()) if shared else None
+    if head is not None and kept.get("head") != head:
+        kept.clear()
+        past = model(input_ids=ids[:, :opening], use_cache=True, logits_to_keep=1).past_key_values
+        if past is not None and hasattr(past, "crop"):  # a cache it can cut back to the opening after each row
+            kept.update(head=head, past=past)
+    if head is None or kept.get("head") != head:
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=width).logits.float()[0]
+    past = kept["past"]
+    try:
+        positions = torch.arange(opening, length, device=ids.device)[None]
+        return model(input_ids=ids[:, opening:], past_key_values=past, use_cache=True, position_ids=positions,
+                     logits_to_keep=width).logits.float()[0]
+    finally:
+        past.crop(opening)

@@ -97,7 +97,7 @@ def test_load_missing_onnx_raises(tmp_path: Path) -> None:
 
 
 def test_logit_parity_runs_the_shared_opening_once_with_the_same_result(
-        onnx_dir: Path, torch_model, batch, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        onnx_dir: Path, tiny_model_dir: Path, torch_model, batch, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The gates give an ONNX model the opening every row shares (chat template, instruction) apart: the fused
     sidecar runs it once for all rows, and the comparison (metrics, the export's logits) is what whole rows give."""
     import shutil
@@ -120,8 +120,24 @@ def test_logit_parity_runs_the_shared_opening_once_with_the_same_result(
     prefill = SlotDecoder.prefill
     monkeypatch.setattr(SlotDecoder, "prefill", lambda self, start, prompts, *a, **k:
                         runs.append([list(p) for p in prompts]) or prefill(self, start, prompts, *a, **k))
-    got = logit_parity(torch_model, onnx_model, ids, mask, scored, predictions=shared, opening=opening)
-    assert runs == [[rows[0][:opening]]] + [[row[opening:]] for row in rows]  # the opening once, then each row's rest
+    fed = []
+    hook = torch_model.register_forward_pre_hook(
+        lambda _m, args, kwargs: fed.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        got = logit_parity(torch_model, onnx_model, ids, mask, scored, predictions=shared, opening=opening)
+    finally:
+        hook.remove()
+    # the opening once, then each row's rest: in the export and in the PyTorch reference
+    assert runs == [[rows[0][:opening]]] + [[row[opening:]] for row in rows]
+    assert fed == [(1, opening)] + [(1, len(row) - opening) for row in rows]
     assert got["top1_agreement"] == want["top1_agreement"] == 1.0
     assert got["max_abs_logit_diff"] == pytest.approx(want["max_abs_logit_diff"], abs=1e-4)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(whole, shared)) and len(shared) == 2
+
+    # a PyTorch export (a GGUF file read back) continues from the opening's cache too, cut back after each row
+    export = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    whole, shared = [], []
+    want = logit_parity(torch_model, export, ids, mask, scored, predictions=whole)
+    got = logit_parity(torch_model, export, ids, mask, scored, predictions=shared, opening=opening)
+    assert want["max_abs_logit_diff"] < 1e-5 and got["max_abs_logit_diff"] < 1e-4 and got["top1_agreement"] == 1.0
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(whole, shared)) and len(shared) == 2
