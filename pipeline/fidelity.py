@@ -67,7 +67,7 @@ def measure(cfg: Config, task: TaskConfig, torch_model, export_model, tokenizer)
     # answer-position logits are computed once
     reference = _TORCH_LOGITS.setdefault(torch_model, {})
     predicted: list = []
-    # the opening every row shares (system turn, instruction) runs once in the export (edge.runtime.Decoder)
+    # the opening every row shares (system turn, instruction) runs once, in the export and in the reference
     metrics: dict[str, Any] = logit_parity(torch_model, export_model, ids, mask, answer, reference=reference,
                                            predictions=predicted, opening=shared_prefix(encoded))
     size = max(1, min(cfg.evaluate.batch_size, len(rows)))

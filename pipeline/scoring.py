@@ -74,8 +74,9 @@ def answer_pass(model, tokenizer, examples: list[Example], max_len: int, batch_s
     The rows are left-padded and the output head runs at the answer positions only (as in training; PyTorch
     and ONNX models alike, PEFT prompt learning excepted): over a long prompt, full-vocabulary logits at every
     position were most of the time. The opening every row shares (:func:`pipeline.data.shared_prefix`) runs
-    once per batch and the rows continue from its key/value cache (PyTorch: :func:`with_opening`; ONNX:
-    :meth:`edge.runtime.Decoder.logits` on the fused sidecar): a third to a half of each row on the bundled tasks."""
+    once and the rows continue from its key/value cache (PyTorch: once per batch, :func:`with_opening`; ONNX:
+    once for all batches, :meth:`edge.runtime.Decoder.logits`): a third to a half of each row on the bundled
+    tasks."""
     import torch
     import torch.nn.functional as F
 
