@@ -299,18 +299,17 @@ def _tail_logits(model, ids: torch.Tensor, width: int, opening: int, kept: dict)
         else:
             logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=width).logits
         return torch.as_tensor(logits).float()[0]
-    configs = getattr(model, "peft_config", None) or {}
-    if any(getattr(c, "is_prompt_learning", False) for c in configs.values()):
+    configs = getattr(model, "peft_config", None) or {}  # as pipeline.scoring.answer_logits_only (no import cycle)
+    if any(getattr(c, "is_prompt_learning", False) for c in configs.values()):  # virtual tokens in front
         return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()[0, -length:][-width:]
     head = tuple(ids[0, :opening].tolist()) if shared else None
     if head is not None and kept.get("head") != head:
-        kept.clear()
         past = model(input_ids=ids[:, :opening], use_cache=True, logits_to_keep=1).past_key_values
-        if past is not None and hasattr(past, "crop"):  # a cache it can cut back to the opening after each row
-            kept.update(head=head, past=past)
-    if head is None or kept.get("head") != head:
+        # a cache it can cut back to the opening after each row, or None: this model runs whole rows
+        kept.update(head=head, past=past if hasattr(past, "crop") else None)
+    past = kept.get("past") if head is not None else None
+    if past is None:
         return model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=width).logits.float()[0]
-    past = kept["past"]
     try:
         positions = torch.arange(opening, length, device=ids.device)[None]
         return model(input_ids=ids[:, opening:], past_key_values=past, use_cache=True, position_ids=positions,
