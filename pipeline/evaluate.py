@@ -6,6 +6,10 @@ the other rows are decoded: :func:`pipeline.scoring.exact_match`), perplexity on
 size on disk and batch-1 greedy decode tokens/s, and caches the result in
 ``runs/<run>/eval/<task>/<artifact>.json`` (fingerprinted, so unchanged artifacts are not
 re-scored). Then :mod:`pipeline.report` writes ``report.json`` and ``report.md``.
+
+Decode speed is a property of an artifact's form and shapes, not of the values its weights hold: one run's
+tasks share each form's measurement when their files match (:func:`speed_key`), so it is measured once per
+form, on the first task that needs it, and the others record where it came from (``speed_measured_on``).
 """
 
 from __future__ import annotations
@@ -148,33 +152,88 @@ def artifact_size(cfg: Config, task: TaskConfig, artifact: str) -> int:
         from pipeline.gguf_build import model_file
 
         return model_file(path).stat().st_size
-    if artifact == "edge":  # what a device needs for this task: the shared base and the task's file (+ sidecars)
-        from edge.bundle import load_bundle
-        from edge.slots import fused_path
-
-        bundle = load_bundle(path, verify=False)
-        entry = bundle.adapters[task.name]
-        files = [path / entry.file] + ([] if entry.kind == "merged" else [bundle.model_path])
-        files += [fused_path(f) for f in files if f.suffix == ".onnx" and fused_path(f).is_file()]
-        return sum(dir_size(f) for f in files)
+    if artifact == "edge":
+        return sum(dir_size(f) for f in _edge_files(path, task))
     base_q = quantized_base_of(path) if artifact in ("int8", "nf4") else None
     return dir_size(path) + (dir_size(base_q) if base_q else 0)
 
 
-def evaluate_artifact(cfg: Config, task: TaskConfig, artifact: str, examples: list[Example]) -> dict[str, Any]:
+_WEIGHT_FILES = (".safetensors", ".onnx", ".onnx_adapter", ".gguf", ".data")
+"""Files that hold a model's tensors or graph: their sizes follow its shapes, not its values."""
+
+
+def _shape_listing(path: Path) -> list[tuple[str, int]]:
+    """(name, bytes) of every weight or graph file at ``path`` (a file or a folder, recursively)."""
+    if path.is_file():
+        return [(path.name, path.stat().st_size)]
+    return sorted((str(p.relative_to(path)), p.stat().st_size) for p in path.rglob("*")
+                  if p.is_file() and p.name.endswith(_WEIGHT_FILES))
+
+
+def speed_key(cfg: Config, task: TaskConfig, artifact: str) -> str:
+    """What ``artifact``'s decode speed depends on: its form, the tuned adapter's kind and every file it runs
+    (name and size, which follow the shapes: a LoRA of another rank, a sparse delta of another size, an ONNX
+    export without its fused sidecar all differ). Two tasks' artifacts with equal keys run the same computation
+    on weights of the same shapes, so they decode at the same speed: it is measured once (the task name and the
+    values of the weights are not part of the key)."""
+    import hashlib
+
+    if artifact == "base":
+        parts: list = []
+    elif "@" in artifact:  # an int4 variant, built from the merged model
+        parts = _shape_listing(merged_dir(cfg, task))
+    elif artifact == "edge":  # the bundle's entry for the task: its kind, any fallback, and the files it runs
+        path = artifact_path(cfg, task, artifact)
+        entry = load_bundle_manifest(path)["adapters"][task.name]
+        parts = [entry.get("kind"), entry.get("precision"), entry.get("fallback") is not None,
+                 [(f.suffix, f.stat().st_size) for f in _edge_files(path, task)]]  # its file is named by the task
+    elif artifact == "gguf":
+        from pipeline.gguf_build import model_file
+
+        parts = _shape_listing(model_file(artifact_path(cfg, task, artifact)))
+    else:
+        path = artifact_path(cfg, task, artifact)
+        base_q = quantized_base_of(path) if artifact in ("int8", "nf4") else None
+        parts = [_shape_listing(path), _shape_listing(base_q) if base_q else []]
+    kind = tuned_spec(cfg, task).kind if artifact != "base" else None
+    blob = json.dumps([artifact, kind, parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _edge_files(bundle_path: Path, task: TaskConfig) -> list[Path]:
+    """What a device needs to run ``task`` from the edge bundle: the task's file, the shared base unless the
+    task ships merged, and their fused sidecars."""
+    from edge.bundle import load_bundle
+    from edge.slots import fused_path
+
+    bundle = load_bundle(bundle_path, verify=False)
+    entry = bundle.adapters[task.name]
+    files = [bundle_path / entry.file] + ([] if entry.kind == "merged" else [bundle.model_path])
+    return files + [fused_path(f) for f in files if f.suffix == ".onnx" and fused_path(f).is_file()]
+
+
+def evaluate_artifact(cfg: Config, task: TaskConfig, artifact: str, examples: list[Example],
+                      speeds: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Measure one artifact on one task (see module docstring); returns the metrics.
 
+    ``speeds``: speed key -> a measurement this run already made (decode speed, where it ran, the task it was
+    measured on); a match is reused instead of measured again, and a new measurement is added.
     ``onnx-int4@<variant>`` (``evaluate.int4_variants``) is built from the merged model in a scratch folder,
     measured, and deleted."""
     started = time.perf_counter()
+    key = speed_key(cfg, task, artifact)
+    known = (speeds or {}).get(key)
     if "@" in artifact:
         with int4_variant(cfg, task, artifact.partition("@")[2]) as (model, tokenizer, size):
-            result = _measure(cfg, task, artifact, model, tokenizer, examples)
+            result = _measure(cfg, task, artifact, model, tokenizer, examples, known)
         result.update(size_bytes=size, path=None)
     else:
         model, tokenizer = load_artifact(cfg, task, artifact)
-        result = _measure(cfg, task, artifact, model, tokenizer, examples)
+        result = _measure(cfg, task, artifact, model, tokenizer, examples, known)
         result.update(size_bytes=artifact_size(cfg, task, artifact), path=str(artifact_path(cfg, task, artifact)))
+    result["speed_key"] = key
+    if speeds is not None:
+        speeds.setdefault(key, speed_record(result))
     result["eval_seconds"] = round(time.perf_counter() - started, 1)
     if artifact == "edge":  # export.edge_fallback: say what shipped instead of the adapter on the shared base
         entry = load_bundle_manifest(artifact_path(cfg, task, artifact))["adapters"][task.name]
@@ -194,8 +253,15 @@ def evaluate_artifact(cfg: Config, task: TaskConfig, artifact: str, examples: li
     return result
 
 
-def _measure(cfg: Config, task: TaskConfig, artifact: str, model, tokenizer, examples: list[Example]) -> dict:
-    """Exact match, perplexity and batch-1 decode speed of a loaded model."""
+def speed_record(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The decode-speed part of an artifact's metrics, as another task's artifact with the same key reuses it."""
+    return {k: metrics[k] for k in ("decode_tokens_per_s", "device", "speed_measured_on")}
+
+
+def _measure(cfg: Config, task: TaskConfig, artifact: str, model, tokenizer, examples: list[Example],
+             known: dict[str, Any] | None = None) -> dict:
+    """Exact match, perplexity and batch-1 decode speed of a loaded model (``known``: a speed record of the same
+    form and shapes already measured this run, reused as it is)."""
     ev = cfg.evaluate
     scored = [e for e in examples if e.reference is not None]
     em, outputs = None, []  # text-only test sets have no reference answer: perplexity only
@@ -208,8 +274,10 @@ def _measure(cfg: Config, task: TaskConfig, artifact: str, model, tokenizer, exa
                                   desc=f"{task.name}/{artifact}", checked=checked)
     ppl = checked.perplexity
     prompt = render_prompt(tokenizer, scored[0]) if scored else examples[0].text or ""
-    speed, on = None, _runs_on(cfg, artifact)
-    if artifact == "gguf":  # llama.cpp's own speed on the file, when the bench extra installed it
+    speed, on, measured_on = None, _runs_on(cfg, artifact), task.name
+    if known is not None:
+        speed, on, measured_on = known["decode_tokens_per_s"], known["device"], known["speed_measured_on"]
+    elif artifact == "gguf":  # llama.cpp's own speed on the file, when the bench extra installed it
         from exporters.gguf import llama_cpp_decode_speed
         from pipeline.gguf_build import model_file
 
@@ -225,6 +293,7 @@ def _measure(cfg: Config, task: TaskConfig, artifact: str, model, tokenizer, exa
         "decode_tokens_per_s": round(speed, 2),
         "rows": len(scored),
         "device": on,
+        "speed_measured_on": measured_on,
         "mistakes": [o for o in outputs if o["got"] != (o["expected"] or "").strip()][:5],
     }
 
@@ -272,8 +341,9 @@ def int4_variant(cfg: Config, task: TaskConfig, variant: str) -> Iterator[tuple[
 
 
 def evaluate_cached(cfg: Config, task: TaskConfig, artifact: str, examples: list[Example],
-                    force: bool) -> dict[str, Any]:
-    """:func:`evaluate_artifact`, reusing the stored result while artifact, test file and settings are unchanged."""
+                    force: bool, speeds: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """:func:`evaluate_artifact`, reusing the stored result while artifact, test file and settings are unchanged
+    (``speeds``: as there; a stored result adds its own measurement)."""
     if "@" in artifact:  # an int4 variant: made from the merged model (and, calibrated, the training rows)
         variant = artifact.partition("@")[2]
         inputs = {"merged": merged_dir(cfg, task), "test": Path(task.test),
@@ -291,8 +361,11 @@ def evaluate_cached(cfg: Config, task: TaskConfig, artifact: str, examples: list
         cached = json.loads(file.read_text())
         if cached.get("fingerprint") == fp:
             log.info("evaluate %s/%s: up to date, reusing %s", task.name, artifact, file)
-            return cached["metrics"]
-    metrics = evaluate_artifact(cfg, task, artifact, examples)
+            metrics = cached["metrics"]
+            if speeds is not None and metrics.get("speed_key") and metrics.get("speed_measured_on"):
+                speeds.setdefault(metrics["speed_key"], speed_record(metrics))
+            return metrics
+    metrics = evaluate_artifact(cfg, task, artifact, examples, speeds)
     file.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(file, {"fingerprint": fp, "metrics": metrics})
     return metrics
@@ -304,6 +377,7 @@ def run(cfg: Config, tasks: list[TaskConfig], *, force: bool = False) -> Path:
 
     set_threads(cfg.num_threads)
     results: dict[str, dict[str, Any]] = {}
+    speeds: dict[str, dict[str, Any]] = {}  # decode speed, measured once per form and shapes (speed_key)
     for task in tasks:
         examples = load_examples(task.test)
         if cfg.evaluate.max_rows:
@@ -320,11 +394,11 @@ def run(cfg: Config, tasks: list[TaskConfig], *, force: bool = False) -> Path:
                 log.info("evaluate %s/%s: not published, it failed its fidelity gate", task.name, artifact)
                 failed[artifact] = failures[artifact]
                 continue
-            artifacts[artifact] = evaluate_cached(cfg, task, artifact, examples, force)
+            artifacts[artifact] = evaluate_cached(cfg, task, artifact, examples, force, speeds)
             if artifact == "onnx-int4":  # beside it, the other roundings it could have had
                 for variant in cfg.evaluate.int4_variants:
                     name = f"onnx-int4@{variant}"
-                    artifacts[name] = evaluate_cached(cfg, task, name, examples, force)
+                    artifacts[name] = evaluate_cached(cfg, task, name, examples, force, speeds)
         results[task.name] = {"test_file": task.test, "test_rows": len(examples), "artifacts": artifacts,
                               "skipped": skipped, "failed": failed, "training": training_record(cfg, task)}
     return write_report(cfg, results)

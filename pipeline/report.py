@@ -141,6 +141,21 @@ def training_line(training: dict[str, Any] | None) -> str | None:
             f"({training.get('stop_reason') or 'no reason recorded'}){score}")
 
 
+def speed_line(task_name: str, task: dict[str, Any]) -> str | None:
+    """Which artifacts' decode speed was measured on another task's artifact of the same form and shapes
+    (:func:`pipeline.evaluate.speed_key`); None when every one was measured on this task."""
+    borrowed: dict[str, list[str]] = {}
+    for artifact, r in task["artifacts"].items():
+        source = r.get("speed_measured_on")
+        if source and source != task_name:
+            borrowed.setdefault(source, []).append(artifact)
+    if not borrowed:
+        return None
+    return "Decode speed measured once per form and shapes: " + "; ".join(
+        f"{', '.join(artifacts)} on {source}'s (the same files, so the same computation)"
+        for source, artifacts in borrowed.items())
+
+
 def write_training_plots(report: dict[str, Any], folder: Path) -> dict[str, Path]:
     """One PNG per tuned task: training and validation loss (left) and validation exact match (right)
     against optimizer steps, the kept step marked."""
@@ -213,6 +228,8 @@ def render_html(report: dict[str, Any], plots: dict[str, Path], run_dir: Path,
         for artifact, r in task["artifacts"].items():
             if r.get("note"):
                 parts.append(f"<p><code>{e(artifact)}</code>: {e(r['note'])}.</p>")
+        if speed_line(name, task):
+            parts.append(f"<p>{e(speed_line(name, task))}.</p>")
         for artifact, reason in task.get("skipped", {}).items():
             parts.append(f"<p>Not produced: <code>{e(artifact)}</code>: {e(reason)}.</p>")
         for artifact, reason, measured in failed_lines(task):
@@ -245,6 +262,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {artifact} | {em} | {r['perplexity']:.3f} | "
                          f"{r['size_bytes'] / 1e6:.1f} MB | {r['decode_tokens_per_s']:.1f} |")
         lines += [f"\n`{artifact}`: {r['note']}." for artifact, r in task["artifacts"].items() if r.get("note")]
+        lines += [f"\n{speed_line(name, task)}."] if speed_line(name, task) else []
         lines += [f"\nNot produced: `{artifact}`: {reason}." for artifact, reason in task.get("skipped", {}).items()]
         lines += [f"\n**Failed its fidelity gate, not published**: `{artifact}`, measured {measured}. {reason}"
                   for artifact, reason, measured in failed_lines(task)]

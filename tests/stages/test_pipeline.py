@@ -145,6 +145,33 @@ def test_report_scores_every_artifact_and_equivalent_artifacts_agree(tiny_run) -
     assert "## praise (2 held-out rows)" in md
 
 
+def test_decode_speed_is_measured_once_per_form_and_shapes(tiny_run, tmp_path: Path, monkeypatch) -> None:
+    from safetensors.torch import load_file, save_file
+
+    import pipeline.evaluate as evaluate
+
+    sets, run = tiny_run
+    report = json.loads((run / "report.json").read_text())
+    first, second = report["tasks"]["sentiment"]["artifacts"], report["tasks"]["praise"]["artifacts"]
+    # the two tasks' artifacts are the same forms with the same shapes: praise reuses sentiment's measurement
+    for name, r in second.items():
+        assert first[name]["speed_measured_on"] == "sentiment" and r["speed_measured_on"] == "sentiment", name
+        assert r["decode_tokens_per_s"] == first[name]["decode_tokens_per_s"] and r["speed_key"] == first[name]["speed_key"]
+    assert "Decode speed measured once per form and shapes: base, adapter" in (run / "report.md").read_text()
+    assert len({r["speed_key"] for r in first.values()}) == len(first)  # every form measured on its own
+    # an adapter of another rank is another computation: its own key (file sizes follow the shapes)
+    cfg = load_config("configs/tiny.yaml", sets)
+    wider = tmp_path / "praise"
+    wider.mkdir()
+    tensors = load_file(run / "adapters" / "praise" / "adapter_model.safetensors")
+    save_file({k: torch.cat([v, torch.zeros_like(v)], 0 if "lora_A" in k else 1) for k, v in tensors.items()},
+              wider / "adapter_model.safetensors")
+    original = evaluate.adapter_dir
+    monkeypatch.setattr(evaluate, "adapter_dir", lambda c, t: wider if t.name == "praise" else original(c, t))
+    assert evaluate.speed_key(cfg, cfg.task("praise"), "adapter") != first["adapter"]["speed_key"]
+    assert evaluate.speed_key(cfg, cfg.task("sentiment"), "adapter") == first["adapter"]["speed_key"]
+
+
 def test_rerun_is_a_noop_and_force_redoes(tiny_run, caplog) -> None:
     sets, run = tiny_run
     manifests = {p: p.read_text() for p in run.rglob("manifest.json")}
