@@ -221,15 +221,15 @@ def evaluate_artifact(cfg: Config, task: TaskConfig, artifact: str, examples: li
     ``onnx-int4@<variant>`` (``evaluate.int4_variants``) is built from the merged model in a scratch folder,
     measured, and deleted."""
     started = time.perf_counter()
-    key = speed_key(cfg, task, artifact)
-    known = (speeds or {}).get(key)
     if "@" in artifact:
         with int4_variant(cfg, task, artifact.partition("@")[2]) as (model, tokenizer, size):
-            result = _measure(cfg, task, artifact, model, tokenizer, examples, known)
+            key = speed_key(cfg, task, artifact)
+            result = _measure(cfg, task, artifact, model, tokenizer, examples, (speeds or {}).get(key))
         result.update(size_bytes=size, path=None)
     else:
-        model, tokenizer = load_artifact(cfg, task, artifact)
-        result = _measure(cfg, task, artifact, model, tokenizer, examples, known)
+        model, tokenizer = load_artifact(cfg, task, artifact)  # first: it says clearly what is missing
+        key = speed_key(cfg, task, artifact)
+        result = _measure(cfg, task, artifact, model, tokenizer, examples, (speeds or {}).get(key))
         result.update(size_bytes=artifact_size(cfg, task, artifact), path=str(artifact_path(cfg, task, artifact)))
     result["speed_key"] = key
     if speeds is not None:
