@@ -182,11 +182,9 @@ def speed_key(cfg: Config, task: TaskConfig, artifact: str) -> str:
         parts: list = []
     elif "@" in artifact:  # an int4 variant, built from the merged model
         parts = _shape_listing(merged_dir(cfg, task))
-    elif artifact == "edge":  # the bundle's entry for the task: its kind, any fallback, and the files it runs
-        path = artifact_path(cfg, task, artifact)
-        entry = load_bundle_manifest(path)["adapters"][task.name]
-        parts = [entry.get("kind"), entry.get("precision"), entry.get("fallback") is not None,
-                 [(f.suffix, f.stat().st_size) for f in _edge_files(path, task)]]  # its file is named by the task
+    elif artifact == "edge":  # the files the task runs (a merged fallback: its own file, no shared base);
+        # by suffix, since the task's file is named by the task
+        parts = [(f.suffix, f.stat().st_size) for f in _edge_files(artifact_path(cfg, task, artifact), task)]
     elif artifact == "gguf":
         from pipeline.gguf_build import model_file
 

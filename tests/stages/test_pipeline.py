@@ -12,6 +12,7 @@ import torch
 from pipeline.artifacts import sha256_file
 from pipeline.cli import main
 from pipeline.config import load_config
+from pipeline.data import load_examples
 from pipeline.errors import EdgetuneError
 
 ARTIFACTS = ["base", "adapter", "merged", "int8", "nf4", "onnx", "onnx-int8", "onnx-int4", "edge"]
@@ -171,6 +172,16 @@ def test_decode_speed_is_measured_once_per_form_and_shapes(tiny_run, tmp_path: P
     monkeypatch.setattr(evaluate, "adapter_dir", lambda c, t: wider if t.name == "praise" else original(c, t))
     assert evaluate.speed_key(cfg, cfg.task("praise"), "adapter") != first["adapter"]["speed_key"]
     assert evaluate.speed_key(cfg, cfg.task("sentiment"), "adapter") == first["adapter"]["speed_key"]
+    # a known key is reused, not measured again
+    def no_timing(*args, **kwargs):
+        raise AssertionError("decode speed measured again")
+
+    monkeypatch.setattr(evaluate, "decode_speed", no_timing)
+    examples = load_examples(cfg.task("praise").test)
+    again = evaluate.evaluate_artifact(cfg, cfg.task("praise"), "merged", examples,
+                                       {first["merged"]["speed_key"]: evaluate.speed_record(first["merged"])})
+    assert again["decode_tokens_per_s"] == first["merged"]["decode_tokens_per_s"]
+    assert again["speed_measured_on"] == "sentiment"
     # an artifact that is not there still fails with the loader's message, before any key is looked for
     other = cfg.task("praise").model_copy(update={"name": "other"})
     with pytest.raises(EdgetuneError, match="the edge bundle .* has no adapter 'other'"):
