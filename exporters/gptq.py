@@ -173,23 +173,37 @@ def gptq_batch(weights, hessians, block_size: int, *, damp: float = 0.01, step: 
             for i in range(layers)]
 
 
-def calibration_hessians(model, batches: Iterable[Mapping], names: Iterable[str]) -> dict[str, np.ndarray]:
+def calibration_hessians(model, batches: Iterable[Mapping], names: Iterable[str], *, opening=None,
+                         opening_rows: int = 0) -> dict[str, np.ndarray]:
     """``H = Σ x xᵀ / tokens`` of the inputs of each ``nn.Linear`` in ``names``, over ``batches``
-    (tokenizer outputs with ``input_ids`` and ``attention_mask``; padded positions are left out).
+    (tokenizer outputs with ``input_ids`` and ``attention_mask``, optionally ``position_ids``; padded positions
+    are left out).
+
+    ``opening`` (1 x P token ids, a causal LM only): tokens that each of ``opening_rows`` rows starts with, left
+    out of ``batches`` (whose ``position_ids`` count on after it). Their inputs are measured once and count
+    ``opening_rows`` times (a causal model computes the same there in every row), and each batch continues from
+    their key/value cache (:func:`pipeline.opening.with_opening`): the same matrices as whole rows, up to float
+    rounding, for a third to a half less work on the bundled tasks.
 
     Layers that read the same tensor (q/k/v, gate/up) share one matrix (the same array object).
     """
     import torch
+
+    from pipeline.opening import with_opening
 
     names = list(names)
     modules = dict(model.named_modules())
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     owner: dict[str, str] = {}  # module -> the module whose sum it shares
-    state: dict = {}  # this batch's mask, and the last input seen (q/k/v and gate/up read one tensor in turn)
+    # this pass's recorded positions, their weight, whether to record at all, and the last input seen (q/k/v and
+    # gate/up read one tensor in turn)
+    state: dict = {}
 
     def hook(name):
         def fn(_module, args):
+            if not state["record"]:
+                return
             x = args[0]
             last = state.get("last")
             if last is not None and last[0] is x:  # the same tensor as the module hooked just before
@@ -198,8 +212,9 @@ def calibration_hessians(model, batches: Iterable[Mapping], names: Iterable[str]
             owner.setdefault(name, name)
             key = owner[name]
             rows = x.reshape(-1, x.shape[-1])[state["mask"]].float()
-            sums[key] = sums.get(key, 0) + (rows.T @ rows).double()  # fp32 product (fast), fp64 running sum
-            counts[key] = counts.get(key, 0) + rows.shape[0]
+            product = (rows.T @ rows).double()  # fp32 product (fast), fp64 running sum
+            sums[key] = sums.get(key, 0) + state["weight"] * product
+            counts[key] = counts.get(key, 0) + state["weight"] * rows.shape[0]
             state["last"] = (x, key)  # holding x keeps its memory from being reused by a later tensor
         return fn
 
@@ -208,17 +223,32 @@ def calibration_hessians(model, batches: Iterable[Mapping], names: Iterable[str]
     head = _output_head(model, modules, names)
     handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names if n != head]
     device = next(model.parameters()).device
+
+    def measure(inputs: dict, recorded, weight: int = 1) -> None:
+        """One forward of ``inputs``, recording the positions where ``recorded`` (same shape as the ids) is set."""
+        state.clear()
+        state.update(mask=recorded.reshape(-1).bool(), weight=weight, record=True)
+        if head is None:
+            model(**inputs)
+        else:
+            hidden = model.get_decoder()(**{k: v for k, v in inputs.items() if k != "logits_to_keep"})
+            hook(head)(None, (hidden.last_hidden_state,))
+
     try:
         with torch.inference_mode():
+            if opening is not None:
+                opening = opening.to(device)
+                measure({"input_ids": opening, "attention_mask": torch.ones_like(opening)}, torch.ones_like(opening),
+                        weight=opening_rows)
             for batch in batches:
-                mask = batch["attention_mask"].to(device)
-                state.clear()
-                state["mask"] = mask.reshape(-1).bool()
-                if head is None:
-                    model(input_ids=batch["input_ids"].to(device), attention_mask=mask)
-                else:
-                    hidden = model.get_decoder()(input_ids=batch["input_ids"].to(device), attention_mask=mask)
-                    hook(head)(None, (hidden.last_hidden_state,))
+                inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+                recorded = inputs["attention_mask"]
+                if opening is not None:
+                    state.update(record=False)  # the opening's own forward, already measured above
+                    inputs = with_opening(model, {**inputs, "opening_ids": opening})
+                    if "past_key_values" not in inputs:  # whole rows came back: the opening is not measured again
+                        recorded = torch.cat([torch.zeros_like(opening).expand(recorded.shape[0], -1), recorded], 1)
+                measure(inputs, recorded)
     finally:
         for handle in handles:
             handle.remove()

@@ -216,28 +216,31 @@ def logit_parity(
     reference: dict | None = None,
     predictions: list | None = None,
     opening: int = 0,
+    batch_size: int = 8,
 ) -> dict[str, float]:
-    """Compare the logits of a PyTorch model and an ONNX export over the real tokens of a batch.
+    """Compare the logits of a PyTorch model and an export (an :class:`OnnxCausalLM`, or another PyTorch
+    model: a GGUF file read back) over the real tokens of a batch.
 
     ``score_mask`` (same shape, optional) limits the comparison to some positions, e.g. those that
     predict a reference answer; by default every real position counts.
 
-    Each row is run alone, without its padding, through both models (no cache), so the comparison
-    does not depend on how either runtime treats padded positions, and a PEFT prompt-learning model
-    (whose own forward adds virtual tokens) is compared position for position with its ONNX
+    Each model computes its output head from each row's first scored position on only (:func:`_tail_logits`),
+    ``batch_size`` rows at a time, each row left-padded with its own positions and mask, so the logits do not
+    depend on which rows share a batch (up to float rounding). A PEFT prompt-learning model (whose own forward
+    adds virtual tokens) runs each row alone and whole, compared position for position with its ONNX
     key/value-prefix form: logits of virtual tokens are dropped.
 
     ``reference`` (optional, a dict the caller keeps per PyTorch model) caches the PyTorch logits at the
     scored positions of each row, so several exports gated against one model run its forwards once.
 
-    ``predictions`` (optional, a list) receives each row's ONNX logits at its scored positions, in order (a
+    ``predictions`` (optional, a list) receives each row's export logits at its scored positions, in order (a
     gate reads the export's greedy answers to the reference from them: pipeline.fidelity).
 
     ``opening``: how many leading real tokens every row shares (:func:`pipeline.data.shared_prefix`): they run
-    once for all rows and each row continues from their key/value cache (:func:`_tail_logits`); the logits
-    are the same, up to float rounding.
+    once per batch and each row continues from their key/value cache; the logits are the same, up to float
+    rounding.
 
-    Returns, over all real positions:
+    Returns, over all scored positions:
       - ``max_abs_logit_diff``: max |torch - onnx|;
       - ``top1_agreement``: share of positions whose argmax token matches (1.0 = all);
       - ``kl``: mean KL(p_torch || p_onnx) in nats (0 = same distributions).
@@ -246,73 +249,84 @@ def logit_parity(
     scored = mask if score_mask is None else score_mask.to(torch.bool) & mask
     if not scored.any():
         raise ValueError("no real (non-padded) positions to compare")
+    # each row's real tokens, its scored positions among the last ``width`` (from its first scored one on)
+    rows, keeps, widths, keys = [], [], [], []
+    for row, row_mask, row_scored in zip(input_ids.to(torch.long), mask, scored):
+        ids, keep = row[row_mask], row_scored[row_mask]
+        if not keep.any():
+            continue
+        width = len(ids) - int(keep.nonzero()[0, 0])
+        rows.append(ids)
+        keeps.append(keep[-width:])
+        widths.append(width)
+        keys.append((tuple(ids.tolist()), tuple(keep.tolist())))
     was_training = torch_model.training
     torch_model.eval()
-    diffs, agree, kls, count = [], 0, 0.0, 0
-    torch_opening: dict = {}  # a PyTorch model's cache of the shared opening, kept across rows
-    export_opening: dict = {}
     try:
-        for row, row_mask, row_scored in zip(input_ids.to(torch.long), mask, scored):
-            ids = row[row_mask][None]
-            keep = row_scored[row_mask]
-            key = (tuple(ids[0].tolist()), tuple(keep.tolist()))
-            ref = None if reference is None else reference.get(key)
-            # from the first scored position on only: the export runs its output head there alone
-            width = ids.shape[1] - int(keep.nonzero()[0, 0])
-            if ref is None:
-                ref = _tail_logits(torch_model, ids, width, opening, torch_opening)[keep[-width:]]
-                if reference is not None:
-                    reference[key] = ref
-            got = _tail_logits(onnx_model, ids, width, opening, export_opening)
-            if got.shape[0] != width or got.shape[1:] != ref.shape[1:]:
-                raise RuntimeError(f"logit shape mismatch: torch {(width, *ref.shape[1:])} vs onnx "
-                                   f"{tuple(got.shape)}")
-            got = got[keep[-width:]]
-            if predictions is not None:
-                predictions.append(got)
-            diffs.append(float((ref - got).abs().max()))
-            agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
-            log_p, log_q = ref.log_softmax(-1), got.log_softmax(-1)
-            kls += float((log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0).sum())
-            count += int(keep.sum())
+        reference = {} if reference is None else reference
+        todo = [i for i, key in enumerate(keys) if key not in reference]
+        computed = _tail_logits(torch_model, [rows[i] for i in todo], [widths[i] for i in todo], opening, batch_size)
+        for i, logits in zip(todo, computed):
+            reference[keys[i]] = logits[keeps[i]]
+        exported = _tail_logits(onnx_model, rows, widths, opening, batch_size)
     finally:
         torch_model.train(was_training)
+    diffs, agree, kls, count = [], 0, 0.0, 0
+    for key, keep, got in zip(keys, keeps, exported):
+        ref = reference[key]
+        got = got[keep]
+        if got.shape != ref.shape:
+            raise RuntimeError(f"logit shape mismatch: torch {tuple(ref.shape)} vs onnx {tuple(got.shape)}")
+        if predictions is not None:
+            predictions.append(got)
+        diffs.append(float((ref - got).abs().max()))
+        agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
+        log_p, log_q = ref.log_softmax(-1), got.log_softmax(-1)
+        kls += float((log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0).sum())
+        count += int(keep.sum())
     return {"max_abs_logit_diff": max(diffs), "top1_agreement": agree / count, "kl": kls / count}
 
 
-def _tail_logits(model, ids: torch.Tensor, width: int, opening: int, kept: dict) -> torch.Tensor:
-    """Logits [width, vocab] (float32) of ``model`` at the last ``width`` positions of the one row ``ids``
-    (1 x L), the output head run there only.
+def _tail_logits(model, rows: list[torch.Tensor], widths: list[int], opening: int,
+                 batch_size: int) -> list[torch.Tensor]:
+    """Logits [width, vocab] (float32, on the CPU) of ``model`` at the last ``width`` positions of each row
+    (1-D ids, no padding), the output head run there only, ``batch_size`` rows per forward (left-padded, each
+    row with its own positions and mask).
 
-    ``opening`` > 0 (the first tokens every row of the comparison shares, none of them among those positions):
-    an :class:`OnnxCausalLM` gets them apart (its decoder keeps their cache: :meth:`edge.runtime.Decoder.logits`);
-    a PyTorch model runs them once, keeps the key/value cache in ``kept`` (one dict per model and comparison) and
-    continues each row from it, cropped back to the opening afterwards. A PEFT prompt-learning model (its
-    forward adds virtual tokens in front) runs the whole row, its virtual tokens' logits dropped."""
-    length = ids.shape[1]
-    shared = 0 < opening <= length - width
-    if isinstance(model, OnnxCausalLM):
-        if shared:
-            rest = ids[:, opening:]
-            logits = model(input_ids=rest, attention_mask=torch.ones_like(rest), logits_to_keep=width,
-                           opening_ids=ids[:, :opening]).logits
+    ``opening`` > 0 (the first tokens every row shares, none of them among those positions): an
+    :class:`OnnxCausalLM` gets them apart (its decoder keeps their cache: :meth:`edge.runtime.Decoder.logits`);
+    a PyTorch model runs them once per batch and the rows continue from their key/value cache
+    (:func:`pipeline.opening.with_opening`). A PEFT prompt-learning model (its forward adds virtual tokens in
+    front) runs each row alone and whole, its virtual tokens' logits dropped."""
+    from pipeline.device import to_model
+    from pipeline.opening import prompt_learning, with_opening
+
+    if prompt_learning(model):  # virtual tokens in front: whole rows, one at a time
+        out = []
+        for ids, width in zip(rows, widths):
+            logits = model(input_ids=ids[None], attention_mask=torch.ones_like(ids[None])).logits
+            out.append(logits.float()[0, -len(ids):][-width:].cpu())
+        return out
+    shared = bool(rows) and 0 < opening and all(opening <= len(r) - w for r, w in zip(rows, widths))
+    head = rows[0][:opening][None] if shared else None
+    out = []
+    for start in range(0, len(rows), batch_size):
+        part = [r[opening:] if shared else r for r in rows[start:start + batch_size]]
+        keep_each = widths[start:start + batch_size]
+        length, keep = max(len(r) for r in part), max(keep_each)
+        ids = torch.zeros((len(part), length), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(part):
+            ids[i, length - len(r):] = r
+            mask[i, length - len(r):] = 1
+        if isinstance(model, OnnxCausalLM):
+            logits = torch.as_tensor(model(input_ids=ids, attention_mask=mask, logits_to_keep=keep,
+                                           opening_ids=head).logits)
         else:
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=width).logits
-        return torch.as_tensor(logits).float()[0]
-    configs = getattr(model, "peft_config", None) or {}  # as pipeline.scoring.answer_logits_only (no import cycle)
-    if any(getattr(c, "is_prompt_learning", False) for c in configs.values()):  # virtual tokens in front
-        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()[0, -length:][-width:]
-    head = tuple(ids[0, :opening].tolist()) if shared else None
-    if head is not None and kept.get("head") != head:
-        past = model(input_ids=ids[:, :opening], use_cache=True, logits_to_keep=1).past_key_values
-        # a cache it can cut back to the opening after each row, or None: this model runs whole rows
-        kept.update(head=head, past=past if hasattr(past, "crop") else None)
-    past = kept.get("past") if head is not None else None
-    if past is None:
-        return model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=width).logits.float()[0]
-    try:
-        positions = torch.arange(opening, length, device=ids.device)[None]
-        return model(input_ids=ids[:, opening:], past_key_values=past, use_cache=True, position_ids=positions,
-                     logits_to_keep=width).logits.float()[0]
-    finally:
-        past.crop(opening)
+            batch = to_model({"input_ids": ids, "attention_mask": mask,
+                              "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}, model)
+            if head is not None:
+                batch = with_opening(model, {**batch, "opening_ids": head.to(batch["input_ids"].device)})
+            logits = model(**batch, logits_to_keep=keep).logits
+        out.extend(logits[i, keep - w:].float().cpu() for i, w in enumerate(keep_each))
+    return out

@@ -9,6 +9,7 @@ held-out scores stay held out.
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -57,10 +58,20 @@ def recipe(method: str, cfg: Config) -> str:
     return f"{method}:rows={c.rows}:seed={cfg.seed}:damp=0.01:act_order"
 
 
-def _batches(texts: list[str], tokenizer, size: int, max_len: int) -> Iterator[dict[str, Any]]:
-    for i in range(0, len(texts), size):
-        yield tokenizer(texts[i:i + size], return_tensors="pt", padding=True, truncation=True, max_length=max_len,
-                        add_special_tokens=False)
+def _batches(rows: list[list[int]], opening: int, size: int) -> Iterator[dict[str, Any]]:
+    """``rows`` (token ids) without their first ``opening`` tokens, ``size`` at a time, left-padded, with
+    position ids that count on after the opening."""
+    import torch
+
+    for i in range(0, len(rows), size):
+        part = [r[opening:] for r in rows[i:i + size]]
+        width = max(len(r) for r in part)
+        ids = torch.zeros((len(part), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, r in enumerate(part):
+            ids[row, width - len(r):] = torch.tensor(r)
+            mask[row, width - len(r):] = 1
+        yield {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
 
 
 _CACHE: dict[tuple, dict[str, Any]] = {}
@@ -88,10 +99,16 @@ def layer_hessians(cfg: Config, model, tasks: Sequence[TaskConfig], tokenizer) -
         return _CACHE[key]
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     started = time.perf_counter()
-    hessians = calibration_hessians(model, _batches(texts, tokenizer, cfg.calibration.batch_size,
-                                                    cfg.tune.max_seq_len), names)
-    log.info("calibration: inputs of %d layers measured on %d training rows of %s in %.0f s", len(hessians),
-             len(texts), ", ".join(t.name for t in tasks), time.perf_counter() - started)
+    rows = [tokenizer(t, truncation=True, max_length=cfg.tune.max_seq_len, add_special_tokens=False)["input_ids"]
+            for t in texts]
+    # the opening the rows share (system turn; a task's instruction) is measured once, counted once per row
+    opening = min(len(os.path.commonprefix(rows)), min(map(len, rows)) - 1) if len(rows) > 1 else 0
+    hessians = calibration_hessians(model, _batches(rows, opening, cfg.calibration.batch_size), names,
+                                    opening=torch.tensor([rows[0][:opening]]) if opening else None,
+                                    opening_rows=len(rows))
+    log.info("calibration: inputs of %d layers measured on %d training rows of %s in %.0f s (their shared %d "
+             "opening tokens once)", len(hessians), len(texts), ", ".join(t.name for t in tasks),
+             time.perf_counter() - started, opening)
     if source:
         _CACHE[key] = hessians
         while len(_CACHE) > 2:

@@ -264,7 +264,7 @@ def collate_for_training(batch: list[dict[str, list[int]]], pad_id: int, slice_l
     ``opening`` > 0: the first ``opening`` tokens, which every row of the data set starts with
     (:func:`shared_prefix` over all of them: the chat template's system turn, the task's instruction), are
     returned once, as ``opening_ids`` (1 x ``opening``), and the rows without them;
-    :func:`pipeline.scoring.with_opening` turns that into model inputs that run the opening once per batch (a
+    :func:`pipeline.opening.with_opening` turns that into model inputs that run the opening once per batch (a
     third to a half of each row on the bundled tasks). One opening for the whole data set, not each batch's own:
     a row is then computed the same way whichever rows share its batch (or its rank, under a launcher).
 

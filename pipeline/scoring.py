@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from pipeline.config import TaskConfig
 from pipeline.data import IGNORE_INDEX, Example, encode, load_examples, render_prompt
 from pipeline.device import model_device, to_model
+from pipeline.opening import prompt_learning, with_opening
 
 
 def prompt_batch(tokenizer, task: TaskConfig, n: int):
@@ -125,30 +126,6 @@ def answer_pass(model, tokenizer, examples: list[Example], max_len: int, batch_s
     return AnswerPass(nll, count, hits, texts)
 
 
-def with_opening(model, batch: dict) -> dict:
-    """Model inputs for a batch of rows that share an opening (``opening_ids``, 1 x P, from
-    :func:`pipeline.data.collate_for_training` with ``opening``): the opening runs here once (with
-    gradients when they are enabled, as in training) and its key/value cache, repeated for every row, is what the
-    rows attend to; their mask and positions continue after it. The result is the same as running every row
-    whole, up to float rounding. A model that returns no cache it can repeat gets the whole rows back (the
-    opening in front of each), so the result never depends on it."""
-    import torch
-
-    inputs = dict(batch)
-    opening = inputs.pop("opening_ids")
-    rows, width = inputs["input_ids"].shape[0], opening.shape[1]
-    past = model(input_ids=opening, use_cache=True, logits_to_keep=1).past_key_values
-    mask = inputs["attention_mask"]
-    mask = torch.cat([torch.ones((rows, width), dtype=mask.dtype, device=mask.device), mask], 1)
-    positions = inputs["position_ids"] + width
-    if past is None or not hasattr(past, "batch_repeat_interleave"):
-        ahead = torch.arange(width, dtype=positions.dtype, device=positions.device).expand(rows, -1)
-        return {**inputs, "input_ids": torch.cat([opening.expand(rows, -1), inputs["input_ids"]], 1),
-                "attention_mask": mask, "position_ids": torch.cat([ahead, positions], 1)}
-    past.batch_repeat_interleave(rows)
-    return {**inputs, "past_key_values": past, "use_cache": True, "attention_mask": mask, "position_ids": positions}
-
-
 def reference_rows(tokenizer, examples: list[Example], max_len: int) -> tuple[list[dict], list[list[int] | None]]:
     """Each example encoded as training encodes it (cut at ``max_len``), and its reference answer's token ids at
     the end of the row (end token included; None for a text row, a cut row, or one whose rendered prompt's
@@ -245,10 +222,7 @@ def _answer_logits_only(model) -> bool:
 
     if isinstance(model, OnnxCausalLM):
         return True
-    if not isinstance(model, torch.nn.Module):
-        return False
-    configs = getattr(model, "peft_config", None) or {}
-    return not any(getattr(c, "is_prompt_learning", False) for c in configs.values())
+    return isinstance(model, torch.nn.Module) and not prompt_learning(model)
 
 
 def decode_speed(model, tokenizer, prompt: str, new_tokens: int, repeats: int) -> float:

@@ -140,7 +140,8 @@ def trainer_class():
     loss alike)."""
     from transformers import Trainer
 
-    from pipeline.scoring import exact_match, with_opening
+    from pipeline.opening import with_opening
+    from pipeline.scoring import exact_match
 
     class ValidatingTrainer(Trainer):
         def __init__(self, *args, validation: Validation | None = None, tokenizer=None, max_new_tokens: int = 32,

@@ -127,12 +127,23 @@ def test_logit_parity_runs_the_shared_opening_once_with_the_same_result(
         got = logit_parity(torch_model, onnx_model, ids, mask, scored, predictions=shared, opening=opening)
     finally:
         hook.remove()
-    # the opening once, then each row's rest: in the export and in the PyTorch reference
+    # the opening once, then the rows' rests: in the export and in the PyTorch reference (one left-padded batch)
     assert runs == [[rows[0][:opening]]] + [[row[opening:]] for row in rows]
-    assert fed == [(1, opening)] + [(1, len(row) - opening) for row in rows]
+    assert fed == [(1, opening), (2, max(len(row) for row in rows) - opening)]
     assert got["top1_agreement"] == want["top1_agreement"] == 1.0
     assert got["max_abs_logit_diff"] == pytest.approx(want["max_abs_logit_diff"], abs=1e-4)
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(whole, shared)) and len(shared) == 2
+    # a row's logits do not depend on the rows batched with it (each has its own positions and mask)
+    fed.clear()
+    hook = torch_model.register_forward_pre_hook(
+        lambda _m, args, kwargs: fed.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        alone = []
+        logit_parity(torch_model, onnx_model, ids, mask, scored, predictions=alone, opening=opening, batch_size=1)
+    finally:
+        hook.remove()
+    assert fed == [(1, opening), (1, len(rows[0]) - opening), (1, opening), (1, len(rows[1]) - opening)]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(alone, shared))
 
     # a PyTorch export (a GGUF file read back) continues from the opening's cache too, cut back after each row
     export = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()

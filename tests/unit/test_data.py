@@ -123,7 +123,7 @@ def test_a_shared_opening_trains_as_whole_rows(tmp_path: Path, tokenizer, tiny_m
     from transformers import AutoModelForCausalLM
 
     from pipeline.data import collate_for_training, shared_prefix
-    from pipeline.scoring import with_opening
+    from pipeline.opening import with_opening
 
     rows = [{"messages": [{"role": "system", "content": "Label the review."}, {"role": "user", "content": u},
                           {"role": "assistant", "content": a}]}

@@ -106,6 +106,33 @@ def test_the_output_head_is_measured_without_computing_logits(tiny_model_dir, mo
     assert all(np.array_equal(fast[n], full[n]) for n in names)
 
 
+def test_a_shared_opening_is_measured_once_and_counted_per_row(tiny_model_dir) -> None:
+    """Rows that start alike (chat template, instruction): the opening runs once, its inputs count once per row,
+    the rows continue from its cache; the matrices are those of whole rows, up to float rounding."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.calibration import _batches
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    opening = [5, 6, 7, 8, 9]
+    rows = [opening + [10, 11, 12], opening + [13], opening + [14, 15, 16, 17, 18], opening + [19, 20]]
+    whole = G.calibration_hessians(model, _batches(rows, 0, 3), names)
+    seen = []
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        shared = G.calibration_hessians(model, _batches(rows, len(opening), 3), names,
+                                        opening=torch.tensor([opening]), opening_rows=len(rows))
+    finally:
+        hook.remove()
+    # measured once; then, per batch of 3 rows, the opening's cache (not measured) and the rows' rests
+    assert seen == [(1, 5), (1, 5), (3, 5), (1, 5), (1, 2)]
+    assert shared.keys() == whole.keys() == set(names)
+    assert all(np.allclose(shared[n], whole[n], rtol=1e-4, atol=1e-6) for n in names)
+    assert not np.allclose(shared["lm_head"], G.calibration_hessians(model, _batches(rows[:1], 0, 3), names)["lm_head"])
+
+
 def test_calibrated_blocks_replace_the_onnx_weights_and_compute_what_they_say(tmp_path) -> None:
     import onnx
     import onnxruntime as ort
