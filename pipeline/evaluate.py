@@ -31,7 +31,7 @@ from pipeline.errors import EdgetuneError
 from pipeline.models import load_model, load_tokenizer, resolve_base
 from pipeline.onnx_build import int4_recipe
 from pipeline.paths import adapter_dir, eval_file, export_dir, merged_dir, quantized_dir
-from pipeline.scoring import answer_pass, decode_speed, exact_match
+from pipeline.scoring import SHOWN_MISTAKES, answer_pass, decode_speed, exact_match
 from pipeline.stage_outputs import (
     export_failures,
     export_skips,
@@ -292,7 +292,7 @@ def _measure(cfg: Config, task: TaskConfig, artifact: str, model, tokenizer, exa
         "rows": len(scored),
         "device": on,
         "speed_measured_on": measured_on,
-        "mistakes": [o for o in outputs if o["got"] != (o["expected"] or "").strip()][:5],
+        "mistakes": [o for o in outputs if o["got"] != (o["expected"] or "").strip()][:SHOWN_MISTAKES],
     }
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
@@ -60,6 +60,10 @@ class AnswerPass:
     tokens: int
     greedy_hit: list[bool | None]
     answer: list[str | None]
+    misses: list[bool] = field(default_factory=list)
+    """Per example (when given): True when greedy decoding surely does not give the reference: it follows the
+    reference up to a position whose every candidate token (within :data:`MARGIN` of the top) turns the answer's
+    text into one the reference does not start with (:func:`_surely_misses`). False: not known."""
 
     @property
     def perplexity(self) -> float:
@@ -86,7 +90,7 @@ def answer_pass(model, tokenizer, examples: list[Example], max_len: int, batch_s
     encoded, answers = reference_rows(tokenizer, examples, max_len)
     sliced = _answer_logits_only(model)
     opening = shared_prefix(encoded) if sliced else 0  # the opening every row shares
-    nll, count, hits, texts = 0.0, 0, [], []
+    nll, count, hits, texts, misses = 0.0, 0, [], [], []
     for start in range(0, len(encoded), batch_size):
         rows = encoded[start:start + batch_size]
         batch = to_model(collate_for_training(rows, tokenizer.pad_token_id, opening=opening) if sliced
@@ -116,14 +120,41 @@ def answer_pass(model, tokenizer, examples: list[Example], max_len: int, batch_s
         predicted = torch.full_like(labels, -1)
         predicted[targets] = confident_argmax(picked)
         for row, answer in enumerate(answers[start:start + batch_size]):
-            hit, text = None, None
+            hit, text, miss = None, None, False
             if answer is not None:
                 target = (labels[row] != IGNORE_INDEX).nonzero().flatten()[-len(answer):]  # the answer's positions
                 agree = (predicted[row, target] == labels[row, target]).tolist()
                 hit, text = greedy_reproduces(tokenizer, answer, agree, max_new_tokens)
+                if hit is False and not all(agree):
+                    j = agree.index(False)  # greedy decoding surely follows the reference up to here
+                    top = logits[row, target[j]].float()
+                    candidates = (top >= top.max() - MARGIN).nonzero().flatten().tolist()
+                    miss = _surely_misses(tokenizer, answer[:j], candidates, examples[start + row].reference or "",
+                                          max_new_tokens)
             hits.append(hit)
             texts.append(text)
-    return AnswerPass(nll, count, hits, texts)
+            misses.append(miss)
+    return AnswerPass(nll, count, hits, texts, misses)
+
+
+def _surely_misses(tokenizer, followed: list[int], candidates: list[int], reference: str,
+                   max_new_tokens: int) -> bool:
+    """Whether a greedy answer that starts with the tokens ``followed`` (the reference's own) and then one of
+    ``candidates`` cannot equal ``reference`` (whitespace-stripped), whatever follows: for every candidate, the
+    end token ends the answer on another text, and any other token gives a text the reference does not start
+    with. Never for a decode that stops before the candidate, for many candidates (a flat distribution), or for
+    a text that ends inside a character."""
+    expected = reference.strip()
+    if len(followed) >= max_new_tokens or len(candidates) > 16:
+        return False
+    for token in candidates:
+        if token == tokenizer.eos_token_id:
+            if tokenizer.decode(followed, skip_special_tokens=True).strip() == expected:
+                return False
+            continue
+        if not _leaves(tokenizer.decode(followed + [token], skip_special_tokens=True), expected):
+            return False
+    return True
 
 
 def reference_rows(tokenizer, examples: list[Example], max_len: int) -> tuple[list[dict], list[list[int] | None]]:
@@ -174,19 +205,28 @@ def plain_greedy(model) -> bool:
             and getattr(config, "forced_eos_token_id", None) is None)
 
 
+SHOWN_MISTAKES = 5
+"""Rows whose greedy answer misses that :func:`exact_match` decodes even when it knows they miss (the first ones,
+in order): the report shows their answers."""
+
+
 def exact_match(model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int,
                 desc: str, *, max_len: int = 4096, checked: AnswerPass | None = None,
-                verify: bool = True) -> tuple[float, list[dict[str, str]]]:
+                verify: bool = True) -> tuple[float, list[dict[str, str | None]]]:
     """Share of examples whose greedy answer equals the reference (whitespace-stripped).
 
-    Also returns every (prompt, expected, got) triple so a report can show mistakes.
+    Also returns every (prompt, expected, got) triple so a report can show mistakes: ``got`` is the greedy
+    answer, or None for a row known to miss after the first :data:`SHOWN_MISTAKES` misses (see below).
 
     Greedy decoding is one token per forward; most rows of a tuned model are answered exactly, and that
     can be read from a single teacher-forced forward over prompt + reference (:func:`answer_pass`, or
     ``checked``, one already run with ``max_new_tokens``): a row whose argmax chain is the reference and
-    then the end token decodes to the reference, so only the other rows are decoded. ``verify=False``
-    decodes every row. Both give the same answers, up to the float noise between a cached decode and one
-    forward on a near-tie (tested against each other).
+    then the end token decodes to the reference, so only the other rows are decoded. The same pass tells where
+    greedy decoding leaves the reference: where the text it takes there is not how the reference goes on (an
+    untuned model's rows, mostly), the row misses whatever follows (``AnswerPass.misses``), and it is decoded
+    only to show it (the first :data:`SHOWN_MISTAKES` misses).
+    ``verify=False`` decodes every row. Both give the same answers, up to the float noise between a cached
+    decode and one forward on a near-tie (tested against each other).
     """
     import torch
 
@@ -195,21 +235,74 @@ def exact_match(model, tokenizer, examples: list[Example], max_new_tokens: int, 
     elif checked is None:
         checked = answer_pass(model, tokenizer, examples, max_len, batch_size, max_new_tokens)
     known = {i: checked.answer[i] for i, hit in enumerate(checked.greedy_hit) if hit} if checked else {}
-    decode = [i for i in range(len(examples)) if i not in known]
-    got = dict(known)
-    for start in tqdm(range(0, len(decode), batch_size), desc=desc, unit="batch", leave=False):
-        chunk = decode[start:start + batch_size]
-        batch = to_model(tokenizer([render_prompt(tokenizer, examples[i]) for i in chunk], return_tensors="pt",
-                                   padding=True, add_special_tokens=False), model)
-        with torch.no_grad():
-            generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        for i, ids in zip(chunk, generated[:, batch["input_ids"].shape[1]:]):
-            got[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    missed = {i for i, miss in enumerate(checked.misses) if miss} if checked else set()
+    shown = set(sorted(missed)[:SHOWN_MISTAKES])  # every miss before them is decoded: they are the first misses
+    decode = [i for i in range(len(examples)) if i not in known and (i not in missed or i in shown)]
+    got: dict[int, str | None] = {**known, **{i: None for i in missed - shown}}
+    # verified: a PyTorch row stops decoding once its text leaves the reference (it misses whatever follows);
+    # the known misses shown are decoded to the end
+    cut = checked is not None and isinstance(model, torch.nn.Module)
+    rest = [i for i in decode if i not in shown]
+    got.update(_greedy_answers(model, tokenizer, examples, sorted(shown), max_new_tokens, batch_size, desc))
+    got.update(_greedy_answers(model, tokenizer, examples, rest, max_new_tokens, batch_size, desc, cut=cut))
+    expected = [(e.reference or "").strip() for e in examples]
+    if cut:  # the first misses are shown: those cut short are decoded to the end; the others cut short keep no text
+        first = [i for i in range(len(examples)) if got[i] != expected[i]][:SHOWN_MISTAKES]
+        again = [i for i in first if i in rest and _leaves(got[i], expected[i])]
+        got.update({i: None for i in rest if i not in first and _leaves(got[i], expected[i])})
+        got.update(_greedy_answers(model, tokenizer, examples, again, max_new_tokens, batch_size, desc))
     outputs = [{"prompt": e.prompt_messages[-1]["content"], "expected": e.reference, "got": got[i]}
                for i, e in enumerate(examples)]
-    hits = sum(o["got"] == (o["expected"] or "").strip() for o in outputs)
+    hits = sum(o["got"] == expected[i] for i, o in enumerate(outputs))
     return hits / max(len(outputs), 1), outputs
+
+
+def _greedy_answers(model, tokenizer, examples: list[Example], rows: list[int], max_new_tokens: int,
+                    batch_size: int, desc: str, *, cut: bool = False) -> dict[int, str]:
+    """Row index -> greedy answer (decoded, stripped) of ``rows`` of ``examples``, ``batch_size`` per generate call.
+    ``cut``: a row stops once its text leaves its reference (:func:`_leaves`; PyTorch models): its answer is
+    then cut short, and misses all the same."""
+    import torch
+
+    got = {}
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False):
+        chunk = rows[start:start + batch_size]
+        batch = to_model(tokenizer([render_prompt(tokenizer, examples[i]) for i in chunk], return_tensors="pt",
+                                   padding=True, add_special_tokens=False), model)
+        width = batch["input_ids"].shape[1]
+        extra = {"stopping_criteria": _leaving_stops(tokenizer, width, [examples[i].reference for i in chunk])} \
+            if cut else {}
+        with torch.no_grad():
+            generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                       **extra)
+        for i, ids in zip(chunk, generated[:, width:]):
+            got[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    return got
+
+
+def _leaves(text: str, expected: str) -> bool:
+    """Whether an answer whose text so far is ``text`` cannot end as ``expected`` (both stripped), whatever tokens
+    follow: ``expected`` does not start with it. A text that ends inside a character is never taken to leave."""
+    text = text.strip()
+    return "\ufffd" not in text and not expected.startswith(text)
+
+
+def _leaving_stops(tokenizer, width: int, references: list[str | None]):
+    """A transformers stopping criterion that ends each row of a batch (prompts ``width`` tokens wide) once its
+    new tokens' text leaves its reference (:func:`_leaves`)."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    expected = [(r or "").strip() for r in references]
+
+    class LeavesReference(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            done = [_leaves(tokenizer.decode(row[width:], skip_special_tokens=True), e)
+                    for row, e in zip(input_ids, expected)]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([LeavesReference()])
 
 
 def _answer_logits_only(model) -> bool:

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.data import Example, encode
 from pipeline.models import load_tokenizer
-from pipeline.scoring import answer_pass, exact_match
+from pipeline.scoring import SHOWN_MISTAKES, answer_pass, exact_match
 
 
 def _row(question: str, answer: str) -> Example:
@@ -70,17 +70,64 @@ def test_verified_exact_match_equals_greedy_decoding(taught, monkeypatch, max_ne
     counter = _CountingGenerate(model)
     monkeypatch.setattr(model, "generate", counter)
     verified_em, verified = exact_match(model, tokenizer, examples, max_new_tokens, 4, "verify")
-    assert verified == decoded  # every row's answer, not only the score
     assert verified_em == decoded_em
+    # every row's answer, not only the score; a miss after the first SHOWN_MISTAKES whose text left the
+    # reference (known, or cut short there) keeps no text
+    misses = [i for i, o in enumerate(decoded) if o["got"] != o["expected"].strip()]
+    blank = [i for i, o in enumerate(verified) if o["got"] is None]
+    assert set(blank) <= set(misses[SHOWN_MISTAKES:])
+    assert all(verified[i] == decoded[i] for i in range(len(examples)) if i not in blank)
     checked = answer_pass(model, tokenizer, examples, 256, 4, max_new_tokens)
-    # the rows the pass vouches for are never decoded; every other row is
-    assert counter.rows == len(examples) - sum(hit is True for hit in checked.greedy_hit)
+    # the rows the pass vouches for are never decoded, nor the misses it knows after the first shown ones
+    known = [i for i, miss in enumerate(checked.misses) if miss]
+    assert counter.rows >= len(examples) - sum(hit is True for hit in checked.greedy_hit) - len(known[SHOWN_MISTAKES:])
     if max_new_tokens == 16:  # long enough for every taught answer and its end token: all five are read, not decoded
         assert decoded_em == pytest.approx(5 / 9)
         assert checked.greedy_hit == [True] * 4 + [False, False, False, True, False]
     for hit, e in zip(checked.greedy_hit, examples):  # an answer longer than max_new_tokens cannot be vouched for
         body = len(tokenizer(e.reference, add_special_tokens=False)["input_ids"])
         assert (hit is None) == (body > max_new_tokens)
+
+def test_a_row_whose_greedy_text_leaves_the_reference_is_a_known_miss(taught, monkeypatch):
+    """A row whose greedy answer surely leaves the reference text misses whatever follows: it is not decoded,
+    except the first SHOWN_MISTAKES misses, whose answers the report shows. Score and shown mistakes unchanged."""
+    import pipeline.scoring as scoring
+
+    model, tokenizer = taught
+    examples = _examples()
+    decoded_em, decoded = exact_match(model, tokenizer, examples, 16, 4, "decode", verify=False)
+    misses = [i for i, o in enumerate(decoded) if o["got"] != o["expected"].strip()]
+    monkeypatch.setattr(scoring, "SHOWN_MISTAKES", 1)
+    counter = _CountingGenerate(model)
+    monkeypatch.setattr(model, "generate", counter)
+    em, outputs = exact_match(model, tokenizer, examples, 16, 4, "verify")
+    assert em == decoded_em and len(misses) == 4
+    skipped = [i for i, o in enumerate(outputs) if o["got"] is None]
+    assert skipped and set(skipped) <= set(misses[1:])  # only misses, never the first one
+    assert outputs[misses[0]] == decoded[misses[0]]  # the shown mistake, decoded
+    assert all(outputs[i] == decoded[i] for i in range(len(examples)) if i not in skipped)
+    assert counter.rows == len(misses) - len(skipped)  # the five hits are read, the known misses not decoded
+    assert answer_pass(model, tokenizer, examples, 256, 4, 16).misses == [i in misses for i in range(len(examples))]
+    for i in skipped:  # the decoded answer leaves the reference: it is not how the reference starts
+        assert not examples[i].reference.startswith(decoded[i]["got"][:len(examples[i].reference)])
+
+
+def test_a_miss_is_known_only_when_every_candidate_token_leaves_the_reference(taught):
+    from pipeline.scoring import _surely_misses
+
+    _, tokenizer = taught
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    eos = tokenizer.eos_token_id
+    ref = "2021-05-03"
+    body = ids(ref)
+    assert _surely_misses(tokenizer, body[:2], [ids("x")[0]], ref, 16)  # "20" + "x": not how the reference goes on
+    assert not _surely_misses(tokenizer, body[:2], [body[2]], ref, 16)  # the reference's own next token
+    assert not _surely_misses(tokenizer, body[:2], [ids("x")[0], body[2]], ref, 16)  # a near-tie with it
+    assert _surely_misses(tokenizer, body[:2], [eos], ref, 16)  # ends early
+    assert not _surely_misses(tokenizer, body, [eos], ref, 16)  # ends exactly there: the reference
+    assert _surely_misses(tokenizer, body, [ids("x")[0]], ref, 16)  # goes on past it
+    assert not _surely_misses(tokenizer, body[:2], [ids("x")[0]], ref, 2)  # decoding stops before that token
+
 
 def test_a_row_cut_at_max_len_is_decoded(taught):
     model, tokenizer = taught
@@ -126,7 +173,7 @@ def test_a_near_tie_is_decoded_not_read(taught, monkeypatch):
     counter = _CountingGenerate(model)
     monkeypatch.setattr(model, "generate", counter)
     em, outputs = exact_match(model, tokenizer, _examples(), 16, 4, "near ties")
-    assert counter.rows == len(_examples())
+    assert counter.rows >= len(_examples())  # every row (a shown miss cut short: once more, to its end)
     assert em == pytest.approx(5 / 9)
 
 
