@@ -243,8 +243,9 @@ def exact_match(model, tokenizer, examples: list[Example], max_new_tokens: int, 
     # the known misses shown are decoded to the end
     cut = checked is not None and isinstance(model, torch.nn.Module)
     rest = [i for i in decode if i not in shown]
-    got.update(_greedy_answers(model, tokenizer, examples, sorted(shown), max_new_tokens, batch_size, desc))
-    got.update(_greedy_answers(model, tokenizer, examples, rest, max_new_tokens, batch_size, desc, cut=cut))
+    # one pass in row order (bitsandbytes int8's answers depend on which rows share a batch)
+    got.update(_greedy_answers(model, tokenizer, examples, decode, max_new_tokens, batch_size, desc,
+                               cut=set(rest) if cut else set()))
     expected = [(e.reference or "").strip() for e in examples]
     if cut:  # the first misses are shown: those cut short are decoded to the end; the others cut short keep no text
         first = [i for i in range(len(examples)) if got[i] != expected[i]][:SHOWN_MISTAKES]
@@ -258,9 +259,9 @@ def exact_match(model, tokenizer, examples: list[Example], max_new_tokens: int, 
 
 
 def _greedy_answers(model, tokenizer, examples: list[Example], rows: list[int], max_new_tokens: int,
-                    batch_size: int, desc: str, *, cut: bool = False) -> dict[int, str]:
+                    batch_size: int, desc: str, *, cut: set[int] = frozenset()) -> dict[int, str]:
     """Row index -> greedy answer (decoded, stripped) of ``rows`` of ``examples``, ``batch_size`` per generate call.
-    ``cut``: a row stops once its text leaves its reference (:func:`_leaves`; PyTorch models): its answer is
+    A row in ``cut`` stops once its text leaves its reference (:func:`_leaves`; PyTorch models): its answer is
     then cut short, and misses all the same."""
     import torch
 
@@ -270,8 +271,8 @@ def _greedy_answers(model, tokenizer, examples: list[Example], rows: list[int], 
         batch = to_model(tokenizer([render_prompt(tokenizer, examples[i]) for i in chunk], return_tensors="pt",
                                    padding=True, add_special_tokens=False), model)
         width = batch["input_ids"].shape[1]
-        extra = {"stopping_criteria": _leaving_stops(tokenizer, width, [examples[i].reference for i in chunk])} \
-            if cut else {}
+        extra = {"stopping_criteria": _leaving_stops(tokenizer, width, [examples[i].reference if i in cut else None
+                                                                         for i in chunk])} if cut & set(chunk) else {}
         with torch.no_grad():
             generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -290,15 +291,15 @@ def _leaves(text: str, expected: str) -> bool:
 
 def _leaving_stops(tokenizer, width: int, references: list[str | None]):
     """A transformers stopping criterion that ends each row of a batch (prompts ``width`` tokens wide) once its
-    new tokens' text leaves its reference (:func:`_leaves`)."""
+    new tokens' text leaves its reference (:func:`_leaves`); a row whose reference is None runs to its end."""
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    expected = [(r or "").strip() for r in references]
+    expected = [None if r is None else r.strip() for r in references]
 
     class LeavesReference(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            done = [_leaves(tokenizer.decode(row[width:], skip_special_tokens=True), e)
+            done = [e is not None and _leaves(tokenizer.decode(row[width:], skip_special_tokens=True), e)
                     for row, e in zip(input_ids, expected)]
             return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
