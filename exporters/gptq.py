@@ -231,7 +231,7 @@ def calibration_hessians(model, batches: Iterable[Mapping], names: Iterable[str]
         if head is None:
             model(**inputs)
         else:
-            hidden = model.get_decoder()(**{k: v for k, v in inputs.items() if k != "logits_to_keep"})
+            hidden = model.get_decoder()(**inputs)
             hook(head)(None, (hidden.last_hidden_state,))
 
     try:

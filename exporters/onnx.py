@@ -298,6 +298,7 @@ def _tail_logits(model, rows: list[torch.Tensor], widths: list[int], opening: in
     a PyTorch model runs them once per batch and the rows continue from their key/value cache
     (:func:`pipeline.opening.with_opening`). A PEFT prompt-learning model (its forward adds virtual tokens in
     front) runs each row alone and whole, its virtual tokens' logits dropped."""
+    from pipeline.data import left_padded
     from pipeline.device import to_model
     from pipeline.opening import prompt_learning, with_opening
 
@@ -313,18 +314,13 @@ def _tail_logits(model, rows: list[torch.Tensor], widths: list[int], opening: in
     for start in range(0, len(rows), batch_size):
         part = [r[opening:] if shared else r for r in rows[start:start + batch_size]]
         keep_each = widths[start:start + batch_size]
-        length, keep = max(len(r) for r in part), max(keep_each)
-        ids = torch.zeros((len(part), length), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(part):
-            ids[i, length - len(r):] = r
-            mask[i, length - len(r):] = 1
+        keep = max(keep_each)
+        batch = left_padded(part)
         if isinstance(model, OnnxCausalLM):
-            logits = torch.as_tensor(model(input_ids=ids, attention_mask=mask, logits_to_keep=keep,
-                                           opening_ids=head).logits)
+            logits = torch.as_tensor(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                           logits_to_keep=keep, opening_ids=head).logits)
         else:
-            batch = to_model({"input_ids": ids, "attention_mask": mask,
-                              "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}, model)
+            batch = to_model(batch, model)
             if head is not None:
                 batch = with_opening(model, {**batch, "opening_ids": head.to(batch["input_ids"].device)})
             logits = model(**batch, logits_to_keep=keep).logits

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, TaskConfig
-from pipeline.data import load_examples, render_prompt
+from pipeline.data import left_padded, load_examples, render_prompt
 from pipeline.errors import EdgetuneError
 
 log = logging.getLogger(__name__)
@@ -61,17 +61,8 @@ def recipe(method: str, cfg: Config) -> str:
 def _batches(rows: list[list[int]], opening: int, size: int) -> Iterator[dict[str, Any]]:
     """``rows`` (token ids) without their first ``opening`` tokens, ``size`` at a time, left-padded, with
     position ids that count on after the opening."""
-    import torch
-
     for i in range(0, len(rows), size):
-        part = [r[opening:] for r in rows[i:i + size]]
-        width = max(len(r) for r in part)
-        ids = torch.zeros((len(part), width), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, r in enumerate(part):
-            ids[row, width - len(r):] = torch.tensor(r)
-            mask[row, width - len(r):] = 1
-        yield {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+        yield left_padded([r[opening:] for r in rows[i:i + size]])
 
 
 _CACHE: dict[tuple, dict[str, Any]] = {}

@@ -253,6 +253,20 @@ def shared_prefix(encoded: list[dict]) -> int:
     return length
 
 
+def left_padded(rows: list[list[int]] | list[Any], pad_id: int = 0) -> dict[str, Any]:
+    """``rows`` (token ids, no padding) as one left-padded batch: ``input_ids``, ``attention_mask`` and
+    ``position_ids`` counted from each row's first real token (a row computes as it would alone)."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.as_tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+
+
 def collate_for_training(batch: list[dict[str, list[int]]], pad_id: int, slice_logits: bool = True,
                          opening: int = 0) -> dict[str, Any]:
     """Left-pad a training batch so every target token sits in the last ``logits_to_keep`` positions.

@@ -112,6 +112,31 @@ def test_a_row_whose_greedy_text_leaves_the_reference_is_a_known_miss(taught, mo
         assert not examples[i].reference.startswith(decoded[i]["got"][:len(examples[i].reference)])
 
 
+def test_a_decoded_row_stops_once_its_text_leaves_the_reference(taught, monkeypatch):
+    """Misses the pass cannot tell are decoded, and each stops at the token where its text leaves the reference:
+    the batch ends before max_new_tokens; the first SHOWN_MISTAKES are decoded again to their end."""
+    import dataclasses
+
+    import pipeline.scoring as scoring
+
+    model, tokenizer = taught
+    examples = _examples()
+    _, decoded = exact_match(model, tokenizer, examples, 16, 9, "decode", verify=False)
+    checked = answer_pass(model, tokenizer, examples, 256, 9, 16)
+    checked = dataclasses.replace(checked, misses=[False] * len(examples))  # nothing known from the pass
+    monkeypatch.setattr(scoring, "SHOWN_MISTAKES", 1)
+    widths, generate = [], model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: widths.append(
+        (kw["input_ids"].shape, (out := generate(**kw)).shape[1])) or out)
+    _, outputs = exact_match(model, tokenizer, examples, 16, 9, "cut", checked=checked)
+    misses = [i for i, o in enumerate(decoded) if o["got"] != o["expected"].strip()]
+    scoring._greedy_answers(model, tokenizer, examples, misses, 16, 9, "uncut")  # the same rows, not cut
+    (first_shape, first_width), (again_shape, again_width), (_, uncut_width) = widths
+    assert first_shape[0] == len(misses) and first_width < uncut_width  # the batch stopped sooner
+    assert again_shape[0] == 1 and outputs[misses[0]] == decoded[misses[0]]  # the shown miss, to its end
+    assert [i for i, o in enumerate(outputs) if o["got"] is None] == misses[1:]
+
+
 def test_a_miss_is_known_only_when_every_candidate_token_leaves_the_reference(taught):
     from pipeline.scoring import _surely_misses
 
