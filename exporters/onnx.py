@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+log = logging.getLogger(__name__)
+
 __all__ = ["TOKENIZER_FILES", "OnnxCausalLM", "export_onnx_fp32", "load_onnx_model", "logit_parity"]
 
 #: Files copied verbatim from the source model directory into the ONNX directory, so the ONNX
@@ -105,16 +107,36 @@ def export_onnx_fp32(model_dir: Path, out_dir: Path) -> Path:
         ``model_dir``, and is loadable by ``ORTModelForCausalLM.from_pretrained(out_dir)``.
       - No numerical validation is done here (``do_validation=False`` saves a second full
         model load); use :func:`logit_parity` for that.
+      - The graph is traced once per configuration in a process: a later model with the same
+        ``config.json`` (and tokenizer files) gets the first one's graph with its own weights
+        (:mod:`exporters.onnx_template`; the same file optimum writes), in a few seconds instead of
+        the trace's ~25.
 
     Returns ``out_dir``.
     """
-    from optimum.exporters.onnx import main_export
+    from exporters import onnx_template
 
     model_dir = Path(model_dir)
     out_dir = Path(out_dir)
     _check_model_dir(model_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    # a configuration (and tokenizer) this process exported before: its graph, with this model's weights
+    key = _template_key(model_dir)
+    template = _TEMPLATES.get(key)
+    if template is not None:
+        weights = onnx_template.load_weights(model_dir)
+        if weights is not None and onnx_template.write(template, weights, out_dir / "model.onnx"):
+            for name, data in template.files.items():
+                (out_dir / name).write_bytes(data)
+            _copy_tokenizer_files(model_dir, out_dir)
+            log.info("ONNX export of %s: the graph traced for the same configuration earlier, with its weights",
+                     model_dir)
+            return out_dir
+
+    from optimum.exporters.onnx import main_export
+
+    fresh = not any(out_dir.iterdir())  # only then is every file beside the graph optimum's
     with _quiet_export():
         main_export(
             str(model_dir),
@@ -130,14 +152,40 @@ def export_onnx_fp32(model_dir: Path, out_dir: Path) -> Path:
             local_files_only=True,
         )
 
+    _copy_tokenizer_files(model_dir, out_dir)
+    if not (out_dir / "model.onnx").is_file():  # defensive: optimum changed its file naming
+        raise RuntimeError(f"ONNX export finished but {out_dir / 'model.onnx'} was not written.")
+    if key not in _TEMPLATES and fresh:
+        weights = onnx_template.load_weights(model_dir)
+        written = [p for p in out_dir.iterdir() if p.is_file() and p.name != "model.onnx"]
+        # what the copies above did not replace is optimum's (its config.json); a tokenizer file of its own
+        # (one the source lacks) would be this model's tokenizer's, so such an export is not reused
+        files = {p.name: p.read_bytes() for p in written if p.name not in TOKENIZER_FILES}
+        reusable = weights and not any(p.name in TOKENIZER_FILES and not (model_dir / p.name).is_file()
+                                       for p in written)
+        _TEMPLATES[key] = onnx_template.record(out_dir / "model.onnx", weights, files) if reusable else None
+    return out_dir
+
+
+_TEMPLATES: dict[str, object] = {}
+"""Template key -> the graph optimum exported for it (:mod:`exporters.onnx_template`), or None when it cannot
+be reused: the first export of a configuration in a process is traced, the next ones are written from it."""
+
+
+def _template_key(model_dir: Path) -> str:
+    """What an exported graph and the files optimum writes beside it depend on besides the weights: the
+    configuration, and which tokenizer files the source has (they are copied over optimum's re-saves)."""
+    import hashlib
+
+    present = [name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
+    return hashlib.sha256((model_dir / "config.json").read_bytes() + repr(present).encode()).hexdigest()
+
+
+def _copy_tokenizer_files(model_dir: Path, out_dir: Path) -> None:
     for name in TOKENIZER_FILES:
         src = model_dir / name
         if src.is_file():
             shutil.copy2(src, out_dir / name)
-
-    if not (out_dir / "model.onnx").is_file():  # defensive: optimum changed its file naming
-        raise RuntimeError(f"ONNX export finished but {out_dir / 'model.onnx'} was not written.")
-    return out_dir
 
 
 class OnnxCausalLM:

@@ -152,3 +152,51 @@ def test_logit_parity_runs_the_shared_opening_once_with_the_same_result(
     got = logit_parity(torch_model, export, ids, mask, scored, predictions=shared, opening=opening)
     assert want["max_abs_logit_diff"] < 1e-5 and got["max_abs_logit_diff"] < 1e-4 and got["top1_agreement"] == 1.0
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(whole, shared)) and len(shared) == 2
+
+
+def test_a_second_model_of_the_same_configuration_gets_the_file_optimum_would_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The export stage traces once per configuration: the next model's graph is the first one's with its own
+    weights, file for file what optimum writes for it (a stale weight, a missing file would show here)."""
+    import logging
+
+    from exporters import onnx as exporter
+    from tests.tiny_model import build_tiny_model
+
+    monkeypatch.setattr(exporter, "_TEMPLATES", {})
+    first, second = build_tiny_model(tmp_path / "a", seed=1), build_tiny_model(tmp_path / "b", seed=2)
+    export_onnx_fp32(first, tmp_path / "first")
+    with caplog.at_level(logging.INFO, logger="exporters.onnx"):
+        reused = export_onnx_fp32(second, tmp_path / "reused")
+    assert "traced for the same configuration earlier" in caplog.text
+    monkeypatch.setattr(exporter, "_TEMPLATES", {})  # the same model, traced by optimum
+    traced = export_onnx_fp32(second, tmp_path / "traced")
+    files = sorted(p.name for p in traced.iterdir())
+    assert sorted(p.name for p in reused.iterdir()) == files and "model.onnx" in files
+    for name in files:
+        assert (reused / name).read_bytes() == (traced / name).read_bytes(), name
+    assert (reused / "model.onnx").read_bytes() != (tmp_path / "first" / "model.onnx").read_bytes()
+
+
+def test_a_graph_whose_weights_cannot_all_be_placed_is_not_reused(tmp_path: Path) -> None:
+    """A float constant that matches no weight could be computed from them: such a graph is traced every time."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((4, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Add", ["y", "c"], ["z"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(weight.T.copy(), "w"),
+         numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "c")])
+    onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
+    from exporters.onnx_template import record
+
+    assert record(tmp_path / "m.onnx", {"proj.weight": weight}, {}) is None
+    small = helper.make_graph(graph.node[:1], "g", graph.input, [helper.make_tensor_value_info(
+        "y", onnx.TensorProto.FLOAT, [1, 4])], [numpy_helper.from_array(weight.T.copy(), "w")])
+    onnx.save(helper.make_model(small), str(tmp_path / "s.onnx"))
+    assert record(tmp_path / "s.onnx", {"proj.weight": weight}, {}).weights == {"w": ("proj.weight", True)}
