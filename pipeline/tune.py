@@ -149,7 +149,7 @@ def run(cfg: Config, task: TaskConfig, *, force: bool = False, resume: bool = Fa
         # its own tokenizer: padding a batch for decoding records padding settings in a tokenizer, and the one
         # saved with the adapter must not depend on whether this process ran an evaluation (resume)
         validation=held_out, tokenizer=load_tokenizer(base) if held_out else None,
-        max_new_tokens=task.max_new_tokens, task=task.name,
+        max_new_tokens=task.max_new_tokens, max_len=t.max_seq_len, task=task.name,
         # prompt-learning methods prepend virtual tokens (and their labels) inside the model: full-width logits,
         # whole rows; every other method runs the rows' shared opening once per batch (the trainer's loss)
         data_collator=partial(collate_for_training, pad_id=tokenizer.pad_token_id,

@@ -1,10 +1,12 @@
 """Evaluation during training: the validation rows, validation loss and exact match every ``tune.eval_steps``,
 the best checkpoint, early stopping, and the history the report draws.
 
-It rides on transformers' ``Trainer``: its evaluation loop computes the validation loss (sharded over the
-ranks of a multi-process launch), and its ``load_best_model_at_end`` keeps the best checkpoint. Exact match
-is scored greedily by :func:`pipeline.scoring.exact_match`, the code evaluate uses; rank 0 scores and
-broadcasts the score, so every rank holds the same metrics and takes the same decision to stop.
+It rides on transformers' ``Trainer``: each evaluation is one teacher-forced pass over the validation rows
+(:func:`pipeline.scoring.answer_pass`, the code evaluate uses) that gives both the validation loss (the mean
+over every target token) and, for the rows scored for exact match, which greedy answers are surely the
+reference; :func:`pipeline.scoring.exact_match` decodes only the others. Rank 0 evaluates and broadcasts the
+metrics, so every rank holds the same ones and takes the same decision to stop; the Trainer's
+``load_best_model_at_end`` keeps the best checkpoint.
 
 "Best" is strict improvement of ``tune.metric_for_best``; by exact match, ties are broken by validation loss
 (exact match on a few dozen rows reaches 1.0 long before the adapter has the margin that 4-bit weights need,
@@ -41,6 +43,11 @@ class Validation:
     """``exact_match`` or ``loss``: what makes an evaluation the best."""
     scored: list[Example]
     """The rows whose greedy answer is scored for exact match (empty: the rows have no answers)."""
+
+    @property
+    def scored_rows(self) -> list[int]:
+        """Where the ``scored`` rows are in ``examples`` (the first rows with answers)."""
+        return [i for i, e in enumerate(self.examples) if e.reference is not None][:len(self.scored)]
 
     @property
     def greater_is_better(self) -> bool:
@@ -139,16 +146,17 @@ def trainer_class():
     loss runs a batch's shared opening once (batches collated with an ``opening``; training and validation
     loss alike)."""
     from transformers import Trainer
+    from transformers.trainer_utils import EvalLoopOutput
 
     from pipeline.opening import with_opening
-    from pipeline.scoring import exact_match
+    from pipeline.scoring import AnswerPass, answer_pass, exact_match
 
     class ValidatingTrainer(Trainer):
         def __init__(self, *args, validation: Validation | None = None, tokenizer=None, max_new_tokens: int = 32,
-                     task: str = "", **kwargs) -> None:
+                     max_len: int = 4096, task: str = "", **kwargs) -> None:
             super().__init__(*args, **kwargs)
             self.validation, self.scoring_tokenizer = validation, tokenizer
-            self.max_new_tokens, self.task = max_new_tokens, task
+            self.max_new_tokens, self.max_len, self.task = max_new_tokens, max_len, task
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             # a batch collated with an opening: it runs once, with gradients, for every row
@@ -159,19 +167,34 @@ def trainer_class():
 
         def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                             metric_key_prefix="eval"):
-            out = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
-                                          metric_key_prefix)
-            if self.validation is not None and self.validation.scored:
-                score = None
-                if distributed.is_main_process():
-                    score, _ = exact_match(self.model, self.scoring_tokenizer, self.validation.scored,
-                                           self.max_new_tokens, self.args.per_device_eval_batch_size,
-                                           desc=f"{self.task} validation")
-                score = distributed.broadcast_object(score)
-                out.metrics[f"{metric_key_prefix}_exact_match"] = round(score, 4)
-                out.metrics[f"{metric_key_prefix}_selection"] = selection(
-                    score, out.metrics[f"{metric_key_prefix}_loss"], len(self.validation.scored))
-            return out
+            if self.validation is None:
+                return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                               metric_key_prefix)
+            result = self._validate() if distributed.is_main_process() else None
+            loss, score = distributed.broadcast_object(result)
+            metrics = {f"{metric_key_prefix}_loss": loss}
+            if score is not None:
+                metrics[f"{metric_key_prefix}_exact_match"] = round(score, 4)
+                metrics[f"{metric_key_prefix}_selection"] = selection(score, loss, len(self.validation.scored))
+            return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics,
+                                  num_samples=len(self.validation.examples))
+
+        def _validate(self) -> tuple[float, float | None]:
+            """(validation loss, exact match or None) from one pass over the validation rows; the scored rows
+            whose greedy answer the pass cannot tell are decoded."""
+            v, size = self.validation, self.args.per_device_eval_batch_size
+            self.model.eval()  # the next training step switches it back
+            passed = answer_pass(self.model, self.scoring_tokenizer, v.examples, self.max_len, size,
+                                 self.max_new_tokens if v.scored else None)
+            loss = passed.nll / max(passed.tokens, 1)
+            if not v.scored:
+                return loss, None
+            rows = v.scored_rows
+            checked = AnswerPass(0.0, 0, [passed.greedy_hit[i] for i in rows], [passed.answer[i] for i in rows],
+                                 [passed.misses[i] for i in rows])
+            score, _ = exact_match(self.model, self.scoring_tokenizer, v.scored, self.max_new_tokens, size,
+                                   desc=f"{self.task} validation", max_len=self.max_len, checked=checked)
+            return loss, score
 
     return ValidatingTrainer
 
