@@ -142,9 +142,9 @@ def trainer_args(cfg: Config, validation: Validation | None) -> dict[str, Any]:
 
 
 def trainer_class():
-    """A ``Trainer`` whose evaluation adds greedy exact match on the validation rows with answers, and whose
-    loss runs a batch's shared opening once (batches collated with an ``opening``; training and validation
-    loss alike)."""
+    """A ``Trainer`` whose evaluation is one pass over the validation rows (loss, and greedy exact match on the
+    rows with answers; see the module's docstring), and whose training loss runs a batch's shared opening once
+    (batches collated with an ``opening``)."""
     from transformers import Trainer
     from transformers.trainer_utils import EvalLoopOutput
 
