@@ -8,8 +8,10 @@ writes the others' graphs from that one (:func:`record` after an optimum export,
 the next): the same nodes, every initializer the new model's value where the first export had its model's.
 
 Only what is certain is reused. :func:`record` maps each initializer to the weight it holds by name and
-value; a graph with an initializer that matches no weight, or more than one, or a large constant inside a
-node, or weights in external data files, is not recorded (each export of it goes through optimum). The
+value; a graph is not recorded (each export of it goes through optimum) when its model has two weights of
+equal value (optimum then stores one initializer for both, a sharing that holds for that model only), a
+weight is no initializer of its own, an initializer matches no weight or more than one, a large constant
+sits inside a node, or the weights are in external data files. The
 tests hold a written graph equal, initializer for initializer, to optimum's own export of the same model.
 """
 
@@ -93,6 +95,11 @@ def record(onnx_path: Path, weights: dict[str, np.ndarray], files: dict[str, byt
         by_value.setdefault(_digest(w), set()).add((name, False))
         if w.ndim == 2:
             by_value.setdefault(_digest(w.T), set()).add((name, True))
+    # optimum keeps one initializer for weights of equal value (freshly initialised norms, all ones): the
+    # graph's sharing then holds for this model only
+    if any(len({name for name, _ in found}) > 1 for found in by_value.values()):
+        log.debug("onnx template: %s has weights of equal value; not reused", onnx_path)
+        return None
     mapped: dict[str, tuple[str, bool]] = {}
     for init in graph.initializer:
         value = numpy_helper.to_array(init)
@@ -104,16 +111,15 @@ def record(onnx_path: Path, weights: dict[str, np.ndarray], files: dict[str, byt
             if value.size >= LARGE:
                 return None
             continue  # an integer shape or index constant
-        found = by_value.get(_digest(value), set())
-        # equal values under several names (a tied pair is one weight in the graph): which one is unknowable
-        if len({name for name, _ in found}) > 1:
-            log.debug("onnx template: %s matches %s; not reused", init.name, sorted(found))
-            return None
+        found = by_value.get(_digest(value))  # one weight (no two are equal, above), maybe both ways round
         if found:
-            mapped[init.name] = next(iter(found))
+            mapped[init.name] = min(found)
         elif value.size >= LARGE:
             log.debug("onnx template: %s (%s) matches no weight; not reused", init.name, value.shape)
             return None
+    if {name for name, _ in mapped.values()} != set(weights):  # a weight folded into something else
+        log.debug("onnx template: not every weight of %s is an initializer; not reused", onnx_path)
+        return None
     for init in graph.initializer:
         if init.name in mapped:
             init.ClearField("raw_data")

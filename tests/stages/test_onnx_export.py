@@ -164,18 +164,50 @@ def test_a_second_model_of_the_same_configuration_gets_the_file_optimum_would_wr
     from tests.tiny_model import build_tiny_model
 
     monkeypatch.setattr(exporter, "_TEMPLATES", {})
-    first, second = build_tiny_model(tmp_path / "a", seed=1), build_tiny_model(tmp_path / "b", seed=2)
+    first, second = (_trained_norms(build_tiny_model(tmp_path / name, seed=seed), seed) for name, seed in
+                     (("a", 1), ("b", 2)))
     export_onnx_fp32(first, tmp_path / "first")
     with caplog.at_level(logging.INFO, logger="exporters.onnx"):
         reused = export_onnx_fp32(second, tmp_path / "reused")
     assert "traced for the same configuration earlier" in caplog.text
     monkeypatch.setattr(exporter, "_TEMPLATES", {})  # the same model, traced by optimum
-    traced = export_onnx_fp32(second, tmp_path / "traced")
-    files = sorted(p.name for p in traced.iterdir())
-    assert sorted(p.name for p in reused.iterdir()) == files and "model.onnx" in files
-    for name in files:
-        assert (reused / name).read_bytes() == (traced / name).read_bytes(), name
+    _same_files(reused, export_onnx_fp32(second, tmp_path / "traced"))
     assert (reused / "model.onnx").read_bytes() != (tmp_path / "first" / "model.onnx").read_bytes()
+
+
+def test_a_graph_whose_equal_weights_optimum_stored_once_is_not_reused(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh model's norms are all ones: optimum stores one initializer for all of them, which would give a
+    tuned model (norms apart) one norm everywhere. Such a graph is traced again for the next model."""
+    from exporters import onnx as exporter
+    from tests.tiny_model import build_tiny_model
+
+    monkeypatch.setattr(exporter, "_TEMPLATES", {})
+    export_onnx_fp32(build_tiny_model(tmp_path / "fresh", seed=1), tmp_path / "first")
+    assert list(exporter._TEMPLATES.values()) == [None]
+    tuned = _trained_norms(build_tiny_model(tmp_path / "tuned", seed=1), 3)
+    written = export_onnx_fp32(tuned, tmp_path / "second")
+    monkeypatch.setattr(exporter, "_TEMPLATES", {})
+    _same_files(written, export_onnx_fp32(tuned, tmp_path / "traced"))
+
+
+def _trained_norms(model_dir: Path, seed: int) -> Path:
+    """``model_dir``'s model with norms apart from 1 (as training leaves them), saved in place."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=generator))
+    model.save_pretrained(model_dir)
+    return model_dir
+
+
+def _same_files(got: Path, expected: Path) -> None:
+    files = sorted(p.name for p in expected.iterdir())
+    assert sorted(p.name for p in got.iterdir()) == files and "model.onnx" in files
+    for name in files:
+        assert (got / name).read_bytes() == (expected / name).read_bytes(), name
 
 
 def test_a_graph_whose_weights_cannot_all_be_placed_is_not_reused(tmp_path: Path) -> None:
