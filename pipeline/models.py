@@ -82,7 +82,7 @@ def embedded_snapshot(name: str) -> Path:
     if read_manifest(out):
         return out
     gguf = _gguf_location(name)
-    log.info("converting %s to a Hugging Face snapshot in %s (once, ~15 s)", gguf.name, out)
+    log.info("converting %s to a Hugging Face snapshot in %s (once, ~20 s)", gguf.name, out)
     import torch
     from transformers import AutoTokenizer
 

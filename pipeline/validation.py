@@ -136,7 +136,7 @@ def trainer_args(cfg: Config, validation: Validation | None) -> dict[str, Any]:
     if validation is None:
         return {"save_steps": t.save_steps}
     return {"eval_strategy": "steps", "eval_steps": t.eval_steps, "save_steps": t.eval_steps,
-            "per_device_eval_batch_size": t.eval_batch_size, "prediction_loss_only": True,
+            "per_device_eval_batch_size": t.eval_batch_size,
             "label_names": ["labels"], "metric_for_best_model": validation.key,
             "greater_is_better": validation.greater_is_better, "load_best_model_at_end": t.load_best_at_end}
 
